@@ -1,0 +1,400 @@
+//! The edge's configuration: `#[serde(default)]` structs whose defaults are the embedded standalone
+//! set-up of DESIGN.md, loaded from TOML and `SIPWARDEN_*` variables by
+//! [`sipwarden_shared::config`], checked by one [`EdgeConfig::validate`].
+
+use crate::sip::Transport;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use sipwarden_shared::config::{self, ConfigError, EnvSource};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Which side of the two-port firewall a listener faces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerSide {
+    /// Both: a single-listener deployment where the source address decides the side.
+    #[default]
+    Both,
+    /// Only the Internet side: everything received is filtered as untrusted.
+    Internet,
+    /// Only the PBX side: everything received is PBX traffic.
+    Pbx,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EdgeConfig {
+    pub edge: Identity,
+    pub listeners: Vec<Listener>,
+    pub udp: Udp,
+    pub tcp: Tcp,
+    pub backends: Vec<Backend>,
+    pub health: Health,
+    /// CIDRs whose traffic is PBX-side (trunks, a PBX cluster) besides the backends themselves.
+    pub trusted_pbx: Vec<IpNet>,
+    pub flow: Flow,
+    pub http: Http,
+    pub shutdown: Shutdown,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Identity {
+    /// Names this edge in flow tokens, logs and (later) the controller.
+    pub id: String,
+    pub site: String,
+    /// Where the standalone edge keeps its generated flow key (and, later, its ban file).
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Listener {
+    pub transport: Transport,
+    pub address: SocketAddr,
+    pub side: ListenerSide,
+    /// Host (and optional port) written into Via, Record-Route and Path; needed when `address` is
+    /// unspecified (`0.0.0.0`) or behind NAT. Defaults to the bound address.
+    pub advertise: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Udp {
+    /// Sockets bound to each UDP listener with `SO_REUSEPORT`, each with its own receive task.
+    pub sockets: usize,
+    pub max_datagram: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tcp {
+    pub max_connections: usize,
+    pub max_per_source: usize,
+    pub max_message_size: usize,
+    /// A message's header section must arrive within this time once it has started (slowloris).
+    pub header_timeout_ms: u64,
+    /// A connection with no traffic for this long is closed.
+    pub idle_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Backend {
+    pub address: SocketAddr,
+    pub transport: Transport,
+    /// Lower is preferred; traffic goes to the healthy backends of the lowest priority.
+    pub priority: u32,
+    /// Share of calls among backends of equal priority.
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Health {
+    /// OPTIONS probe period per backend.
+    pub interval_ms: u64,
+    /// How long a probe waits for any response; an unanswered probe is retried at once.
+    pub timeout_ms: u64,
+    /// Consecutive failed probes that mark a backend down.
+    pub fall: u32,
+    /// Consecutive answered probes that mark it up again.
+    pub rise: u32,
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Flow {
+    /// HMAC secrets (≥ 16 characters): the first signs, all verify. Empty: the edge generates one in
+    /// `data_dir` and keeps it.
+    pub keys: Vec<String>,
+}
+
+impl std::fmt::Debug for Flow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Flow {{ keys: [{} redacted] }}", self.keys.len())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Http {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Shutdown {
+    /// How long open TCP connections get to drain after SIGTERM before the edge exits anyway.
+    pub grace_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Log {
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        let any: SocketAddr = "0.0.0.0:5060".parse().expect("literal");
+        EdgeConfig {
+            edge: Identity::default(),
+            listeners: vec![
+                Listener {
+                    transport: Transport::Udp,
+                    address: any,
+                    ..Listener::default()
+                },
+                Listener {
+                    transport: Transport::Tcp,
+                    address: any,
+                    ..Listener::default()
+                },
+            ],
+            udp: Udp::default(),
+            tcp: Tcp::default(),
+            backends: vec![Backend::default()],
+            health: Health::default(),
+            trusted_pbx: Vec::new(),
+            flow: Flow::default(),
+            http: Http::default(),
+            shutdown: Shutdown::default(),
+            log: Log::default(),
+        }
+    }
+}
+
+impl Default for Identity {
+    fn default() -> Self {
+        Identity {
+            id: "edge-1".into(),
+            site: "default".into(),
+            data_dir: PathBuf::from("./data"),
+        }
+    }
+}
+
+impl Default for Listener {
+    fn default() -> Self {
+        Listener {
+            transport: Transport::Udp,
+            address: "0.0.0.0:5060".parse().expect("literal"),
+            side: ListenerSide::Both,
+            advertise: None,
+        }
+    }
+}
+
+impl Default for Udp {
+    fn default() -> Self {
+        Udp {
+            sockets: std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 16)),
+            max_datagram: 65_507,
+        }
+    }
+}
+
+impl Default for Tcp {
+    fn default() -> Self {
+        Tcp {
+            max_connections: 8192,
+            max_per_source: 32,
+            max_message_size: 65_536,
+            header_timeout_ms: 5_000,
+            idle_timeout_ms: 600_000,
+            connect_timeout_ms: 2_000,
+        }
+    }
+}
+
+impl Default for Backend {
+    fn default() -> Self {
+        Backend {
+            address: "127.0.0.1:5080".parse().expect("literal"),
+            transport: Transport::Udp,
+            priority: 1,
+            weight: 1,
+        }
+    }
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            interval_ms: 5_000,
+            timeout_ms: 1_000,
+            fall: 2,
+            rise: 1,
+        }
+    }
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Http {
+            listen: "127.0.0.1:9060".parse().expect("literal"),
+        }
+    }
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown { grace_ms: 5_000 }
+    }
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            format: "text".into(),
+        }
+    }
+}
+
+/// Variables with the prefix that are flags, not config keys.
+pub const RESERVED_ENV: &[&str] = &["SIPWARDEN_CONFIG"];
+
+impl EdgeConfig {
+    /// Defaults, then the TOML file (if any), then the environment; then [`EdgeConfig::validate`].
+    pub fn load(file: Option<(&str, &str)>, env: &dyn EnvSource) -> Result<Self, ConfigError> {
+        let cfg: EdgeConfig = config::load(file, env, RESERVED_ENV)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Every rule a configuration must meet, each failure naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.edge.id.is_empty() || self.edge.id.len() > 64 {
+            return bad("edge.id must be 1 to 64 characters".into());
+        }
+        if self.listeners.is_empty() {
+            return bad("listeners: at least one SIP listener is needed".into());
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.transport == Transport::Tls {
+                return bad(format!(
+                    "listeners[{i}].transport: tls is not available yet (udp or tcp)"
+                ));
+            }
+            if let Some(a) = &l.advertise {
+                if crate::proxy::HostPort::parse(a).is_none() {
+                    return bad(format!("listeners[{i}].advertise: `{a}` is not host or host:port"));
+                }
+            }
+        }
+        if self.backends.is_empty() {
+            return bad("backends: at least one PBX backend is needed".into());
+        }
+        for (i, b) in self.backends.iter().enumerate() {
+            if b.weight == 0 {
+                return bad(format!("backends[{i}].weight must be at least 1"));
+            }
+            if b.transport == Transport::Tls {
+                return bad(format!("backends[{i}].transport: tls is not available yet"));
+            }
+        }
+        if self.udp.sockets == 0 || self.udp.sockets > 64 {
+            return bad("udp.sockets must be 1 to 64".into());
+        }
+        if self.udp.max_datagram < 1024 || self.udp.max_datagram > 65_535 {
+            return bad("udp.max_datagram must be 1024 to 65535".into());
+        }
+        if self.tcp.max_connections == 0 || self.tcp.max_per_source == 0 {
+            return bad("tcp.max_connections and tcp.max_per_source must be at least 1".into());
+        }
+        if self.tcp.max_message_size < 1024 {
+            return bad("tcp.max_message_size must be at least 1024".into());
+        }
+        if self.tcp.header_timeout_ms == 0 || self.tcp.idle_timeout_ms == 0 {
+            return bad("tcp.header_timeout_ms and tcp.idle_timeout_ms must be positive".into());
+        }
+        if self.health.interval_ms == 0 || self.health.timeout_ms == 0 {
+            return bad("health.interval_ms and health.timeout_ms must be positive".into());
+        }
+        if self.health.timeout_ms >= self.health.interval_ms {
+            return bad("health.timeout_ms must be shorter than health.interval_ms".into());
+        }
+        if self.health.fall == 0 || self.health.rise == 0 {
+            return bad("health.fall and health.rise must be at least 1".into());
+        }
+        if let Some(i) = self.flow.keys.iter().position(|k| k.len() < 16) {
+            return bad(format!("flow.keys[{i}] must be at least 16 characters"));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return bad("log.format must be `text` or `json`".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_standalone_edge() {
+        let c = EdgeConfig::load(None, &env(&[])).unwrap();
+        assert_eq!(c.backends[0].address, "127.0.0.1:5080".parse().unwrap());
+        assert_eq!(c.listeners.len(), 2);
+        assert_eq!(c.listeners[0].address.port(), 5060);
+        assert_eq!(c.http.listen, "127.0.0.1:9060".parse().unwrap());
+    }
+
+    #[test]
+    fn file_and_environment_override() {
+        let file = r#"
+[edge]
+id = "fra-1"
+[[backends]]
+address = "127.0.0.1:5090"
+priority = 1
+[[backends]]
+address = "127.0.0.1:5091"
+priority = 2
+"#;
+        let c = EdgeConfig::load(
+            Some(("edge.toml", file)),
+            &env(&[("SIPWARDEN_HEALTH__INTERVAL_MS", "1700"), ("SIPWARDEN_BACKENDS__1__WEIGHT", "3")]),
+        )
+        .unwrap();
+        assert_eq!(c.edge.id, "fra-1");
+        assert_eq!(c.backends.len(), 2);
+        assert_eq!(c.backends[1].weight, 3);
+        assert_eq!(c.health.interval_ms, 1700);
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        for (k, v, expect) in [
+            ("SIPWARDEN_FLOW__KEYS", r#"["short"]"#, "flow.keys[0]"),
+            ("SIPWARDEN_HEALTH__TIMEOUT_MS", "9000", "health.timeout_ms"),
+            ("SIPWARDEN_BACKENDS__0__WEIGHT", "0", "backends[0].weight"),
+            ("SIPWARDEN_LISTENERS", "[]", "listeners"),
+            ("SIPWARDEN_TCP__NOPE", "1", "nope"),
+            ("SIPWARDEN_BACKENDS__0__ADDRESS", "not-an-address", "address"),
+        ] {
+            let err = EdgeConfig::load(None, &env(&[(k, v)])).unwrap_err().to_string();
+            assert!(err.contains(expect), "{k}: {err}");
+        }
+    }
+
+    #[test]
+    fn debug_output_hides_flow_keys() {
+        let c = EdgeConfig {
+            flow: Flow { keys: vec!["super-secret-key-material".into()] },
+            ..EdgeConfig::default()
+        };
+        assert!(!format!("{c:?}").contains("super-secret"));
+    }
+}

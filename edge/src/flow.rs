@@ -1,0 +1,244 @@
+//! Flow tokens: the edge's Path and Record-Route URIs carry the client's transport, address and port
+//! and the owning edge, signed with the cluster's HMAC key, so a request from the PBX to a phone is
+//! routed back statelessly to the right (NATed) flow and a forged or altered token is refused.
+//!
+//! Wire form (before base32hex, lower case, no padding): `version(1) key_id(1) transport(1)
+//! family(1) ip(4|16) port(2) edge_len(1) edge(edge_len) mac(12)`, where `mac` is HMAC-SHA256 over
+//! everything before it, truncated to 96 bits (RFC 2104 allows truncation to ≥ 80 bits).
+
+use crate::sip::Transport;
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use subtle::ConstantTimeEq;
+use thiserror::Error;
+
+type HmacSha256 = Hmac<Sha256>;
+
+const VERSION: u8 = 1;
+const MAC_LEN: usize = 12;
+/// Prefix of every token in a URI user part, so the edge can tell its tokens from user names.
+pub const PREFIX: &str = "sw1";
+
+/// The cluster's HMAC keys: the first signs, all verify (so a key can be rotated while tokens signed
+/// with the old one are still in registrations and dialogs). Debug output never shows key bytes.
+#[derive(Clone)]
+pub struct FlowKeys {
+    keys: Vec<([u8; 32], u8)>,
+}
+
+impl std::fmt::Debug for FlowKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FlowKeys({} keys, redacted)", self.keys.len())
+    }
+}
+
+/// Why a token was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FlowError {
+    #[error("not a flow token")]
+    NotAToken,
+    #[error("flow token is malformed")]
+    Malformed,
+    #[error("flow token signature does not verify")]
+    BadSignature,
+}
+
+/// Where a phone's flow is: how and from where it reached the edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowToken {
+    pub transport: Transport,
+    pub addr: SocketAddr,
+    /// The edge that holds the flow (its TCP/TLS connection lives there).
+    pub edge: String,
+}
+
+impl FlowKeys {
+    /// Keys from secret bytes (at least 16 bytes each); each is stretched to 32 bytes with SHA-256.
+    pub fn new<I, K>(secrets: I) -> Option<FlowKeys>
+    where
+        I: IntoIterator<Item = K>,
+        K: AsRef<[u8]>,
+    {
+        let keys: Vec<([u8; 32], u8)> = secrets
+            .into_iter()
+            .filter(|s| s.as_ref().len() >= 16)
+            .map(|s| {
+                let k: [u8; 32] = Sha256::digest(s.as_ref()).into();
+                let id = Sha256::digest(k)[0];
+                (k, id)
+            })
+            .collect();
+        (!keys.is_empty()).then_some(FlowKeys { keys })
+    }
+
+    /// HMAC-SHA256 of `parts` under the signing key.
+    pub fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
+        mac_with(&self.keys[0].0, parts)
+    }
+
+    /// Whether `tag` is a (truncated) MAC of `parts` under any key.
+    pub fn verify_mac(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
+        self.keys
+            .iter()
+            .any(|(k, _)| bool::from(mac_with(k, parts)[..tag.len()].ct_eq(tag)))
+    }
+
+    /// Signs `flow` into the URI user-part form `sw1<base32hex>`.
+    pub fn sign(&self, flow: &FlowToken) -> String {
+        let (key, id) = &self.keys[0];
+        let mut raw = Vec::with_capacity(40 + flow.edge.len());
+        raw.push(VERSION);
+        raw.push(*id);
+        raw.push(match flow.transport {
+            Transport::Udp => 0,
+            Transport::Tcp => 1,
+            Transport::Tls => 2,
+        });
+        match flow.addr.ip() {
+            IpAddr::V4(ip) => {
+                raw.push(4);
+                raw.extend_from_slice(&ip.octets());
+            }
+            IpAddr::V6(ip) => {
+                raw.push(6);
+                raw.extend_from_slice(&ip.octets());
+            }
+        }
+        raw.extend_from_slice(&flow.addr.port().to_be_bytes());
+        let edge = &flow.edge.as_bytes()[..flow.edge.len().min(64)];
+        raw.push(edge.len() as u8);
+        raw.extend_from_slice(edge);
+        let mac = mac_with(key, &[&raw]);
+        raw.extend_from_slice(&mac[..MAC_LEN]);
+        let mut out = String::with_capacity(PREFIX.len() + raw.len() * 8 / 5 + 1);
+        out.push_str(PREFIX);
+        out.push_str(&data_encoding::BASE32_DNSSEC.encode(&raw));
+        out
+    }
+
+    /// Verifies a token from a URI user part and returns the flow it names.
+    pub fn verify(&self, token: &str) -> Result<FlowToken, FlowError> {
+        let body = token.strip_prefix(PREFIX).ok_or(FlowError::NotAToken)?;
+        let raw = data_encoding::BASE32_DNSSEC
+            .decode(body.as_bytes())
+            .map_err(|_| FlowError::Malformed)?;
+        if raw.len() < 4 + 4 + 2 + 1 + MAC_LEN || raw[0] != VERSION {
+            return Err(FlowError::Malformed);
+        }
+        let (signed, tag) = raw.split_at(raw.len() - MAC_LEN);
+        let key_ok = self
+            .keys
+            .iter()
+            .filter(|(_, id)| *id == signed[1])
+            .any(|(k, _)| bool::from(mac_with(k, &[signed])[..MAC_LEN].ct_eq(tag)));
+        if !key_ok {
+            return Err(FlowError::BadSignature);
+        }
+        decode_fields(signed).ok_or(FlowError::Malformed)
+    }
+}
+
+fn decode_fields(signed: &[u8]) -> Option<FlowToken> {
+    let transport = match signed[2] {
+        0 => Transport::Udp,
+        1 => Transport::Tcp,
+        2 => Transport::Tls,
+        _ => return None,
+    };
+    let (ip, rest): (IpAddr, &[u8]) = match signed[3] {
+        4 if signed.len() >= 8 => {
+            let o: [u8; 4] = signed[4..8].try_into().ok()?;
+            (Ipv4Addr::from(o).into(), &signed[8..])
+        }
+        6 if signed.len() >= 20 => {
+            let o: [u8; 16] = signed[4..20].try_into().ok()?;
+            (Ipv6Addr::from(o).into(), &signed[20..])
+        }
+        _ => return None,
+    };
+    let port = u16::from_be_bytes(rest.get(..2)?.try_into().ok()?);
+    let len = *rest.get(2)? as usize;
+    let edge = rest.get(3..3 + len)?;
+    if rest.len() != 3 + len {
+        return None;
+    }
+    Some(FlowToken {
+        transport,
+        addr: SocketAddr::new(ip, port),
+        edge: String::from_utf8(edge.to_vec()).ok()?,
+    })
+}
+
+fn mac_with(key: &[u8; 32], parts: &[&[u8]]) -> [u8; 32] {
+    let mut m = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    for p in parts {
+        m.update(&(p.len() as u32).to_be_bytes());
+        m.update(p);
+    }
+    m.finalize().into_bytes().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(s: &str) -> FlowKeys {
+        FlowKeys::new([s.as_bytes()]).unwrap()
+    }
+
+    fn flow(addr: &str) -> FlowToken {
+        FlowToken {
+            transport: Transport::Tcp,
+            addr: addr.parse().unwrap(),
+            edge: "edge-fra-1".into(),
+        }
+    }
+
+    #[test]
+    fn sign_verify_round_trip_v4_and_v6() {
+        let k = keys("0123456789abcdef0123");
+        for a in ["203.0.113.7:41234", "[2001:db8::1]:5060"] {
+            let t = k.sign(&flow(a));
+            assert!(t.starts_with(PREFIX));
+            assert!(t.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()), "{t}");
+            assert_eq!(k.verify(&t).unwrap(), flow(a));
+        }
+    }
+
+    #[test]
+    fn every_single_character_change_is_refused() {
+        let k = keys("0123456789abcdef0123");
+        let t = k.sign(&flow("198.51.100.2:5060"));
+        let alphabet = "0123456789abcdefghijklmnopqrstuv";
+        for i in PREFIX.len()..t.len() {
+            let orig = t.as_bytes()[i] as char;
+            let repl = alphabet.chars().find(|c| *c != orig).unwrap();
+            let mut bad = t.clone();
+            bad.replace_range(i..i + 1, &repl.to_string());
+            assert!(k.verify(&bad).is_err(), "tampered at {i} accepted");
+        }
+        assert!(k.verify(&t[..t.len() - 2]).is_err());
+        assert_eq!(k.verify("alice"), Err(FlowError::NotAToken));
+        assert_eq!(k.verify("sw1!!"), Err(FlowError::Malformed));
+    }
+
+    #[test]
+    fn another_clusters_key_is_refused_and_rotation_keeps_old_tokens() {
+        let old = keys("old-secret-old-secret");
+        let other = keys("other-secret-other-secret");
+        let t = old.sign(&flow("192.0.2.1:1"));
+        assert_eq!(other.verify(&t), Err(FlowError::BadSignature));
+        let rotated = FlowKeys::new(["new-secret-new-secret", "old-secret-old-secret"]).unwrap();
+        assert_eq!(rotated.verify(&t).unwrap(), flow("192.0.2.1:1"));
+        let fresh = rotated.sign(&flow("192.0.2.1:1"));
+        assert!(old.verify(&fresh).is_err());
+    }
+
+    #[test]
+    fn short_secrets_are_rejected_and_debug_is_redacted() {
+        assert!(FlowKeys::new(["short"]).is_none());
+        let k = keys("0123456789abcdef0123");
+        assert!(!format!("{k:?}").contains("0123"));
+    }
+}

@@ -1,0 +1,211 @@
+//! sipwarden edge: a stateless SIP proxy and firewall that stands between the Internet and a PBX.
+//!
+//! - [`config`]: the edge's TOML/environment configuration and its validation.
+//! - [`sip`]: a byte-range index of a message over rsip's tokenizer, splicing edits, local replies.
+//! - [`proxy`]: the RFC 3261 §16.11 stateless proxy core (pure: message in, [`proxy::Action`] out).
+//! - [`flow`]: signed flow tokens in Path / Record-Route URIs.
+//! - [`backend`]: PBX backends, their OPTIONS health checks and the per-call choice among them.
+//! - [`transport`]: UDP and TCP listeners, framing, the dispatcher that runs the proxy.
+//! - [`http`], [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
+//!
+//! [`Edge::start`] binds everything and returns the bound addresses; [`Edge::run_until`] serves
+//! until a cancellation token fires and then drains within the configured grace period.
+
+pub mod backend;
+pub mod config;
+pub mod flow;
+pub mod http;
+pub mod metrics;
+pub mod proxy;
+pub mod sip;
+pub mod transport;
+
+use backend::Backends;
+use config::EdgeConfig;
+use flow::FlowKeys;
+use metrics::Metrics;
+use proxy::Proxy;
+use sip::Transport;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+use transport::{tcp, udp, Dispatcher};
+
+/// Why the edge could not start.
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("flow key in {path}: {source}")]
+    FlowKey {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// A started edge: sockets bound, tasks running.
+pub struct Edge {
+    /// Each listener's bound address, in config order.
+    pub sip_addrs: Vec<SocketAddr>,
+    pub http_addr: SocketAddr,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    accepting: Arc<AtomicBool>,
+    /// Stops the HTTP server after the SIP drain.
+    http_stop: CancellationToken,
+    grace: Duration,
+}
+
+impl Edge {
+    /// Binds every listener and starts serving.
+    pub async fn start(cfg: EdgeConfig) -> Result<Edge, StartError> {
+        let keys = load_flow_keys(&cfg)?;
+        let metrics = Arc::new(Metrics::default());
+        let backends = Arc::new(Backends::new(&cfg.backends));
+        let stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+
+        let mut udp_socks = Vec::new();
+        let mut tcp_listeners = Vec::new();
+        let mut bound = Vec::new();
+        for l in &cfg.listeners {
+            let bind_err = |what, source| StartError::Bind { what, addr: l.address, source };
+            match l.transport {
+                Transport::Udp => {
+                    let socks = udp::bind(l.address, cfg.udp.sockets).map_err(|e| bind_err("UDP", e))?;
+                    bound.push(socks[0].local_addr().map_err(|e| bind_err("UDP", e))?);
+                    udp_socks.push(socks);
+                    tcp_listeners.push(None);
+                }
+                Transport::Tcp | Transport::Tls => {
+                    let sock = tcp_listener(l.address).map_err(|e| bind_err("TCP", e))?;
+                    bound.push(sock.local_addr().map_err(|e| bind_err("TCP", e))?);
+                    udp_socks.push(Vec::new());
+                    tcp_listeners.push(Some(sock));
+                }
+            }
+        }
+        let proxy = Arc::new(Proxy::new(&cfg, &bound, keys, backends.clone()));
+        let registry = Arc::new(tcp::Registry::new(cfg.tcp.clone(), metrics.clone(), tracker.clone(), stop.clone()));
+        let dispatcher = Arc::new(Dispatcher::new(proxy.clone(), metrics.clone(), udp_socks.clone(), registry));
+
+        for (idx, socks) in udp_socks.iter().enumerate() {
+            for s in socks {
+                tracker.spawn(udp::recv_loop(s.clone(), idx, cfg.udp.max_datagram, dispatcher.clone(), stop.clone()));
+            }
+        }
+        for (idx, l) in tcp_listeners.into_iter().enumerate() {
+            if let Some(l) = l {
+                tracker.spawn(tcp::accept_loop(l, idx, dispatcher.clone(), stop.clone()));
+            }
+        }
+        // Probes leave from the address of a PBX-facing listener where there is one.
+        let probe_ip = proxy.listeners[proxy.listener_toward(proxy::Side::Pbx, Transport::Udp)].bind.ip();
+        for i in 0..backends.list().len() {
+            tracker.spawn(backend::probe_loop(
+                backends.clone(),
+                i,
+                cfg.health.clone(),
+                cfg.edge.id.clone(),
+                probe_ip,
+                metrics.clone(),
+                stop.clone(),
+            ));
+        }
+
+        let accepting = Arc::new(AtomicBool::new(true));
+        let http_listener = tokio::net::TcpListener::bind(cfg.http.listen)
+            .await
+            .map_err(|e| StartError::Bind { what: "HTTP", addr: cfg.http.listen, source: e })?;
+        let http_addr = http_listener.local_addr().map_err(|e| StartError::Bind {
+            what: "HTTP",
+            addr: cfg.http.listen,
+            source: e,
+        })?;
+        let state = http::HttpState { metrics, backends, accepting: accepting.clone() };
+        // The HTTP server outlives the SIP drain so /readyz can say "draining"; it stops last.
+        let http_stop = CancellationToken::new();
+        tokio::spawn(http::serve(http_listener, state, http_stop.clone()));
+
+        for (l, a) in cfg.listeners.iter().zip(&bound) {
+            info!(transport = %l.transport, addr = %a, side = ?l.side, "SIP listener bound");
+        }
+        info!(addr = %http_addr, edge = %cfg.edge.id, "edge started (standalone)");
+        Ok(Edge {
+            sip_addrs: bound,
+            http_addr,
+            stop,
+            tracker,
+            accepting,
+            http_stop,
+            grace: Duration::from_millis(cfg.shutdown.grace_ms),
+        })
+    }
+
+    /// Serves until `shutdown` fires, then stops reading, lets TCP connections flush their queues
+    /// and waits for every task — at most the grace period, warning if it runs out.
+    pub async fn run_until(self, shutdown: CancellationToken) {
+        shutdown.cancelled().await;
+        info!("shutting down: draining");
+        self.accepting.store(false, Ordering::Relaxed);
+        self.stop.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(self.grace, self.tracker.wait()).await.is_err() {
+            warn!(grace_ms = self.grace.as_millis() as u64, "drain did not finish within the grace period");
+        }
+        self.http_stop.cancel();
+        info!("stopped");
+    }
+}
+
+fn tcp_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    tokio::net::TcpListener::from_std(s.into())
+}
+
+/// The configured keys, or the one kept in `data_dir/flow.key` (generated on first start).
+fn load_flow_keys(cfg: &EdgeConfig) -> Result<FlowKeys, StartError> {
+    if let Some(k) = FlowKeys::new(cfg.flow.keys.iter().map(|s| s.as_bytes())) {
+        return Ok(k);
+    }
+    let path = cfg.edge.data_dir.join("flow.key");
+    let err = |source| StartError::FlowKey { path: path.display().to_string(), source };
+    let secret = match std::fs::read_to_string(&path) {
+        Ok(s) => s.trim().to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secret = data_encoding::HEXLOWER.encode(&rand::random::<[u8; 32]>());
+            write_private(&path, &secret).map_err(err)?;
+            info!(path = %path.display(), "generated a flow-token key");
+            secret
+        }
+        Err(e) => return Err(err(e)),
+    };
+    FlowKeys::new([secret.as_bytes()]).ok_or_else(|| err(std::io::Error::other("key shorter than 16 characters")))
+}
+
+fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(secret.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

@@ -1,0 +1,73 @@
+//! `sipwarden-edge`: flags, config, logging, signals; then [`sipwarden_edge::Edge`] does the work.
+
+use anyhow::Context;
+use clap::Parser;
+use sipwarden_edge::config::EdgeConfig;
+use sipwarden_edge::Edge;
+use sipwarden_shared::config::ProcessEnv;
+use sipwarden_shared::telemetry::{self, LogFormat};
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+/// A stateless SIP proxy and firewall in front of a PBX. With no arguments it protects a PBX at
+/// 127.0.0.1:5080, listening on UDP and TCP 0.0.0.0:5060.
+#[derive(Debug, Parser)]
+#[command(name = "sipwarden-edge", version)]
+struct Args {
+    /// TOML configuration file; every key can also be set as SIPWARDEN_SECTION__KEY.
+    #[arg(long, env = "SIPWARDEN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the configuration, print a summary and exit (status 0 when valid).
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let text = match &args.config {
+        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
+        None => None,
+    };
+    let path = args.config.as_ref().map(|p| p.display().to_string());
+    let file = path.as_deref().zip(text.as_deref());
+    let cfg = match EdgeConfig::load(file, &ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sipwarden-edge: {e}");
+            std::process::exit(2);
+        }
+    };
+    if args.check_config {
+        println!(
+            "configuration is valid: edge {} ({} listeners, {} backends)",
+            cfg.edge.id,
+            cfg.listeners.len(),
+            cfg.backends.len()
+        );
+        return Ok(());
+    }
+    let format = if cfg.log.format == "json" { LogFormat::Json } else { LogFormat::Text };
+    telemetry::init(format, "info");
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let edge = Edge::start(cfg).await.context("starting the edge")?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signals(shutdown.clone()));
+        edge.run_until(shutdown).await;
+        Ok(())
+    })
+}
+
+/// The one place signals are read: SIGTERM or SIGINT starts the drain.
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    shutdown.cancel();
+}

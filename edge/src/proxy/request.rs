@@ -1,0 +1,314 @@
+//! Requests, in both directions (RFC 3261 §16.3–16.6, stateless): check, pick the next hop, then
+//! splice in our Via, Record-Route and Path and the decremented Max-Forwards.
+//!
+//! Internet → PBX: always to a configured backend (never an open relay), stamped with `received` /
+//! `rport`; REGISTER gets a Path and dialog-creating requests a Record-Route whose user part is the
+//! signed flow token of the phone. PBX → Internet: to the flow named by the token in our Route (a
+//! forged one gets 403), else by the next Route or the Request-URI.
+
+use super::via::{self, ViaInfo};
+use super::{Action, Decision, Dest, Inbound, Outcome, Proxy, Side};
+use crate::flow::{FlowToken, PREFIX};
+use crate::sip::{addr_uri, header_param, reply, Edit, HeaderName, Message, Transport};
+use std::fmt::Write;
+use std::net::{IpAddr, SocketAddr};
+
+/// Max-Forwards the edge sets when a request arrives without one.
+const DEFAULT_MAX_FORWARDS: u32 = 70;
+
+pub(super) fn handle(p: &Proxy, m: &Message<'_>, inb: &Inbound<'_>, side: Side) -> Decision {
+    match route(p, m, inb, side) {
+        Ok(d) => d,
+        Err(Refusal { code, reason }) => refuse(m, inb, side, code, &reason),
+    }
+}
+
+/// Why a request is answered by the edge instead of forwarded.
+struct Refusal {
+    code: u16,
+    reason: String,
+}
+
+fn refusal(code: u16, reason: impl Into<String>) -> Refusal {
+    Refusal {
+        code,
+        reason: reason.into(),
+    }
+}
+
+fn route(p: &Proxy, m: &Message<'_>, inb: &Inbound<'_>, side: Side) -> Result<Decision, Refusal> {
+    let method = m.method().unwrap_or_default();
+    for (h, name) in [
+        (HeaderName::Via, "Via"),
+        (HeaderName::From, "From"),
+        (HeaderName::To, "To"),
+        (HeaderName::CallId, "Call-ID"),
+        (HeaderName::CSeq, "CSeq"),
+    ] {
+        if m.header(h).is_none() {
+            return Err(refusal(400, format!("Missing {name}")));
+        }
+    }
+    let (cseq, cseq_method) = m.cseq().ok_or_else(|| refusal(400, "Bad CSeq"))?;
+    if cseq_method != method {
+        return Err(refusal(400, "CSeq method does not match"));
+    }
+    match m.content_length() {
+        Err(()) => return Err(refusal(400, "Bad Content-Length")),
+        Ok(Some(n)) if n > m.body().len() => return Err(refusal(400, "Content-Length exceeds body")),
+        _ => {}
+    }
+    let call_id = m.call_id().unwrap_or_default();
+    let ruri = m.request_uri().unwrap_or_default();
+    let scheme = ruri.split(':').next().unwrap_or("");
+    if !scheme.eq_ignore_ascii_case("sip") && !scheme.eq_ignore_ascii_case("sips") {
+        return Err(refusal(416, "Unsupported URI Scheme"));
+    }
+
+    let vias = m.elements(HeaderName::Via);
+    let (_, top_range) = vias[0].clone();
+    let top_text = m.text(top_range.clone());
+    let top = ViaInfo::parse(top_text).ok_or_else(|| refusal(400, "Bad Via"))?;
+    let stamped = via::stamp_received(top_text, &top, inb.source);
+    let prev = match &stamped {
+        Some(s) => ViaInfo::parse(s).ok_or_else(|| refusal(400, "Bad Via"))?,
+        None => top.clone(),
+    };
+
+    let max_forwards = match m.header(HeaderName::MaxForwards) {
+        None => None,
+        Some(v) => Some(v.trim().parse::<u32>().map_err(|_| refusal(400, "Bad Max-Forwards"))?),
+    };
+    if max_forwards == Some(0) {
+        return Err(refusal(483, "Too Many Hops"));
+    }
+
+    // Route: pop every leading entry that names this edge, keeping the flow token if one is there.
+    let routes = m.elements(HeaderName::Route);
+    let mut popped = 0;
+    let mut token: Option<FlowToken> = None;
+    for (_, r) in &routes {
+        let uri = addr_uri(m.text(r.clone()));
+        let Some((user, host, port)) = uri_parts(uri) else { break };
+        if !p.is_self(&host, port) {
+            break;
+        }
+        popped += 1;
+        if let Some(user) = user.filter(|u| u.starts_with(PREFIX)) {
+            match p.keys.verify(&user) {
+                Ok(t) if token.is_none() => token = Some(t),
+                Ok(_) => {}
+                Err(e) => return Err(refusal(403, format!("Forbidden ({e})"))),
+            }
+        }
+    }
+    let next_route = routes.get(popped).map(|(_, r)| addr_uri(m.text(r.clone())));
+
+    // The next hop.
+    let in_flow = FlowToken {
+        transport: inb.transport,
+        addr: inb.source,
+        edge: p.edge_id.clone(),
+    };
+    let (out_transport, dest, phone_flow) = match side {
+        Side::Internet => {
+            let hint = next_route
+                .or(Some(ruri))
+                .and_then(|u| uri_parts(u))
+                .and_then(|(_, h, port)| {
+                    let ip: IpAddr = h.trim_start_matches('[').trim_end_matches(']').parse().ok()?;
+                    Some(SocketAddr::new(ip, port.unwrap_or(5060)))
+                });
+            let b = p
+                .backends
+                .select(call_id, hint)
+                .ok_or_else(|| refusal(503, "Service Unavailable (no healthy PBX)"))?;
+            (b.transport, Dest::Addr(b.address), Some(in_flow.clone()))
+        }
+        Side::Pbx => match token {
+            Some(t) => (t.transport, Dest::Addr(t.addr), Some(t)),
+            None => {
+                let target = next_route.unwrap_or(ruri);
+                let (transport, dest) =
+                    uri_target(target).ok_or_else(|| refusal(400, "Bad Request-URI or Route"))?;
+                if let Dest::Addr(a) = dest {
+                    if p.is_self(&a.ip().to_string(), Some(a.port())) {
+                        return Err(refusal(482, "Loop Detected"));
+                    }
+                }
+                let flow = match dest {
+                    Dest::Addr(addr) => Some(FlowToken {
+                        transport,
+                        addr,
+                        edge: p.edge_id.clone(),
+                    }),
+                    Dest::Host(..) => None,
+                };
+                (transport, dest, flow)
+            }
+        },
+    };
+
+    let out_listener = p.listener_toward(side.other(), out_transport);
+    let out = &p.listeners[out_listener];
+    let in_l = &p.listeners[inb.listener.min(p.listeners.len() - 1)];
+
+    let mut top_lines = String::with_capacity(256);
+    let _ = write!(
+        top_lines,
+        "Via: SIP/2.0/{} {};branch={}\r\n",
+        out_transport.via_token(),
+        out.advertise,
+        via::branch(&p.keys, &prev, call_id, cseq)
+    );
+
+    let initial = header_param(m.header(HeaderName::To).unwrap_or(""), "tag").is_none();
+    let dialog_creating = matches!(method, "INVITE" | "SUBSCRIBE" | "REFER" | "NOTIFY");
+    if dialog_creating && initial {
+        let token = phone_flow.as_ref().map(|f| p.keys.sign(f));
+        // Double Record-Route (RFC 5658) when the two legs use different listeners: the first
+        // entry is what the far (UAS) side uses, the second what the near (UAC) side uses.
+        if out_listener != inb.listener {
+            push_edge_uri(&mut top_lines, "Record-Route", token.as_deref(), out, out_transport);
+            push_edge_uri(&mut top_lines, "Record-Route", token.as_deref(), in_l, inb.transport);
+        } else {
+            push_edge_uri(&mut top_lines, "Record-Route", token.as_deref(), out, out_transport);
+        }
+    }
+    if method == "REGISTER" && side == Side::Internet {
+        let token = p.keys.sign(&in_flow);
+        push_edge_uri(&mut top_lines, "Path", Some(&token), out, out_transport);
+    }
+
+    let mut e = Edit::new(m.buf);
+    if let Some(s) = &stamped {
+        e.replace(top_range, s.as_bytes());
+    }
+    remove_popped_routes(m, &routes, popped, &mut e);
+    match (max_forwards, m.all(HeaderName::MaxForwards).next()) {
+        (Some(n), Some(h)) => e.replace(h.value.clone(), (n - 1).to_string()),
+        _ => {
+            let _ = write!(top_lines, "Max-Forwards: {DEFAULT_MAX_FORWARDS}\r\n");
+        }
+    }
+    e.insert(m.start_end, top_lines);
+
+    Ok(Decision {
+        action: Action::Forward {
+            transport: out_transport,
+            dest,
+            listener: out_listener,
+            bytes: e.finish(),
+        },
+        outcome: Outcome::Forwarded,
+        side,
+        reason: None,
+    })
+}
+
+/// Writes `Name: <sip:[token@]host:port[;transport=x];lr>` for listener `l`.
+fn push_edge_uri(
+    out: &mut String,
+    name: &str,
+    token: Option<&str>,
+    l: &super::ListenerInfo,
+    transport: Transport,
+) {
+    let user = token.map(|t| format!("{t}@")).unwrap_or_default();
+    let tp = match transport {
+        Transport::Udp => String::new(),
+        t => format!(";transport={}", t.as_str()),
+    };
+    let _ = write!(out, "{name}: <sip:{user}{}{tp};lr>\r\n", l.advertise);
+}
+
+/// Removes the first `popped` Route elements: whole header lines where all their elements went,
+/// otherwise the line keeps its remaining elements.
+fn remove_popped_routes(
+    m: &Message<'_>,
+    routes: &[(usize, std::ops::Range<usize>)],
+    popped: usize,
+    e: &mut Edit<'_>,
+) {
+    if popped == 0 {
+        return;
+    }
+    let mut i = 0;
+    while i < routes.len() {
+        let header = routes[i].0;
+        let in_line: Vec<_> = routes.iter().filter(|(h, _)| *h == header).collect();
+        let gone = in_line.iter().filter(|(_, r)| routes[..popped].iter().any(|(_, p)| p == r)).count();
+        let h = &m.headers[header];
+        if gone == in_line.len() {
+            e.remove(h.line.clone());
+        } else if gone > 0 {
+            let keep = in_line[gone..]
+                .iter()
+                .map(|(_, r)| m.text(r.clone()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            e.replace(h.value.clone(), keep);
+        }
+        i += in_line.len();
+        if i >= popped {
+            break;
+        }
+    }
+}
+
+/// `(user, host, port)` of a sip/sips URI.
+pub(super) fn uri_parts(uri: &str) -> Option<(Option<String>, String, Option<u16>)> {
+    let u = rsip::Uri::try_from(uri).ok()?;
+    let host = u.host_with_port.host.to_string();
+    let port = match &u.host_with_port.port {
+        Some(p) => Some(p.to_string().parse().ok()?),
+        None => None,
+    };
+    Some((u.user().map(|s| s.to_string()), host, port))
+}
+
+/// Where a URI sends a request: `transport=` (sips → TLS), host and port (default 5060).
+fn uri_target(uri: &str) -> Option<(Transport, Dest)> {
+    let u = rsip::Uri::try_from(uri).ok()?;
+    let sips = uri.get(..5).is_some_and(|s| s.eq_ignore_ascii_case("sips:"));
+    let transport = match u.transport() {
+        Some(t) => Transport::parse(&t.to_string())?,
+        None if sips => Transport::Tls,
+        None => Transport::Udp,
+    };
+    let port = match &u.host_with_port.port {
+        Some(p) => p.to_string().parse().ok()?,
+        None => 5060,
+    };
+    let dest = match &u.host_with_port.host {
+        rsip::Host::IpAddr(ip) => Dest::Addr(SocketAddr::new(*ip, port)),
+        rsip::Host::Domain(d) => Dest::Host(d.to_string(), port),
+    };
+    Some((transport, dest))
+}
+
+/// The edge's own answer to a request it will not forward. ACK is never answered.
+fn refuse(m: &Message<'_>, inb: &Inbound<'_>, side: Side, code: u16, reason: &str) -> Decision {
+    if m.method() == Some("ACK") {
+        return Decision {
+            action: Action::Drop,
+            outcome: Outcome::Dropped,
+            side,
+            reason: Some(format!("{code} {reason} (ACK not answered)")),
+        };
+    }
+    let vias = m.elements(HeaderName::Via);
+    let stamped = vias.first().and_then(|(_, r)| {
+        let t = m.text(r.clone());
+        via::stamp_received(t, &ViaInfo::parse(t)?, inb.source)
+    });
+    let to_tag = format!("sw{code}");
+    let extra: &[(&str, &str)] = if code == 503 { &[("Retry-After", "5")] } else { &[] };
+    let bytes = reply::build(m, code, reason, stamped.as_deref(), &to_tag, extra);
+    Decision {
+        action: Action::Reply(bytes),
+        outcome: Outcome::Replied(code),
+        side,
+        reason: Some(format!("{code} {reason}")),
+    }
+}

@@ -1,0 +1,76 @@
+//! Forwarding by splicing: a list of non-overlapping byte edits over the original message, applied
+//! in one pass into one new buffer. The body and every untouched header are copied as they were.
+
+use std::ops::Range;
+
+/// Edits to make to `buf`; insertions at the same offset keep the order they were added in.
+#[derive(Debug)]
+pub struct Edit<'a> {
+    buf: &'a [u8],
+    ops: Vec<(Range<usize>, Vec<u8>)>,
+}
+
+impl<'a> Edit<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Edit {
+            buf,
+            ops: Vec::with_capacity(6),
+        }
+    }
+
+    /// Inserts `bytes` before offset `at`.
+    pub fn insert(&mut self, at: usize, bytes: impl Into<Vec<u8>>) {
+        self.ops.push((at..at, bytes.into()));
+    }
+
+    /// Replaces `range` with `bytes`.
+    pub fn replace(&mut self, range: Range<usize>, bytes: impl Into<Vec<u8>>) {
+        self.ops.push((range, bytes.into()));
+    }
+
+    /// Removes `range`.
+    pub fn remove(&mut self, range: Range<usize>) {
+        self.ops.push((range, Vec::new()));
+    }
+
+    /// Applies the edits. Overlapping edits are a bug in the caller; the later one is skipped
+    /// rather than producing a corrupt message.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.ops.sort_by_key(|(r, _)| (r.start, r.end));
+        let extra: usize = self.ops.iter().map(|(_, b)| b.len()).sum();
+        let mut out = Vec::with_capacity(self.buf.len() + extra);
+        let mut pos = 0;
+        for (r, bytes) in &self.ops {
+            if r.start < pos || r.end > self.buf.len() {
+                debug_assert!(false, "overlapping edit {r:?} at {pos}");
+                continue;
+            }
+            out.extend_from_slice(&self.buf[pos..r.start]);
+            out.extend_from_slice(bytes);
+            pos = r.end;
+        }
+        out.extend_from_slice(&self.buf[pos..]);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn applies_edits_in_offset_order() {
+        let src = b"0123456789";
+        let mut e = Edit::new(src);
+        e.replace(7..9, "xy");
+        e.insert(2, "A");
+        e.insert(2, "B");
+        e.remove(4..6);
+        assert_eq!(e.finish(), b"01AB236xy9");
+    }
+
+    #[test]
+    fn no_edits_copies() {
+        assert_eq!(Edit::new(b"abc").finish(), b"abc");
+    }
+}

@@ -1,0 +1,318 @@
+//! A parsed view of one SIP message: rsip's tokenizer finds the start line and header lines, and this
+//! keeps their byte ranges in the original buffer so the proxy can forward by splicing rather than
+//! re-serializing. Header values are turned into typed values only where a caller asks.
+
+use std::ops::Range;
+use thiserror::Error;
+
+/// Why a message could not be read. The text goes into logs and `400` reason phrases.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ParseError {
+    #[error("no blank line ends the header section")]
+    NoHeaderEnd,
+    #[error("start line or header syntax is invalid")]
+    Syntax,
+    #[error("header section is not UTF-8")]
+    NotUtf8,
+    #[error("header folding is not supported")]
+    Folding,
+}
+
+/// Header names the proxy cares about, compact forms folded in (RFC 3261 §7.3.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HeaderName {
+    Via,
+    From,
+    To,
+    CallId,
+    CSeq,
+    MaxForwards,
+    ContentLength,
+    Contact,
+    Route,
+    RecordRoute,
+    Path,
+    UserAgent,
+    Expires,
+    Other,
+}
+
+impl HeaderName {
+    pub fn classify(name: &str) -> HeaderName {
+        use HeaderName::*;
+        const NAMES: &[(&str, HeaderName)] = &[
+            ("via", Via),
+            ("v", Via),
+            ("from", From),
+            ("f", From),
+            ("to", To),
+            ("t", To),
+            ("call-id", CallId),
+            ("i", CallId),
+            ("cseq", CSeq),
+            ("max-forwards", MaxForwards),
+            ("content-length", ContentLength),
+            ("l", ContentLength),
+            ("contact", Contact),
+            ("m", Contact),
+            ("route", Route),
+            ("record-route", RecordRoute),
+            ("path", Path),
+            ("user-agent", UserAgent),
+            ("expires", Expires),
+        ];
+        NAMES
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, h)| *h)
+            .unwrap_or(Other)
+    }
+}
+
+/// One header line: where it is and what it is called.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub name: HeaderName,
+    /// From the first byte of the name to just past the line's CRLF.
+    pub line: Range<usize>,
+    /// The value, without the colon, leading white space or CRLF.
+    pub value: Range<usize>,
+}
+
+/// The first line of a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartLine {
+    Request { method: String, uri: Range<usize> },
+    Response { code: u16 },
+}
+
+/// A message read from `buf`, which it borrows.
+#[derive(Debug)]
+pub struct Message<'a> {
+    pub buf: &'a [u8],
+    pub start: StartLine,
+    /// Byte offset just past the start line's CRLF: where new top headers go.
+    pub start_end: usize,
+    pub headers: Vec<Header>,
+    /// Byte offset of the body (just past the blank line).
+    pub body_start: usize,
+}
+
+/// Where the blank line that ends the header section starts, if there is one.
+pub fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n")
+}
+
+impl<'a> Message<'a> {
+    /// Parses `buf`, which must hold exactly one message (UDP datagram or framed stream message).
+    pub fn parse(buf: &'a [u8]) -> Result<Message<'a>, ParseError> {
+        let end = head_end(buf).ok_or(ParseError::NoHeaderEnd)?;
+        let head = &buf[..end + 4];
+        if std::str::from_utf8(head).is_err() {
+            return Err(ParseError::NotUtf8);
+        }
+        if head.windows(3).any(|w| w == b"\r\n " || w == b"\r\n\t") {
+            return Err(ParseError::Folding);
+        }
+        let offset = |s: &[u8]| s.as_ptr() as usize - buf.as_ptr() as usize;
+        use rsip::message::sip_message::Tokenizer;
+        let (_, tok) = Tokenizer::tokenize(head).map_err(|_| ParseError::Syntax)?;
+        let (start, raw_headers) = match tok {
+            Tokenizer::Request(r) => {
+                let method = std::str::from_utf8(r.method.value)
+                    .map_err(|_| ParseError::NotUtf8)?
+                    .to_string();
+                // The URI sits between the two spaces of the request line.
+                let line_end = head.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
+                let line = &head[..line_end];
+                let a = line.iter().position(|&b| b == b' ').ok_or(ParseError::Syntax)?;
+                let b = line.iter().rposition(|&b| b == b' ').ok_or(ParseError::Syntax)?;
+                if b <= a + 1 {
+                    return Err(ParseError::Syntax);
+                }
+                (StartLine::Request { method, uri: a + 1..b }, r.headers)
+            }
+            Tokenizer::Response(r) => {
+                let code = std::str::from_utf8(r.status_code.code)
+                    .ok()
+                    .and_then(|c| c.parse().ok())
+                    .filter(|c| (100..700).contains(c))
+                    .ok_or(ParseError::Syntax)?;
+                (StartLine::Response { code }, r.headers)
+            }
+        };
+        let start_end = head
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or(ParseError::Syntax)?
+            + 2;
+        let mut headers = Vec::with_capacity(raw_headers.len());
+        for h in raw_headers {
+            let name = std::str::from_utf8(h.name).map_err(|_| ParseError::NotUtf8)?;
+            let n0 = offset(h.name);
+            let v0 = offset(h.value);
+            let v1 = v0 + h.value.len();
+            headers.push(Header {
+                name: HeaderName::classify(name),
+                line: n0..(v1 + 2).min(end + 2),
+                value: v0..v1,
+            });
+        }
+        Ok(Message {
+            buf,
+            start,
+            start_end,
+            headers,
+            body_start: end + 4,
+        })
+    }
+
+    /// The method of a request, `None` for a response.
+    pub fn method(&self) -> Option<&str> {
+        match &self.start {
+            StartLine::Request { method, .. } => Some(method),
+            StartLine::Response { .. } => None,
+        }
+    }
+
+    /// The status code of a response, `None` for a request.
+    pub fn status(&self) -> Option<u16> {
+        match self.start {
+            StartLine::Response { code } => Some(code),
+            StartLine::Request { .. } => None,
+        }
+    }
+
+    /// The Request-URI as written.
+    pub fn request_uri(&self) -> Option<&str> {
+        match &self.start {
+            StartLine::Request { uri, .. } => Some(self.text(uri.clone())),
+            StartLine::Response { .. } => None,
+        }
+    }
+
+    /// Text of a range of the header section (known to be UTF-8 by [`Message::parse`]).
+    pub fn text(&self, r: Range<usize>) -> &'a str {
+        std::str::from_utf8(&self.buf[r]).unwrap_or("")
+    }
+
+    /// The value of the first header called `name`.
+    pub fn header(&self, name: HeaderName) -> Option<&'a str> {
+        self.headers
+            .iter()
+            .find(|h| h.name == name)
+            .map(|h| self.text(h.value.clone()))
+    }
+
+    /// Every header line called `name`, in order.
+    pub fn all(&self, name: HeaderName) -> impl Iterator<Item = &Header> + '_ {
+        self.headers.iter().filter(move |h| h.name == name)
+    }
+
+    /// Every comma-separated element of the headers called `name`, in order, as
+    /// `(header index, absolute byte range of the element)`.
+    pub fn elements(&self, name: HeaderName) -> Vec<(usize, Range<usize>)> {
+        let mut out = Vec::new();
+        for (i, h) in self.headers.iter().enumerate().filter(|(_, h)| h.name == name) {
+            let v = self.text(h.value.clone());
+            for r in super::split_list(v) {
+                out.push((i, h.value.start + r.start..h.value.start + r.end));
+            }
+        }
+        out
+    }
+
+    /// The body as sent.
+    pub fn body(&self) -> &'a [u8] {
+        &self.buf[self.body_start..]
+    }
+
+    /// `Call-ID`.
+    pub fn call_id(&self) -> Option<&'a str> {
+        self.header(HeaderName::CallId)
+    }
+
+    /// The CSeq sequence number and method.
+    pub fn cseq(&self) -> Option<(u32, &'a str)> {
+        let v = self.header(HeaderName::CSeq)?;
+        let mut it = v.split_whitespace();
+        let n = it.next()?.parse().ok()?;
+        let m = it.next()?;
+        it.next().is_none().then_some((n, m))
+    }
+
+    /// The declared Content-Length, `Ok(None)` when absent, `Err` when unreadable.
+    pub fn content_length(&self) -> Result<Option<usize>, ()> {
+        match self.header(HeaderName::ContentLength) {
+            None => Ok(None),
+            Some(v) => v.trim().parse().map(Some).map_err(|_| ()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const INVITE: &str = "INVITE sip:bob@pbx.example SIP/2.0\r\n\
+v: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK776;rport\r\n\
+Via: SIP/2.0/UDP 10.0.0.9;branch=z9hG4bK1, SIP/2.0/TCP 10.0.0.8;branch=z9hG4bK2\r\n\
+Max-Forwards: 70\r\n\
+From: \"Alice\" <sip:alice@example.com>;tag=1928\r\n\
+To: <sip:bob@pbx.example>\r\n\
+i: a84b4c76e66710\r\n\
+CSeq: 314159 INVITE\r\n\
+Content-Length: 4\r\n\
+\r\n\
+abcd";
+
+    #[test]
+    fn indexes_headers_over_the_raw_bytes() {
+        let m = Message::parse(INVITE.as_bytes()).unwrap();
+        assert_eq!(m.method(), Some("INVITE"));
+        assert_eq!(m.request_uri(), Some("sip:bob@pbx.example"));
+        assert_eq!(m.call_id(), Some("a84b4c76e66710"));
+        assert_eq!(m.cseq(), Some((314159, "INVITE")));
+        assert_eq!(m.content_length(), Ok(Some(4)));
+        assert_eq!(m.body(), b"abcd");
+        let vias: Vec<&str> = m
+            .elements(HeaderName::Via)
+            .into_iter()
+            .map(|(_, r)| m.text(r))
+            .collect();
+        assert_eq!(vias.len(), 3);
+        assert_eq!(vias[0], "SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK776;rport");
+        assert_eq!(vias[2], "SIP/2.0/TCP 10.0.0.8;branch=z9hG4bK2");
+        let first = &m.headers[0];
+        assert_eq!(&INVITE[first.line.clone()], "v: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK776;rport\r\n");
+        let last = m.headers.last().unwrap();
+        assert_eq!(&INVITE[last.line.clone()], "Content-Length: 4\r\n");
+    }
+
+    #[test]
+    fn reads_responses() {
+        let r = "SIP/2.0 180 Ringing\r\nVia: SIP/2.0/UDP h;branch=z9hG4bKx\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n\r\n";
+        let m = Message::parse(r.as_bytes()).unwrap();
+        assert_eq!(m.status(), Some(180));
+        assert_eq!(m.method(), None);
+        assert_eq!(m.body(), b"");
+    }
+
+    #[test]
+    fn rejects_garbage_without_panicking() {
+        let cases: &[&[u8]] = &[
+            b"",
+            b"\r\n\r\n",
+            b"INVITE\r\n\r\n",
+            b"INVITE sip:a@b SIP/2.0\r\nVia SIP/2.0/UDP x\r\n\r\n",
+            b"SIP/2.0 99999 Huh\r\nVia: x\r\n\r\n",
+            b"INVITE sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP x\r\n",
+            b"INVITE sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP x\r\n continued\r\n\r\n",
+            &[0xff, 0xfe, 0x00, 0x13, b'\r', b'\n', b'\r', b'\n'],
+            b"INVITE sip:a@b SIP/2.0\r\nSubject: \xff\xfe\r\n\r\n",
+        ];
+        for c in cases {
+            assert!(Message::parse(c).is_err(), "accepted {:?}", String::from_utf8_lossy(c));
+        }
+    }
+}

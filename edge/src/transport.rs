@@ -1,0 +1,222 @@
+//! Transports: UDP sockets and TCP connections carry bytes in and out; the [`Dispatcher`] hands each
+//! message to the proxy and carries out its [`Action`]. The transport knows nothing of policy.
+//!
+//! - [`udp`]: several `SO_REUSEPORT` sockets per listener, one receive task each.
+//! - [`tcp`]: accept with global and per-source limits, header and idle timeouts, a writer task per
+//!   connection and a registry so responses and PBX→phone requests reuse the phone's connection.
+//! - [`framer`]: Content-Length framing and keep-alives on streams.
+
+pub mod framer;
+pub mod tcp;
+pub mod udp;
+
+use crate::metrics::{method_label, MessageLabels, Metrics, TransportLabels};
+use crate::proxy::{Action, Dest, Inbound, Outcome, Proxy};
+use crate::sip::Transport;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::net::UdpSocket;
+use tracing::{debug, warn};
+
+/// How a reply gets back to where a message came from.
+#[derive(Clone)]
+pub enum ReplyPath {
+    Udp(Arc<UdpSocket>),
+    Stream(tokio::sync::mpsc::Sender<bytes::Bytes>),
+}
+
+/// Runs the proxy over received messages and sends what it decides.
+pub struct Dispatcher {
+    pub proxy: Arc<Proxy>,
+    pub metrics: Arc<Metrics>,
+    /// UDP sockets per listener index (empty for TCP listeners).
+    pub udp: Vec<Vec<Arc<UdpSocket>>>,
+    pub tcp: Arc<tcp::Registry>,
+    log_budget: LogBudget,
+}
+
+impl Dispatcher {
+    pub fn new(
+        proxy: Arc<Proxy>,
+        metrics: Arc<Metrics>,
+        udp: Vec<Vec<Arc<UdpSocket>>>,
+        tcp: Arc<tcp::Registry>,
+    ) -> Dispatcher {
+        Dispatcher {
+            proxy,
+            metrics,
+            udp,
+            tcp,
+            log_budget: LogBudget::default(),
+        }
+    }
+
+    /// Handles one received message end to end.
+    pub async fn dispatch(self: &Arc<Self>, inb: Inbound<'_>, reply: &ReplyPath) {
+        let decision = self.proxy.handle(&inb);
+        let (kind, method) = labels_of(inb.bytes);
+        self.metrics
+            .messages
+            .get_or_create(&MessageLabels {
+                kind,
+                method,
+                direction: decision.side.label(),
+                outcome: decision.outcome.label(),
+            })
+            .inc();
+        if let Some(reason) = &decision.reason {
+            if self.log_budget.allow() {
+                let level_warn = matches!(decision.outcome, Outcome::Malformed)
+                    || reason.contains("flow token")
+                    || reason.contains("forged");
+                if level_warn {
+                    warn!(source = %inb.source, transport = %inb.transport, method, reason = %reason, "message not forwarded");
+                } else {
+                    debug!(source = %inb.source, transport = %inb.transport, method, reason = %reason, "message not forwarded");
+                }
+            }
+        }
+        match decision.action {
+            Action::Drop => {}
+            Action::Reply(bytes) => self.reply(reply, inb.source, bytes).await,
+            Action::Forward {
+                transport,
+                dest,
+                listener,
+                bytes,
+            } => self.send(transport, dest, listener, bytes).await,
+        }
+    }
+
+    async fn reply(&self, path: &ReplyPath, to: SocketAddr, bytes: Vec<u8>) {
+        let ok = match path {
+            ReplyPath::Udp(sock) => sock.send_to(&bytes, to).await.is_ok(),
+            ReplyPath::Stream(tx) => tx.try_send(bytes.into()).is_ok(),
+        };
+        if !ok {
+            self.send_error(Transport::Udp);
+        }
+    }
+
+    /// Sends `bytes` to `dest` over `transport`.
+    pub async fn send(self: &Arc<Self>, transport: Transport, dest: Dest, listener: usize, bytes: Vec<u8>) {
+        let addr = match dest {
+            Dest::Addr(a) => a,
+            Dest::Host(host, port) => {
+                // Rare (PBX-side targets by name): resolve off the receive path.
+                let me = self.clone();
+                tokio::spawn(async move {
+                    match tokio::net::lookup_host((host.as_str(), port)).await {
+                        Ok(mut addrs) => match addrs.next() {
+                            Some(a) => me.send_to_addr(transport, a, listener, bytes).await,
+                            None => me.send_error(transport),
+                        },
+                        Err(e) => {
+                            debug!(%host, error = %e, "cannot resolve next hop");
+                            me.send_error(transport);
+                        }
+                    }
+                });
+                return;
+            }
+        };
+        self.send_to_addr(transport, addr, listener, bytes).await;
+    }
+
+    async fn send_to_addr(self: &Arc<Self>, transport: Transport, addr: SocketAddr, listener: usize, bytes: Vec<u8>) {
+        match transport {
+            Transport::Udp => {
+                let sock = self
+                    .udp
+                    .get(listener)
+                    .and_then(|s| s.first())
+                    .or_else(|| self.udp.iter().find_map(|s| s.first()));
+                let ok = match sock {
+                    Some(s) => s.send_to(&bytes, addr).await.is_ok(),
+                    None => false,
+                };
+                if !ok {
+                    self.send_error(transport);
+                }
+            }
+            Transport::Tcp | Transport::Tls => {
+                if !self.tcp.send(self, addr, listener, bytes.into()) {
+                    self.send_error(transport);
+                }
+            }
+        }
+    }
+
+    /// Counts and logs (within the log budget) input that never reached the parser.
+    pub fn malformed(&self, transport: Transport, source: SocketAddr, why: &str) {
+        self.metrics
+            .messages
+            .get_or_create(&MessageLabels {
+                kind: "request",
+                method: "unknown",
+                direction: if self.proxy.backends.is_backend(source) { "from_pbx" } else { "from_internet" },
+                outcome: Outcome::Malformed.label(),
+            })
+            .inc();
+        if self.log_budget.allow() {
+            warn!(%source, %transport, reason = why, "malformed input dropped");
+        }
+    }
+
+    /// A datagram over the size limit.
+    pub fn oversize(&self, transport: Transport, source: SocketAddr) {
+        self.malformed(transport, source, "datagram exceeds udp.max_datagram");
+    }
+
+    fn send_error(&self, transport: Transport) {
+        self.metrics
+            .send_errors
+            .get_or_create(&TransportLabels {
+                transport: transport.as_str(),
+            })
+            .inc();
+    }
+}
+
+/// `(kind, method)` labels read cheaply from the start line (and CSeq for responses).
+fn labels_of(bytes: &[u8]) -> (&'static str, &'static str) {
+    if bytes.starts_with(b"SIP/2.0 ") {
+        let method = crate::sip::Message::parse(bytes)
+            .ok()
+            .and_then(|m| m.cseq().map(|(_, meth)| method_label(meth)))
+            .unwrap_or("unknown");
+        return ("response", method);
+    }
+    let end = bytes.iter().position(|&b| b == b' ').unwrap_or(0);
+    match std::str::from_utf8(&bytes[..end]) {
+        Ok(m) if !m.is_empty() => ("request", method_label(m)),
+        _ => ("request", "unknown"),
+    }
+}
+
+/// Caps "message not forwarded" log lines at 50 a second, so garbage floods cannot flood the log;
+/// the per-outcome counters still count every message.
+#[derive(Default)]
+struct LogBudget {
+    /// Second (Unix time) and lines used in it, packed as `second << 16 | used`.
+    state: AtomicU64,
+}
+
+impl LogBudget {
+    const PER_SECOND: u64 = 50;
+
+    fn allow(&self) -> bool {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let cur = self.state.load(Ordering::Relaxed);
+        let (sec, used) = (cur >> 16, cur & 0xffff);
+        let next = if sec == now { (now << 16) | (used + 1) } else { now << 16 | 1 };
+        if sec == now && used >= Self::PER_SECOND {
+            return false;
+        }
+        self.state
+            .compare_exchange(cur, next, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+}
