@@ -80,7 +80,10 @@ impl Backends {
             }
         }
         let best = healthy().map(|b| b.priority).min()?;
-        let total: u64 = healthy().filter(|b| b.priority == best).map(|b| u64::from(b.weight)).sum();
+        let total: u64 = healthy()
+            .filter(|b| b.priority == best)
+            .map(|b| u64::from(b.weight))
+            .sum();
         let mut point = fnv1a(call_id.as_bytes()) % total;
         for b in healthy().filter(|b| b.priority == best) {
             if point < u64::from(b.weight) {
@@ -195,7 +198,8 @@ async fn probe_once(
             let sock = UdpSocket::bind(SocketAddr::new(local_ip, 0)).await?;
             sock.connect(b.address).await?;
             let local = sock.local_addr()?;
-            sock.send(&options(b, local, Transport::Udp, &call_id, seq)).await?;
+            sock.send(&options(b, local, Transport::Udp, &call_id, seq))
+                .await?;
             let mut buf = vec![0u8; 8192];
             loop {
                 let n = sock.recv(&mut buf).await?;
@@ -207,7 +211,8 @@ async fn probe_once(
         Transport::Tcp | Transport::Tls => {
             let mut s = TcpStream::connect(b.address).await?;
             let local = s.local_addr()?;
-            s.write_all(&options(b, local, Transport::Tcp, &call_id, seq)).await?;
+            s.write_all(&options(b, local, Transport::Tcp, &call_id, seq))
+                .await?;
             let mut buf = Vec::with_capacity(4096);
             let mut chunk = [0u8; 4096];
             while buf.len() < 65_536 {
@@ -268,27 +273,48 @@ mod tests {
 
     #[test]
     fn prefers_priority_then_weight_and_sticks_per_call() {
-        let b = Backends::new(&cfg(&[("10.0.0.1:5060", 1, 3), ("10.0.0.2:5060", 1, 1), ("10.0.0.3:5060", 2, 1)]));
+        let b = Backends::new(&cfg(&[
+            ("10.0.0.1:5060", 1, 3),
+            ("10.0.0.2:5060", 1, 1),
+            ("10.0.0.3:5060", 2, 1),
+        ]));
         let mut counts = [0u32; 3];
         for n in 0..4000 {
             let s = b.select(&format!("call-{n}"), None).unwrap();
             counts[b.list.iter().position(|x| x.address == s.address).unwrap()] += 1;
-            assert_eq!(b.select(&format!("call-{n}"), None), Some(s), "same call, same backend");
+            assert_eq!(
+                b.select(&format!("call-{n}"), None),
+                Some(s),
+                "same call, same backend"
+            );
         }
-        assert_eq!(counts[2], 0, "priority 2 unused while priority 1 is healthy");
+        assert_eq!(
+            counts[2], 0,
+            "priority 2 unused while priority 1 is healthy"
+        );
         let ratio = f64::from(counts[0]) / f64::from(counts[1]);
         assert!((2.4..3.8).contains(&ratio), "weights 3:1, got {counts:?}");
     }
 
     #[test]
     fn fails_over_by_health_and_honours_hints() {
-        let h = Health { interval_ms: 1000, timeout_ms: 100, fall: 2, rise: 1 };
+        let h = Health {
+            interval_ms: 1000,
+            timeout_ms: 100,
+            fall: 2,
+            rise: 1,
+        };
         let b = Backends::new(&cfg(&[("10.0.0.1:5060", 1, 1), ("10.0.0.2:5060", 2, 1)]));
         assert_eq!(b.record(0, false, &h), None, "one miss is not enough");
         assert_eq!(b.record(0, false, &h), Some(false));
-        assert_eq!(b.select("c", None).unwrap().address, "10.0.0.2:5060".parse().unwrap());
         assert_eq!(
-            b.select("c", Some("10.0.0.1:5060".parse().unwrap())).unwrap().address,
+            b.select("c", None).unwrap().address,
+            "10.0.0.2:5060".parse().unwrap()
+        );
+        assert_eq!(
+            b.select("c", Some("10.0.0.1:5060".parse().unwrap()))
+                .unwrap()
+                .address,
             "10.0.0.2:5060".parse().unwrap(),
             "a hint naming a dead backend is ignored"
         );
@@ -297,7 +323,10 @@ mod tests {
         assert_eq!(b.select("c", None), None);
         assert!(!b.any_up());
         assert_eq!(b.record(0, true, &h), Some(true));
-        assert_eq!(b.select("c", None).unwrap().address, "10.0.0.1:5060".parse().unwrap());
+        assert_eq!(
+            b.select("c", None).unwrap().address,
+            "10.0.0.1:5060".parse().unwrap()
+        );
         assert!(b.is_backend("10.0.0.2:5060".parse().unwrap()));
         assert!(!b.is_backend("10.0.0.2:5061".parse().unwrap()));
     }

@@ -284,7 +284,9 @@ impl EdgeConfig {
             }
             if let Some(a) = &l.advertise {
                 if crate::proxy::HostPort::parse(a).is_none() {
-                    return bad(format!("listeners[{i}].advertise: `{a}` is not host or host:port"));
+                    return bad(format!(
+                        "listeners[{i}].advertise: `{a}` is not host or host:port"
+                    ));
                 }
             }
         }
@@ -339,7 +341,10 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -365,7 +370,10 @@ priority = 2
 "#;
         let c = EdgeConfig::load(
             Some(("edge.toml", file)),
-            &env(&[("SIPWARDEN_HEALTH__INTERVAL_MS", "1700"), ("SIPWARDEN_BACKENDS__1__WEIGHT", "3")]),
+            &env(&[
+                ("SIPWARDEN_HEALTH__INTERVAL_MS", "1700"),
+                ("SIPWARDEN_BACKENDS__1__WEIGHT", "3"),
+            ]),
         )
         .unwrap();
         assert_eq!(c.edge.id, "fra-1");
@@ -382,9 +390,15 @@ priority = 2
             ("SIPWARDEN_BACKENDS__0__WEIGHT", "0", "backends[0].weight"),
             ("SIPWARDEN_LISTENERS", "[]", "listeners"),
             ("SIPWARDEN_TCP__NOPE", "1", "nope"),
-            ("SIPWARDEN_BACKENDS__0__ADDRESS", "not-an-address", "address"),
+            (
+                "SIPWARDEN_BACKENDS__0__ADDRESS",
+                "not-an-address",
+                "address",
+            ),
         ] {
-            let err = EdgeConfig::load(None, &env(&[(k, v)])).unwrap_err().to_string();
+            let err = EdgeConfig::load(None, &env(&[(k, v)]))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(expect), "{k}: {err}");
         }
     }
@@ -392,7 +406,9 @@ priority = 2
     #[test]
     fn debug_output_hides_flow_keys() {
         let c = EdgeConfig {
-            flow: Flow { keys: vec!["super-secret-key-material".into()] },
+            flow: Flow {
+                keys: vec!["super-secret-key-material".into()],
+            },
             ..EdgeConfig::default()
         };
         assert!(!format!("{c:?}").contains("super-secret"));

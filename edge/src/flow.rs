@@ -201,7 +201,11 @@ mod tests {
         for a in ["203.0.113.7:41234", "[2001:db8::1]:5060"] {
             let t = k.sign(&flow(a));
             assert!(t.starts_with(PREFIX));
-            assert!(t.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()), "{t}");
+            assert!(
+                t.bytes()
+                    .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()),
+                "{t}"
+            );
             assert_eq!(k.verify(&t).unwrap(), flow(a));
         }
     }

@@ -3,7 +3,9 @@
 
 use crate::backend::Backends;
 use crate::metrics::Metrics;
-use axum::{extract::State, http::header, http::StatusCode, response::IntoResponse, routing::get, Router};
+use axum::{
+    extract::State, http::header, http::StatusCode, response::IntoResponse, routing::get, Router,
+};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -38,7 +40,10 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
 
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         s.metrics.encode(),
     )
 }

@@ -79,10 +79,15 @@ impl Edge {
         let mut tcp_listeners = Vec::new();
         let mut bound = Vec::new();
         for l in &cfg.listeners {
-            let bind_err = |what, source| StartError::Bind { what, addr: l.address, source };
+            let bind_err = |what, source| StartError::Bind {
+                what,
+                addr: l.address,
+                source,
+            };
             match l.transport {
                 Transport::Udp => {
-                    let socks = udp::bind(l.address, cfg.udp.sockets).map_err(|e| bind_err("UDP", e))?;
+                    let socks =
+                        udp::bind(l.address, cfg.udp.sockets).map_err(|e| bind_err("UDP", e))?;
                     bound.push(socks[0].local_addr().map_err(|e| bind_err("UDP", e))?);
                     udp_socks.push(socks);
                     tcp_listeners.push(None);
@@ -96,12 +101,28 @@ impl Edge {
             }
         }
         let proxy = Arc::new(Proxy::new(&cfg, &bound, keys, backends.clone()));
-        let registry = Arc::new(tcp::Registry::new(cfg.tcp.clone(), metrics.clone(), tracker.clone(), stop.clone()));
-        let dispatcher = Arc::new(Dispatcher::new(proxy.clone(), metrics.clone(), udp_socks.clone(), registry));
+        let registry = Arc::new(tcp::Registry::new(
+            cfg.tcp.clone(),
+            metrics.clone(),
+            tracker.clone(),
+            stop.clone(),
+        ));
+        let dispatcher = Arc::new(Dispatcher::new(
+            proxy.clone(),
+            metrics.clone(),
+            udp_socks.clone(),
+            registry,
+        ));
 
         for (idx, socks) in udp_socks.iter().enumerate() {
             for s in socks {
-                tracker.spawn(udp::recv_loop(s.clone(), idx, cfg.udp.max_datagram, dispatcher.clone(), stop.clone()));
+                tracker.spawn(udp::recv_loop(
+                    s.clone(),
+                    idx,
+                    cfg.udp.max_datagram,
+                    dispatcher.clone(),
+                    stop.clone(),
+                ));
             }
         }
         for (idx, l) in tcp_listeners.into_iter().enumerate() {
@@ -110,7 +131,9 @@ impl Edge {
             }
         }
         // Probes leave from the address of a PBX-facing listener where there is one.
-        let probe_ip = proxy.listeners[proxy.listener_toward(proxy::Side::Pbx, Transport::Udp)].bind.ip();
+        let probe_ip = proxy.listeners[proxy.listener_toward(proxy::Side::Pbx, Transport::Udp)]
+            .bind
+            .ip();
         for i in 0..backends.list().len() {
             tracker.spawn(backend::probe_loop(
                 backends.clone(),
@@ -126,13 +149,21 @@ impl Edge {
         let accepting = Arc::new(AtomicBool::new(true));
         let http_listener = tokio::net::TcpListener::bind(cfg.http.listen)
             .await
-            .map_err(|e| StartError::Bind { what: "HTTP", addr: cfg.http.listen, source: e })?;
+            .map_err(|e| StartError::Bind {
+                what: "HTTP",
+                addr: cfg.http.listen,
+                source: e,
+            })?;
         let http_addr = http_listener.local_addr().map_err(|e| StartError::Bind {
             what: "HTTP",
             addr: cfg.http.listen,
             source: e,
         })?;
-        let state = http::HttpState { metrics, backends, accepting: accepting.clone() };
+        let state = http::HttpState {
+            metrics,
+            backends,
+            accepting: accepting.clone(),
+        };
         // The HTTP server outlives the SIP drain so /readyz can say "draining"; it stops last.
         let http_stop = CancellationToken::new();
         tokio::spawn(http::serve(http_listener, state, http_stop.clone()));
@@ -160,8 +191,14 @@ impl Edge {
         self.accepting.store(false, Ordering::Relaxed);
         self.stop.cancel();
         self.tracker.close();
-        if tokio::time::timeout(self.grace, self.tracker.wait()).await.is_err() {
-            warn!(grace_ms = self.grace.as_millis() as u64, "drain did not finish within the grace period");
+        if tokio::time::timeout(self.grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                grace_ms = self.grace.as_millis() as u64,
+                "drain did not finish within the grace period"
+            );
         }
         self.http_stop.cancel();
         info!("stopped");
@@ -169,7 +206,11 @@ impl Edge {
 }
 
 fn tcp_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
     s.set_reuse_address(true)?;
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
@@ -183,7 +224,10 @@ fn load_flow_keys(cfg: &EdgeConfig) -> Result<FlowKeys, StartError> {
         return Ok(k);
     }
     let path = cfg.edge.data_dir.join("flow.key");
-    let err = |source| StartError::FlowKey { path: path.display().to_string(), source };
+    let err = |source| StartError::FlowKey {
+        path: path.display().to_string(),
+        source,
+    };
     let secret = match std::fs::read_to_string(&path) {
         Ok(s) => s.trim().to_string(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -194,7 +238,8 @@ fn load_flow_keys(cfg: &EdgeConfig) -> Result<FlowKeys, StartError> {
         }
         Err(e) => return Err(err(e)),
     };
-    FlowKeys::new([secret.as_bytes()]).ok_or_else(|| err(std::io::Error::other("key shorter than 16 characters")))
+    FlowKeys::new([secret.as_bytes()])
+        .ok_or_else(|| err(std::io::Error::other("key shorter than 16 characters")))
 }
 
 fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
@@ -204,7 +249,12 @@ fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     f.write_all(secret.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)

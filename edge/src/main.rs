@@ -25,7 +25,9 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let text = match &args.config {
-        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
         None => None,
     };
     let path = args.config.as_ref().map(|p| p.display().to_string());
@@ -46,10 +48,16 @@ fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let format = if cfg.log.format == "json" { LogFormat::Json } else { LogFormat::Text };
+    let format = if cfg.log.format == "json" {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    };
     telemetry::init(format, "info");
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let edge = Edge::start(cfg).await.context("starting the edge")?;
         let shutdown = CancellationToken::new();
@@ -62,7 +70,10 @@ fn main() -> anyhow::Result<()> {
 /// The one place signals are read: SIGTERM or SIGINT starts the drain.
 async fn signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         return;
     };
     tokio::select! {

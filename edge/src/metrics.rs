@@ -98,10 +98,26 @@ impl Metrics {
 /// A method name as a bounded label value.
 pub fn method_label(method: &str) -> &'static str {
     const KNOWN: &[&str] = &[
-        "INVITE", "ACK", "BYE", "CANCEL", "REGISTER", "OPTIONS", "SUBSCRIBE", "NOTIFY", "REFER",
-        "INFO", "UPDATE", "PRACK", "MESSAGE", "PUBLISH",
+        "INVITE",
+        "ACK",
+        "BYE",
+        "CANCEL",
+        "REGISTER",
+        "OPTIONS",
+        "SUBSCRIBE",
+        "NOTIFY",
+        "REFER",
+        "INFO",
+        "UPDATE",
+        "PRACK",
+        "MESSAGE",
+        "PUBLISH",
     ];
-    KNOWN.iter().find(|k| **k == method).copied().unwrap_or("other")
+    KNOWN
+        .iter()
+        .find(|k| **k == method)
+        .copied()
+        .unwrap_or("other")
 }
 
 #[cfg(test)]

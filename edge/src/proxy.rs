@@ -133,15 +133,22 @@ impl HostPort {
                 None if after.is_empty() => None,
                 None => return None,
             };
-            return Some(HostPort { host: format!("[{h}]"), port });
+            return Some(HostPort {
+                host: format!("[{h}]"),
+                port,
+            });
         }
         let (h, port) = match s.rsplit_once(':') {
             Some((h, p)) => (h, Some(p.parse().ok()?)),
             None => (s, None),
         };
         let ok = !h.is_empty()
-            && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
-        ok.then(|| HostPort { host: h.to_ascii_lowercase(), port })
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+        ok.then(|| HostPort {
+            host: h.to_ascii_lowercase(),
+            port,
+        })
     }
 
     fn from_addr(a: SocketAddr) -> HostPort {
@@ -149,7 +156,10 @@ impl HostPort {
             IpAddr::V4(ip) => ip.to_string(),
             IpAddr::V6(ip) => format!("[{ip}]"),
         };
-        HostPort { host, port: Some(a.port()) }
+        HostPort {
+            host,
+            port: Some(a.port()),
+        }
     }
 }
 
@@ -252,7 +262,13 @@ impl Proxy {
             Some(ListenerSide::Pbx) => Side::Pbx,
             Some(ListenerSide::Internet) => Side::Internet,
             _ if self.backends.is_backend(inb.source) => Side::Pbx,
-            _ if self.trusted_pbx.iter().any(|n| n.contains(&inb.source.ip())) => Side::Pbx,
+            _ if self
+                .trusted_pbx
+                .iter()
+                .any(|n| n.contains(&inb.source.ip())) =>
+            {
+                Side::Pbx
+            }
             _ => Side::Internet,
         }
     }
@@ -262,7 +278,11 @@ impl Proxy {
         let port = port.unwrap_or(5060);
         let host = host.trim_start_matches('[').trim_end_matches(']');
         self.listeners.iter().any(|l| {
-            let adv = l.advertise.host.trim_start_matches('[').trim_end_matches(']');
+            let adv = l
+                .advertise
+                .host
+                .trim_start_matches('[')
+                .trim_end_matches(']');
             let host_match = adv.eq_ignore_ascii_case(host)
                 || (!l.bind.ip().is_unspecified()
                     && host.parse::<IpAddr>().is_ok_and(|ip| ip == l.bind.ip()));
@@ -273,10 +293,13 @@ impl Proxy {
     /// The listener to send from toward `side` over `transport`: one facing that side with that
     /// transport, else any with the transport, else the first.
     pub fn listener_toward(&self, side: Side, transport: Transport) -> usize {
-        let faces = |l: &ListenerInfo| match (l.side, side) {
-            (ListenerSide::Both, _) => true,
-            (ListenerSide::Pbx, Side::Pbx) | (ListenerSide::Internet, Side::Internet) => true,
-            _ => false,
+        let faces = |l: &ListenerInfo| {
+            matches!(
+                (l.side, side),
+                (ListenerSide::Both, _)
+                    | (ListenerSide::Pbx, Side::Pbx)
+                    | (ListenerSide::Internet, Side::Internet)
+            )
         };
         self.listeners
             .iter()
@@ -300,9 +323,17 @@ pub(crate) fn bad_request_reply(buf: &[u8], why: &str) -> Option<Vec<u8>> {
         return None;
     }
     let mut fields: [Option<&str>; 5] = [None; 5];
-    let names = [["via", "v"], ["from", "f"], ["to", "t"], ["call-id", "i"], ["cseq", "cseq"]];
+    let names = [
+        ["via", "v"],
+        ["from", "f"],
+        ["to", "t"],
+        ["call-id", "i"],
+        ["cseq", "cseq"],
+    ];
     for line in lines {
-        let Some((n, v)) = line.split_once(':') else { continue };
+        let Some((n, v)) = line.split_once(':') else {
+            continue;
+        };
         let n = n.trim();
         for (i, alts) in names.iter().enumerate() {
             if fields[i].is_none() && alts.iter().any(|a| a.eq_ignore_ascii_case(n)) {

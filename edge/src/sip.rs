@@ -126,14 +126,20 @@ mod tests {
     fn split_list_respects_quotes_and_brackets() {
         let v = r#"<sip:a@x;lr>, "Doe, J" <sip:b@y>,sip:c@z , "#;
         let parts: Vec<&str> = split_list(v).into_iter().map(|r| &v[r]).collect();
-        assert_eq!(parts, vec!["<sip:a@x;lr>", r#""Doe, J" <sip:b@y>"#, "sip:c@z"]);
+        assert_eq!(
+            parts,
+            vec!["<sip:a@x;lr>", r#""Doe, J" <sip:b@y>"#, "sip:c@z"]
+        );
     }
 
     #[test]
     fn addr_uri_and_params() {
         assert_eq!(addr_uri(r#""Bob" <sip:bob@x;lr>;tag=1"#), "sip:bob@x;lr");
         assert_eq!(addr_uri("sip:bob@x;tag=1"), "sip:bob@x");
-        assert_eq!(header_param(r#""Bob" <sip:bob@x;tag=no>;tag=1"#, "tag"), Some("1"));
+        assert_eq!(
+            header_param(r#""Bob" <sip:bob@x;tag=no>;tag=1"#, "tag"),
+            Some("1")
+        );
         assert_eq!(header_param("sip:bob@x;tag=2", "tag"), Some("2"));
         assert_eq!(header_param("<sip:bob@x>", "tag"), None);
     }

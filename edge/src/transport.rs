@@ -101,7 +101,13 @@ impl Dispatcher {
     }
 
     /// Sends `bytes` to `dest` over `transport`.
-    pub async fn send(self: &Arc<Self>, transport: Transport, dest: Dest, listener: usize, bytes: Vec<u8>) {
+    pub async fn send(
+        self: &Arc<Self>,
+        transport: Transport,
+        dest: Dest,
+        listener: usize,
+        bytes: Vec<u8>,
+    ) {
         let addr = match dest {
             Dest::Addr(a) => a,
             Dest::Host(host, port) => {
@@ -125,7 +131,13 @@ impl Dispatcher {
         self.send_to_addr(transport, addr, listener, bytes).await;
     }
 
-    async fn send_to_addr(self: &Arc<Self>, transport: Transport, addr: SocketAddr, listener: usize, bytes: Vec<u8>) {
+    async fn send_to_addr(
+        self: &Arc<Self>,
+        transport: Transport,
+        addr: SocketAddr,
+        listener: usize,
+        bytes: Vec<u8>,
+    ) {
         match transport {
             Transport::Udp => {
                 let sock = self
@@ -156,7 +168,11 @@ impl Dispatcher {
             .get_or_create(&MessageLabels {
                 kind: "request",
                 method: "unknown",
-                direction: if self.proxy.backends.is_backend(source) { "from_pbx" } else { "from_internet" },
+                direction: if self.proxy.backends.is_backend(source) {
+                    "from_pbx"
+                } else {
+                    "from_internet"
+                },
                 outcome: Outcome::Malformed.label(),
             })
             .inc();
@@ -208,10 +224,16 @@ impl LogBudget {
     const PER_SECOND: u64 = 50;
 
     fn allow(&self) -> bool {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         let cur = self.state.load(Ordering::Relaxed);
         let (sec, used) = (cur >> 16, cur & 0xffff);
-        let next = if sec == now { (now << 16) | (used + 1) } else { now << 16 | 1 };
+        let next = if sec == now {
+            (now << 16) | (used + 1)
+        } else {
+            now << 16 | 1
+        };
         if sec == now && used >= Self::PER_SECOND {
             return false;
         }

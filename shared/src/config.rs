@@ -219,14 +219,23 @@ mod tests {
         ]);
         let c: Cfg = load(Some(("f.toml", file)), &e, &[]).unwrap();
         assert_eq!(c.port, 2);
-        assert_eq!(c.id, "1234", "a string key keeps a numeric-looking value as a string");
+        assert_eq!(
+            c.id, "1234",
+            "a string key keeps a numeric-looking value as a string"
+        );
         assert!(c.inner.enabled);
         assert_eq!(c.inner.name, "file");
         assert_eq!(
             c.list,
             vec![
-                Item { address: "a".into(), weight: 5 },
-                Item { address: "127.0.0.1:5080".into(), weight: 0 }
+                Item {
+                    address: "a".into(),
+                    weight: 5
+                },
+                Item {
+                    address: "127.0.0.1:5080".into(),
+                    weight: 0
+                }
             ]
         );
     }
@@ -235,7 +244,13 @@ mod tests {
     fn whole_lists_can_be_given_inline() {
         let e = env(&[("SIPWARDEN_LIST", r#"[{address="x", weight=2}]"#)]);
         let c: Cfg = load(None, &e, &[]).unwrap();
-        assert_eq!(c.list, vec![Item { address: "x".into(), weight: 2 }]);
+        assert_eq!(
+            c.list,
+            vec![Item {
+                address: "x".into(),
+                weight: 2
+            }]
+        );
     }
 
     #[test]
@@ -246,7 +261,10 @@ mod tests {
 
         let e = env(&[("SIPWARDEN_LIST__3__ADDRESS", "x")]);
         let err = load::<Cfg>(None, &e, &[]).unwrap_err().to_string();
-        assert!(err.contains("SIPWARDEN_LIST__3__ADDRESS") && err.contains("skips"), "{err}");
+        assert!(
+            err.contains("SIPWARDEN_LIST__3__ADDRESS") && err.contains("skips"),
+            "{err}"
+        );
 
         let e = env(&[("SIPWARDEN_PORT__X", "1")]);
         assert!(load::<Cfg>(None, &e, &[]).is_err());

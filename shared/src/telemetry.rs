@@ -22,7 +22,12 @@ pub fn init(format: LogFormat, default_filter: &str) {
             .with(fmt::layer().with_writer(std::io::stderr))
             .try_init(),
         LogFormat::Json => registry
-            .with(fmt::layer().json().flatten_event(true).with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
     };
 }

@@ -54,8 +54,10 @@ fn route(p: &Proxy, m: &Message<'_>, inb: &Inbound<'_>, side: Side) -> Result<De
         return Err(refusal(400, "CSeq method does not match"));
     }
     match m.content_length() {
-        Err(()) => return Err(refusal(400, "Bad Content-Length")),
-        Ok(Some(n)) if n > m.body().len() => return Err(refusal(400, "Content-Length exceeds body")),
+        Err(_) => return Err(refusal(400, "Bad Content-Length")),
+        Ok(Some(n)) if n > m.body().len() => {
+            return Err(refusal(400, "Content-Length exceeds body"))
+        }
         _ => {}
     }
     let call_id = m.call_id().unwrap_or_default();
@@ -77,7 +79,11 @@ fn route(p: &Proxy, m: &Message<'_>, inb: &Inbound<'_>, side: Side) -> Result<De
 
     let max_forwards = match m.header(HeaderName::MaxForwards) {
         None => None,
-        Some(v) => Some(v.trim().parse::<u32>().map_err(|_| refusal(400, "Bad Max-Forwards"))?),
+        Some(v) => Some(
+            v.trim()
+                .parse::<u32>()
+                .map_err(|_| refusal(400, "Bad Max-Forwards"))?,
+        ),
     };
     if max_forwards == Some(0) {
         return Err(refusal(483, "Too Many Hops"));
@@ -89,7 +95,9 @@ fn route(p: &Proxy, m: &Message<'_>, inb: &Inbound<'_>, side: Side) -> Result<De
     let mut token: Option<FlowToken> = None;
     for (_, r) in &routes {
         let uri = addr_uri(m.text(r.clone()));
-        let Some((user, host, port)) = uri_parts(uri) else { break };
+        let Some((user, host, port)) = uri_parts(uri) else {
+            break;
+        };
         if !p.is_self(&host, port) {
             break;
         }
@@ -114,9 +122,13 @@ fn route(p: &Proxy, m: &Message<'_>, inb: &Inbound<'_>, side: Side) -> Result<De
         Side::Internet => {
             let hint = next_route
                 .or(Some(ruri))
-                .and_then(|u| uri_parts(u))
+                .and_then(uri_parts)
                 .and_then(|(_, h, port)| {
-                    let ip: IpAddr = h.trim_start_matches('[').trim_end_matches(']').parse().ok()?;
+                    let ip: IpAddr = h
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse()
+                        .ok()?;
                     Some(SocketAddr::new(ip, port.unwrap_or(5060)))
                 });
             let b = p
@@ -169,10 +181,28 @@ fn route(p: &Proxy, m: &Message<'_>, inb: &Inbound<'_>, side: Side) -> Result<De
         // Double Record-Route (RFC 5658) when the two legs use different listeners: the first
         // entry is what the far (UAS) side uses, the second what the near (UAC) side uses.
         if out_listener != inb.listener {
-            push_edge_uri(&mut top_lines, "Record-Route", token.as_deref(), out, out_transport);
-            push_edge_uri(&mut top_lines, "Record-Route", token.as_deref(), in_l, inb.transport);
+            push_edge_uri(
+                &mut top_lines,
+                "Record-Route",
+                token.as_deref(),
+                out,
+                out_transport,
+            );
+            push_edge_uri(
+                &mut top_lines,
+                "Record-Route",
+                token.as_deref(),
+                in_l,
+                inb.transport,
+            );
         } else {
-            push_edge_uri(&mut top_lines, "Record-Route", token.as_deref(), out, out_transport);
+            push_edge_uri(
+                &mut top_lines,
+                "Record-Route",
+                token.as_deref(),
+                out,
+                out_transport,
+            );
         }
     }
     if method == "REGISTER" && side == Side::Internet {
@@ -237,7 +267,10 @@ fn remove_popped_routes(
     while i < routes.len() {
         let header = routes[i].0;
         let in_line: Vec<_> = routes.iter().filter(|(h, _)| *h == header).collect();
-        let gone = in_line.iter().filter(|(_, r)| routes[..popped].iter().any(|(_, p)| p == r)).count();
+        let gone = in_line
+            .iter()
+            .filter(|(_, r)| routes[..popped].iter().any(|(_, p)| p == r))
+            .count();
         let h = &m.headers[header];
         if gone == in_line.len() {
             e.remove(h.line.clone());
@@ -270,7 +303,9 @@ pub(super) fn uri_parts(uri: &str) -> Option<(Option<String>, String, Option<u16
 /// Where a URI sends a request: `transport=` (sips → TLS), host and port (default 5060).
 fn uri_target(uri: &str) -> Option<(Transport, Dest)> {
     let u = rsip::Uri::try_from(uri).ok()?;
-    let sips = uri.get(..5).is_some_and(|s| s.eq_ignore_ascii_case("sips:"));
+    let sips = uri
+        .get(..5)
+        .is_some_and(|s| s.eq_ignore_ascii_case("sips:"));
     let transport = match u.transport() {
         Some(t) => Transport::parse(&t.to_string())?,
         None if sips => Transport::Tls,
@@ -303,7 +338,11 @@ fn refuse(m: &Message<'_>, inb: &Inbound<'_>, side: Side, code: u16, reason: &st
         via::stamp_received(t, &ViaInfo::parse(t)?, inb.source)
     });
     let to_tag = format!("sw{code}");
-    let extra: &[(&str, &str)] = if code == 503 { &[("Retry-After", "5")] } else { &[] };
+    let extra: &[(&str, &str)] = if code == 503 {
+        &[("Retry-After", "5")]
+    } else {
+        &[]
+    };
     let bytes = reply::build(m, code, reason, stamped.as_deref(), &to_tag, extra);
     Decision {
         action: Action::Reply(bytes),

@@ -5,7 +5,7 @@
 
 use super::via::{self, ViaInfo};
 use super::{Action, Decision, Inbound, Outcome, Proxy, Side};
-use crate::sip::{HeaderName, Message, Edit};
+use crate::sip::{Edit, HeaderName, Message};
 
 pub(super) fn handle(p: &Proxy, m: &Message<'_>, _inb: &Inbound<'_>, side: Side) -> Decision {
     let drop = |reason: &str| Decision {

@@ -47,7 +47,9 @@ impl ViaInfo {
             match p {
                 rsip::Param::Branch(b) => info.branch = Some(b.to_string()),
                 rsip::Param::Received(r) => info.received = Some(r.to_string()),
-                rsip::Param::Other(name, value) if name.to_string().eq_ignore_ascii_case("rport") => {
+                rsip::Param::Other(name, value)
+                    if name.to_string().eq_ignore_ascii_case("rport") =>
+                {
                     info.rport = Some(match value {
                         Some(v) => Some(v.to_string().parse().ok()?),
                         None => None,
@@ -96,7 +98,12 @@ pub fn stamp_received(element: &str, via: &ViaInfo, source: SocketAddr) -> Optio
     let mut params: Vec<String> = element.split(';').map(|s| s.to_string()).collect();
     let mut have_received = false;
     for p in params.iter_mut().skip(1) {
-        let name = p.split('=').next().unwrap_or("").trim().to_ascii_lowercase();
+        let name = p
+            .split('=')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         if name == "rport" && wants_rport {
             *p = format!("rport={}", source.port());
         } else if name == "received" {
@@ -112,7 +119,11 @@ pub fn stamp_received(element: &str, via: &ViaInfo, source: SocketAddr) -> Optio
 
 /// The edge's branch for a request whose previous hop's Via (after [`stamp_received`]) is `prev`.
 pub fn branch(keys: &FlowKeys, prev: &ViaInfo, call_id: &str, cseq: u32) -> String {
-    let mac = keys.mac(&branch_input(prev, call_id, cseq).each_ref().map(|v| v.as_slice()));
+    let mac = keys.mac(
+        &branch_input(prev, call_id, cseq)
+            .each_ref()
+            .map(|v| v.as_slice()),
+    );
     let mut out = String::with_capacity(BRANCH_PREFIX.len() + 24);
     out.push_str(BRANCH_PREFIX);
     out.push_str(&data_encoding::BASE32_DNSSEC.encode(&mac[..BRANCH_MAC_BYTES]));
@@ -120,7 +131,13 @@ pub fn branch(keys: &FlowKeys, prev: &ViaInfo, call_id: &str, cseq: u32) -> Stri
 }
 
 /// Whether `ours` is the branch this edge would have made for `prev`, under any of the keys.
-pub fn verify_branch(keys: &FlowKeys, ours: &str, prev: &ViaInfo, call_id: &str, cseq: u32) -> bool {
+pub fn verify_branch(
+    keys: &FlowKeys,
+    ours: &str,
+    prev: &ViaInfo,
+    call_id: &str,
+    cseq: u32,
+) -> bool {
     let Some(enc) = ours.strip_prefix(BRANCH_PREFIX) else {
         return false;
     };
@@ -129,7 +146,9 @@ pub fn verify_branch(keys: &FlowKeys, ours: &str, prev: &ViaInfo, call_id: &str,
     };
     tag.len() == BRANCH_MAC_BYTES
         && keys.verify_mac(
-            &branch_input(prev, call_id, cseq).each_ref().map(|v| v.as_slice()),
+            &branch_input(prev, call_id, cseq)
+                .each_ref()
+                .map(|v| v.as_slice()),
             &tag,
         )
 }
@@ -159,7 +178,9 @@ mod tests {
 
     #[test]
     fn parses_via_params() {
-        let v = ViaInfo::parse("SIP/2.0/TCP 10.0.0.1:5070;branch=z9hG4bK776;rport;received=1.2.3.4").unwrap();
+        let v =
+            ViaInfo::parse("SIP/2.0/TCP 10.0.0.1:5070;branch=z9hG4bK776;rport;received=1.2.3.4")
+                .unwrap();
         assert_eq!(v.transport, Transport::Tcp);
         assert_eq!(v.host, "10.0.0.1");
         assert_eq!(v.port, Some(5070));
@@ -175,7 +196,10 @@ mod tests {
         let e = "SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKa;rport";
         let v = ViaInfo::parse(e).unwrap();
         let stamped = stamp_received(e, &v, src).unwrap();
-        assert_eq!(stamped, "SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKa;rport=40000;received=198.51.100.9");
+        assert_eq!(
+            stamped,
+            "SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKa;rport=40000;received=198.51.100.9"
+        );
         let sv = ViaInfo::parse(&stamped).unwrap();
         assert_eq!(sv.response_target(), Dest::Addr(src));
 
@@ -197,16 +221,23 @@ mod tests {
     #[test]
     fn branch_is_deterministic_and_verifiable() {
         let k = keys();
-        let prev = ViaInfo::parse("SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKx;rport=5;received=1.2.3.4").unwrap();
+        let prev = ViaInfo::parse("SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKx;rport=5;received=1.2.3.4")
+            .unwrap();
         let b1 = branch(&k, &prev, "call-1", 7);
         assert!(b1.starts_with("z9hG4bK"));
-        assert_eq!(b1, branch(&k, &prev, "call-1", 7), "retransmission and CANCEL match");
+        assert_eq!(
+            b1,
+            branch(&k, &prev, "call-1", 7),
+            "retransmission and CANCEL match"
+        );
         assert_ne!(b1, branch(&k, &prev, "call-1", 8));
         assert_ne!(b1, branch(&k, &prev, "call-2", 7));
         assert!(verify_branch(&k, &b1, &prev, "call-1", 7));
 
         // A response whose next Via was rewritten to reflect elsewhere does not verify.
-        let forged = ViaInfo::parse("SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKx;rport=5;received=192.0.2.66").unwrap();
+        let forged =
+            ViaInfo::parse("SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKx;rport=5;received=192.0.2.66")
+                .unwrap();
         assert!(!verify_branch(&k, &b1, &forged, "call-1", 7));
         assert!(!verify_branch(&k, "z9hG4bKother", &prev, "call-1", 7));
         let other = FlowKeys::new(["another-cluster-secret"]).unwrap();

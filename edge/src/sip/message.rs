@@ -125,12 +125,24 @@ impl<'a> Message<'a> {
                 // The URI sits between the two spaces of the request line.
                 let line_end = head.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
                 let line = &head[..line_end];
-                let a = line.iter().position(|&b| b == b' ').ok_or(ParseError::Syntax)?;
-                let b = line.iter().rposition(|&b| b == b' ').ok_or(ParseError::Syntax)?;
+                let a = line
+                    .iter()
+                    .position(|&b| b == b' ')
+                    .ok_or(ParseError::Syntax)?;
+                let b = line
+                    .iter()
+                    .rposition(|&b| b == b' ')
+                    .ok_or(ParseError::Syntax)?;
                 if b <= a + 1 {
                     return Err(ParseError::Syntax);
                 }
-                (StartLine::Request { method, uri: a + 1..b }, r.headers)
+                (
+                    StartLine::Request {
+                        method,
+                        uri: a + 1..b,
+                    },
+                    r.headers,
+                )
             }
             Tokenizer::Response(r) => {
                 let code = std::str::from_utf8(r.status_code.code)
@@ -213,7 +225,12 @@ impl<'a> Message<'a> {
     /// `(header index, absolute byte range of the element)`.
     pub fn elements(&self, name: HeaderName) -> Vec<(usize, Range<usize>)> {
         let mut out = Vec::new();
-        for (i, h) in self.headers.iter().enumerate().filter(|(_, h)| h.name == name) {
+        for (i, h) in self
+            .headers
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.name == name)
+        {
             let v = self.text(h.value.clone());
             for r in super::split_list(v) {
                 out.push((i, h.value.start + r.start..h.value.start + r.end));
@@ -242,10 +259,10 @@ impl<'a> Message<'a> {
     }
 
     /// The declared Content-Length, `Ok(None)` when absent, `Err` when unreadable.
-    pub fn content_length(&self) -> Result<Option<usize>, ()> {
+    pub fn content_length(&self) -> Result<Option<usize>, ParseError> {
         match self.header(HeaderName::ContentLength) {
             None => Ok(None),
-            Some(v) => v.trim().parse().map(Some).map_err(|_| ()),
+            Some(v) => v.trim().parse().map(Some).map_err(|_| ParseError::Syntax),
         }
     }
 }
@@ -284,7 +301,10 @@ abcd";
         assert_eq!(vias[0], "SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK776;rport");
         assert_eq!(vias[2], "SIP/2.0/TCP 10.0.0.8;branch=z9hG4bK2");
         let first = &m.headers[0];
-        assert_eq!(&INVITE[first.line.clone()], "v: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK776;rport\r\n");
+        assert_eq!(
+            &INVITE[first.line.clone()],
+            "v: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK776;rport\r\n"
+        );
         let last = m.headers.last().unwrap();
         assert_eq!(&INVITE[last.line.clone()], "Content-Length: 4\r\n");
     }
@@ -312,7 +332,11 @@ abcd";
             b"INVITE sip:a@b SIP/2.0\r\nSubject: \xff\xfe\r\n\r\n",
         ];
         for c in cases {
-            assert!(Message::parse(c).is_err(), "accepted {:?}", String::from_utf8_lossy(c));
+            assert!(
+                Message::parse(c).is_err(),
+                "accepted {:?}",
+                String::from_utf8_lossy(c)
+            );
         }
     }
 }

@@ -71,7 +71,9 @@ mod tests {
         );
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("SIP/2.0 483 Too Many Hops\r\n"));
-        assert!(text.contains("Via: SIP/2.0/UDP a;branch=z9hG4bK1;rport=5;received=1.2.3.4\r\nVia: SIP/2.0/UDP b\r\n"));
+        assert!(text.contains(
+            "Via: SIP/2.0/UDP a;branch=z9hG4bK1;rport=5;received=1.2.3.4\r\nVia: SIP/2.0/UDP b\r\n"
+        ));
         assert!(text.contains("To: <sip:x>;tag=t1\r\n"));
         assert!(text.contains("CSeq: 7 OPTIONS\r\n"));
         assert!(text.contains("Retry-After: 5\r\n"));

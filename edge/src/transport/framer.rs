@@ -116,7 +116,9 @@ fn looks_like_sip_start(buf: &[u8]) -> bool {
 fn content_length(head: &[u8]) -> Result<usize, FrameError> {
     for line in head.split(|&b| b == b'\n').skip(1) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
         let name = line[..colon].trim_ascii();
         if name.eq_ignore_ascii_case(b"content-length") || name.eq_ignore_ascii_case(b"l") {
             let v = std::str::from_utf8(line[colon + 1..].trim_ascii())
@@ -144,7 +146,13 @@ mod tests {
                 got.push(fr);
             }
         }
-        assert_eq!(got, vec![Frame::Message(Bytes::from_static(MSG)), Frame::Message(Bytes::from_static(MSG))]);
+        assert_eq!(
+            got,
+            vec![
+                Frame::Message(Bytes::from_static(MSG)),
+                Frame::Message(Bytes::from_static(MSG))
+            ]
+        );
         assert!(!f.has_partial());
     }
 
@@ -174,7 +182,11 @@ mod tests {
     fn garbage_and_missing_length_are_errors() {
         let mut f = Framer::new(4096);
         f.push(&[0x16, 0x03, 0x01, 0x00, 0xa5, 0x01]);
-        assert_eq!(f.next_frame(), Err(FrameError::Garbage), "a TLS ClientHello is not SIP");
+        assert_eq!(
+            f.next_frame(),
+            Err(FrameError::Garbage),
+            "a TLS ClientHello is not SIP"
+        );
 
         let mut f = Framer::new(4096);
         f.push(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");

@@ -35,7 +35,12 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(cfg: config::Tcp, metrics: Arc<Metrics>, tracker: TaskTracker, stop: CancellationToken) -> Registry {
+    pub fn new(
+        cfg: config::Tcp,
+        metrics: Arc<Metrics>,
+        tracker: TaskTracker,
+        stop: CancellationToken,
+    ) -> Registry {
         Registry {
             conns: Mutex::new(HashMap::new()),
             per_source: Mutex::new(HashMap::new()),
@@ -48,13 +53,27 @@ impl Registry {
     }
 
     fn closed(&self, reason: &'static str) {
-        self.metrics.tcp_refused.get_or_create(&ReasonLabels { reason }).inc();
+        self.metrics
+            .tcp_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// Queues `bytes` for `addr` on its live connection, or opens one. `false` when it cannot be
     /// queued at all.
-    pub fn send(&self, d: &Arc<Dispatcher>, addr: SocketAddr, listener: usize, bytes: Bytes) -> bool {
-        let existing = self.conns.lock().expect("registry lock").get(&addr).cloned();
+    pub fn send(
+        &self,
+        d: &Arc<Dispatcher>,
+        addr: SocketAddr,
+        listener: usize,
+        bytes: Bytes,
+    ) -> bool {
+        let existing = self
+            .conns
+            .lock()
+            .expect("registry lock")
+            .get(&addr)
+            .cloned();
         if let Some(tx) = existing {
             return tx.try_send(bytes).is_ok();
         }
@@ -82,7 +101,12 @@ impl Registry {
 }
 
 /// Accepts connections on `listener` until `stop`.
-pub async fn accept_loop(listener: TcpListener, idx: usize, d: Arc<Dispatcher>, stop: CancellationToken) {
+pub async fn accept_loop(
+    listener: TcpListener,
+    idx: usize,
+    d: Arc<Dispatcher>,
+    stop: CancellationToken,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -108,7 +132,8 @@ pub async fn accept_loop(listener: TcpListener, idx: usize, d: Arc<Dispatcher>, 
         }
         let _ = stream.set_nodelay(true);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-        reg.tracker.spawn(run(stream, peer, idx, d.clone(), permit, tx, rx, true));
+        reg.tracker
+            .spawn(run(stream, peer, idx, d.clone(), permit, tx, rx, true));
     }
 }
 
@@ -125,7 +150,10 @@ async fn run(
     inbound: bool,
 ) {
     let reg = d.tcp.clone();
-    reg.conns.lock().expect("registry lock").insert(peer, tx.clone());
+    reg.conns
+        .lock()
+        .expect("registry lock")
+        .insert(peer, tx.clone());
     d.metrics.tcp_connections.inc();
     let (mut rd, mut wr) = stream.into_split();
     let writer = reg.tracker.spawn(async move {
@@ -143,7 +171,11 @@ async fn run(
     let idle_timeout = Duration::from_millis(reg.cfg.idle_timeout_ms);
     let reply = ReplyPath::Stream(tx.clone());
     'conn: loop {
-        let wait = if framer.has_partial() { header_timeout } else { idle_timeout };
+        let wait = if framer.has_partial() {
+            header_timeout
+        } else {
+            idle_timeout
+        };
         let n = tokio::select! {
             _ = reg.stop.cancelled() => break,
             r = tokio::time::timeout(wait, rd.read(&mut chunk)) => match r {
@@ -172,7 +204,10 @@ async fn run(
                     d.dispatch(inb, &reply).await;
                 }
                 Err(e) => {
-                    if matches!(e, FrameError::MissingContentLength | FrameError::BadContentLength) {
+                    if matches!(
+                        e,
+                        FrameError::MissingContentLength | FrameError::BadContentLength
+                    ) {
                         if let Some(r) = framer
                             .pending_head()
                             .and_then(|h| crate::proxy::bad_request_reply(h, &e.to_string()))
