@@ -1,1 +1,409 @@
-//! End-to-end test helpers.
+//! The end-to-end rig: start the real `sipwarden-edge` binary and real SIP peers (SIPp) on
+//! loopback, wait for them on readiness (bound sockets, `/readyz`), and kill them on drop.
+//!
+//! A missing tool is a failure that names the Debian package to install, never a silent skip.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workspace root (where `Cargo.toml` and `target/` are).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_path_buf()
+}
+
+/// The SIPp scenario files shipped in `tests/scenarios`.
+pub fn scenario(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scenarios")
+        .join(name)
+}
+
+/// A built binary of this workspace, from the same profile as the running test.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    // The test executable lives in target/<profile>/deps/; binaries one level up.
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first (the README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
+/// The path of `tool`, or a panic that names the Debian package providing it.
+pub fn require_tool(tool: &str, package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin")]) {
+        let p = dir.join(tool);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("`{tool}` is not installed: install the Debian package `{package}` (apt-get install {package}); the README's test command does this");
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Proc {
+    pub child: std::process::Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            child,
+            name: name.into(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (e.g. `TERM`, `KILL`) with the `kill` command.
+    pub fn signal(&self, signal: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status();
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port free for both UDP and TCP on `ip` right now.
+pub fn free_port(ip: &str) -> u16 {
+    for _ in 0..100 {
+        let u = UdpSocket::bind((ip, 0)).expect("bind udp");
+        let port = u.local_addr().expect("addr").port();
+        if std::net::TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on {ip}");
+}
+
+/// Polls `cond` every 20 ms until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether some process has bound `port` on UDP (`udp`) or listens on TCP (`tcp`), from /proc.
+pub fn port_bound(proto: &str, port: u16) -> bool {
+    let hex = format!(":{port:04X}");
+    ["", "6"].iter().any(|v| {
+        std::fs::read_to_string(format!("/proc/net/{proto}{v}")).is_ok_and(|t| {
+            t.lines().skip(1).any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 3 && f[1].ends_with(&hex) && (proto == "udp" || f[3] == "0A")
+            })
+        })
+    })
+}
+
+/// A plain HTTP/1.1 GET; `(status, body)`.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// The value of a metric sample line that starts with `prefix` (name and labels), if present.
+pub fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A running `sipwarden-edge` with its own directory and ports.
+pub struct EdgeProc {
+    pub proc: Proc,
+    pub dir: tempfile::TempDir,
+    pub ip: String,
+    pub sip_port: u16,
+    pub http: SocketAddr,
+}
+
+impl EdgeProc {
+    /// Starts an edge on `ip` (UDP and TCP on one free port) with `extra` TOML appended (backends,
+    /// health, …) and waits until `/readyz` answers 200.
+    pub fn start(ip: &str, extra: &str) -> EdgeProc {
+        Self::start_with_env(ip, extra, &[])
+    }
+
+    /// As [`EdgeProc::start`], with `SIPWARDEN_*` overrides in the environment.
+    pub fn start_with_env(ip: &str, extra: &str, env: &[(&str, &str)]) -> EdgeProc {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sip_port = free_port(ip);
+        let http_port = free_port("127.0.0.1");
+        let toml = format!(
+            r#"[edge]
+id = "edge-test"
+data_dir = "{data}"
+
+[[listeners]]
+transport = "udp"
+address = "{ip}:{sip_port}"
+
+[[listeners]]
+transport = "tcp"
+address = "{ip}:{sip_port}"
+
+[udp]
+sockets = 2
+
+[http]
+listen = "127.0.0.1:{http_port}"
+
+[shutdown]
+grace_ms = 2000
+
+{extra}
+"#,
+            data = dir.path().join("data").display()
+        );
+        let cfg = dir.path().join("edge.toml");
+        std::fs::write(&cfg, toml).expect("write config");
+        let log = std::fs::File::create(dir.path().join("edge.log")).expect("log file");
+        let proc = Proc::spawn(
+            "sipwarden-edge",
+            Command::new(workspace_bin("sipwarden-edge"))
+                .arg("--config")
+                .arg(&cfg)
+                .env("RUST_LOG", "info,sipwarden_edge=debug")
+                .envs(env.iter().copied())
+                .stdout(log.try_clone().expect("dup"))
+                .stderr(log),
+        );
+        let http: SocketAddr = format!("127.0.0.1:{http_port}").parse().expect("addr");
+        let mut edge = EdgeProc {
+            proc,
+            dir,
+            ip: ip.into(),
+            sip_port,
+            http,
+        };
+        let ready = wait_until(Duration::from_secs(15), || {
+            http_get(http, "/readyz").is_some_and(|(s, _)| s == 200)
+        });
+        if !ready {
+            panic!("edge did not become ready; log:\n{}", edge.log());
+        }
+        assert!(edge.proc.child.try_wait().expect("wait").is_none());
+        edge
+    }
+
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.ip, self.sip_port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("edge.log")).unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.http, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+}
+
+/// SIPp's transport flag for `udp` / `tcp`.
+fn sipp_transport(t: &str) -> &'static str {
+    match t {
+        "tcp" => "t1",
+        _ => "u1",
+    }
+}
+
+/// A SIPp process in server mode (a PBX), with its message trace in `dir`.
+pub struct SippServer {
+    pub proc: Proc,
+    pub trace: PathBuf,
+    pub port: u16,
+}
+
+impl SippServer {
+    /// Starts `scenario` listening on `ip:port` over `transport` and waits until it is bound.
+    pub fn start(
+        dir: &Path,
+        scenario_name: &str,
+        ip: &str,
+        port: u16,
+        transport: &str,
+    ) -> SippServer {
+        let sipp = require_tool("sipp", "sip-tester");
+        let trace = dir.join(format!("pbx-{port}-msg.log"));
+        let proc = Proc::spawn(
+            "sipp server",
+            Command::new(sipp)
+                .current_dir(dir)
+                .arg("-sf")
+                .arg(scenario(scenario_name))
+                .args([
+                    "-i",
+                    ip,
+                    "-p",
+                    &port.to_string(),
+                    "-t",
+                    sipp_transport(transport),
+                ])
+                .args(["-nostdin", "-trace_msg", "-message_file"])
+                .arg(&trace)
+                .args(["-trace_err", "-error_file"])
+                .arg(dir.join(format!("pbx-{port}-err.log")))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        let proto = if transport == "tcp" { "tcp" } else { "udp" };
+        assert!(
+            wait_until(Duration::from_secs(10), || port_bound(proto, port)),
+            "SIPp server did not bind {proto} port {port}"
+        );
+        SippServer { proc, trace, port }
+    }
+
+    /// Every message this server received so far, as SIPp traced them.
+    pub fn received_messages(&self) -> Vec<String> {
+        received_blocks(&std::fs::read_to_string(&self.trace).unwrap_or_default())
+    }
+
+    /// How many requests of `method` this server has received so far.
+    pub fn received(&self, method: &str) -> usize {
+        let start = format!("{method} sip:");
+        self.received_messages()
+            .iter()
+            .filter(|m| m.starts_with(&start))
+            .count()
+    }
+}
+
+/// The received messages in a SIPp `-trace_msg` file (sent ones are left out).
+pub fn received_blocks(trace: &str) -> Vec<String> {
+    trace
+        .split("----------------------------------------------- ")
+        .filter_map(|block| {
+            let (head, msg) = block.split_once(" bytes :\n\n")?;
+            head.contains("message received")
+                .then(|| msg.trim_start().to_string())
+        })
+        .collect()
+}
+
+/// The result of one SIPp client run.
+#[derive(Debug)]
+pub struct SippRun {
+    pub success: bool,
+    pub errors: String,
+    pub messages: String,
+}
+
+/// Runs SIPp as a client: `calls` calls of `scenario` from `ip:port` to `target`, at most
+/// `limit` wall time. Success means every call completed (SIPp exit status 0).
+#[allow(clippy::too_many_arguments)]
+pub fn sipp_client(
+    dir: &Path,
+    scenario_name: &str,
+    ip: &str,
+    port: u16,
+    transport: &str,
+    target: &str,
+    service: &str,
+    calls: u32,
+    limit: Duration,
+) -> SippRun {
+    let sipp = require_tool("sipp", "sip-tester");
+    let tag = format!("{scenario_name}-{port}");
+    let err = dir.join(format!("{tag}-err.log"));
+    let msg = dir.join(format!("{tag}-msg.log"));
+    let _ = std::fs::remove_file(&err);
+    let mut proc = Proc::spawn(
+        "sipp client",
+        Command::new(sipp)
+            .current_dir(dir)
+            .arg(target)
+            .arg("-sf")
+            .arg(scenario(scenario_name))
+            .args([
+                "-i",
+                ip,
+                "-p",
+                &port.to_string(),
+                "-t",
+                sipp_transport(transport),
+            ])
+            .args(["-s", service, "-m", &calls.to_string(), "-r", "20"])
+            .args([
+                "-recv_timeout",
+                "4000",
+                "-timeout",
+                &format!("{}s", limit.as_secs().max(1)),
+            ])
+            .args(["-timeout_error", "-nostdin", "-trace_err", "-error_file"])
+            .arg(&err)
+            .args(["-trace_msg", "-message_file"])
+            .arg(&msg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let status = proc.wait_exit(limit + Duration::from_secs(5));
+    SippRun {
+        success: status.is_some_and(|s| s.success()),
+        errors: std::fs::read_to_string(&err).unwrap_or_default(),
+        messages: std::fs::read_to_string(&msg).unwrap_or_default(),
+    }
+}

@@ -1,0 +1,242 @@
+//! The edge under bad input and at its limits: malformed datagrams and streams, TCP connection
+//! limits and slowloris timeouts, `--check-config`, and a graceful SIGTERM.
+
+use sipwarden_tests::*;
+use std::io::{Read, Write};
+use std::net::{TcpStream, UdpSocket};
+use std::process::Command;
+use std::time::Duration;
+
+const EDGE_IP: &str = "127.0.0.1";
+
+/// A backend nobody answers: the edge starts ready (backends start up) and the tests here never
+/// need a PBX to answer.
+fn quiet_backend() -> String {
+    let port = free_port("127.0.0.1");
+    format!("[[backends]]\naddress = \"127.0.0.1:{port}\"\n[health]\ninterval_ms = 60000\ntimeout_ms = 50000\nfall = 5\n")
+}
+
+fn answer(sock: &UdpSocket) -> Option<String> {
+    let mut buf = [0u8; 65536];
+    sock.set_read_timeout(Some(Duration::from_millis(700)))
+        .unwrap();
+    let (n, _) = sock.recv_from(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+const HEADERS: &str = "Via: SIP/2.0/UDP 127.0.0.30:5999;branch=z9hG4bKbad\r\nFrom: <sip:a@x>;tag=1\r\nTo: <sip:b@x>\r\nCall-ID: bad-1\r\n";
+
+#[test]
+fn malformed_datagrams_get_400_or_silence_and_the_edge_stays_up() {
+    // The datagram limit comes from the environment, as an operator would override it.
+    let edge = EdgeProc::start_with_env(
+        EDGE_IP,
+        &quiet_backend(),
+        &[("SIPWARDEN_UDP__MAX_DATAGRAM", "8192")],
+    );
+    let client = UdpSocket::bind("127.0.0.30:0").unwrap();
+    let huge = format!("OPTIONS sip:x SIP/2.0\r\n{HEADERS}CSeq: 1 OPTIONS\r\nX-Pad: {}\r\nContent-Length: 0\r\n\r\n", "a".repeat(9_000));
+    let cases: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
+        ("binary garbage", vec![0x00, 0xff, 0x13, 0x37, 0x80, 0x81], None),
+        ("truncated request line", b"INVITE sip:b@x".to_vec(), None),
+        ("no blank line", format!("INVITE sip:b@x SIP/2.0\r\n{HEADERS}").into_bytes(), None),
+        ("response nobody asked for", b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 10.9.9.9:5060;branch=z9hG4bKx\r\nCall-ID: q\r\nCSeq: 1 INVITE\r\n\r\n".to_vec(), None),
+        ("missing CSeq", format!("INVITE sip:b@x SIP/2.0\r\n{HEADERS}Content-Length: 0\r\n\r\n").into_bytes(), Some("SIP/2.0 400 ")),
+        ("CSeq method mismatch", format!("INVITE sip:b@x SIP/2.0\r\n{HEADERS}CSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n").into_bytes(), Some("SIP/2.0 400 ")),
+        ("Content-Length beyond body", format!("INVITE sip:b@x SIP/2.0\r\n{HEADERS}CSeq: 1 INVITE\r\nContent-Length: 500\r\n\r\nv=0").into_bytes(), Some("SIP/2.0 400 ")),
+        ("bad Content-Length", format!("INVITE sip:b@x SIP/2.0\r\n{HEADERS}CSeq: 1 INVITE\r\nContent-Length: abc\r\n\r\n").into_bytes(), Some("SIP/2.0 400 ")),
+        ("broken header line", format!("INVITE sip:b@x SIP/2.0\r\n{HEADERS}CSeq: 1 INVITE\r\nthis is not a header\r\n\r\n").into_bytes(), Some("SIP/2.0 400 ")),
+        ("Max-Forwards 0", format!("OPTIONS sip:b@x SIP/2.0\r\n{HEADERS}CSeq: 1 OPTIONS\r\nMax-Forwards: 0\r\nContent-Length: 0\r\n\r\n").into_bytes(), Some("SIP/2.0 483 ")),
+        ("oversized datagram", huge.into_bytes(), None),
+    ];
+    for (name, bytes, expect) in &cases {
+        client.send_to(bytes, edge.addr()).unwrap();
+        let got = answer(&client);
+        match expect {
+            Some(prefix) => {
+                let got = got.unwrap_or_else(|| panic!("{name}: no answer"));
+                assert!(got.starts_with(prefix), "{name}: {got}");
+                assert!(
+                    got.contains("Call-ID: bad-1"),
+                    "{name}: answer matches the request: {got}"
+                );
+            }
+            None => assert!(got.is_none(), "{name}: unexpected answer {got:?}"),
+        }
+    }
+    assert_eq!(
+        http_get(edge.http, "/healthz").map(|r| r.0),
+        Some(200),
+        "the edge is still up"
+    );
+    let m = edge.metrics();
+    let malformed: f64 = m
+        .lines()
+        .filter(|l| {
+            l.starts_with("sipwarden_edge_messages_total") && l.contains(r#"outcome="malformed""#)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(malformed >= 4.0, "malformed input is counted: {m}");
+    assert!(edge.log().contains("malformed"), "and logged");
+}
+
+fn read_all(s: &mut TcpStream, limit: Duration) -> (String, bool) {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (String::from_utf8_lossy(&out).into_owned(), true),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&out).into_owned(), false),
+        }
+    }
+}
+
+#[test]
+fn tcp_framing_errors_close_the_connection() {
+    let extra = quiet_backend()
+        + "[tcp]\nmax_message_size = 4096\nheader_timeout_ms = 400\nmax_per_source = 3\n";
+    let edge = EdgeProc::start(EDGE_IP, &extra);
+
+    // Missing Content-Length on a stream: 400, then closed.
+    let mut s = TcpStream::connect(edge.addr()).unwrap();
+    write!(
+        s,
+        "OPTIONS sip:b@x SIP/2.0\r\n{HEADERS}CSeq: 1 OPTIONS\r\n\r\n"
+    )
+    .unwrap();
+    let (got, closed) = read_all(&mut s, Duration::from_secs(3));
+    assert!(
+        got.starts_with("SIP/2.0 400 ") && closed,
+        "{got:?} closed={closed}"
+    );
+
+    // Oversized and garbage: closed without an answer.
+    for bytes in [
+        format!(
+            "INVITE sip:b@x SIP/2.0\r\n{HEADERS}CSeq: 1 INVITE\r\nContent-Length: 100000\r\n\r\n"
+        )
+        .into_bytes(),
+        vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00],
+    ] {
+        let mut s = TcpStream::connect(edge.addr()).unwrap();
+        s.write_all(&bytes).unwrap();
+        let (got, closed) = read_all(&mut s, Duration::from_secs(3));
+        assert!(got.is_empty() && closed, "{got:?} closed={closed}");
+    }
+
+    // Slowloris: half a header section, then nothing — closed after the header timeout.
+    let mut s = TcpStream::connect(edge.addr()).unwrap();
+    write!(s, "INVITE sip:b@x SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1").unwrap();
+    let (_, closed) = read_all(&mut s, Duration::from_secs(3));
+    assert!(closed, "slow header section closed by the edge");
+
+    // Keep-alive ping gets a pong and the connection stays.
+    let mut s = TcpStream::connect(edge.addr()).unwrap();
+    s.write_all(b"\r\n\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut pong = [0u8; 2];
+    s.read_exact(&mut pong).unwrap();
+    assert_eq!(&pong, b"\r\n");
+    drop(s);
+    assert!(wait_until(Duration::from_secs(3), || edge
+        .metrics()
+        .contains("sipwarden_edge_tcp_connections 0")));
+
+    // Per-source limit: three open connections from one address, the fourth is closed at once.
+    let held: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(edge.addr()).unwrap())
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(3), || edge
+            .metrics()
+            .contains("sipwarden_edge_tcp_connections 3")),
+        "{}",
+        edge.metrics()
+    );
+    let mut extra_conn = TcpStream::connect(edge.addr()).unwrap();
+    let (_, closed) = read_all(&mut extra_conn, Duration::from_secs(3));
+    assert!(closed, "the connection over the per-source limit is closed");
+    let m = edge.metrics();
+    for reason in [
+        "bad_framing",
+        "too_large",
+        "garbage",
+        "header_timeout",
+        "per_source_limit",
+    ] {
+        assert!(
+            m.contains(&format!(
+                r#"sipwarden_edge_tcp_closed_total{{reason="{reason}"}}"#
+            )),
+            "{reason} counted: {m}"
+        );
+    }
+    drop(held);
+    assert_eq!(http_get(edge.http, "/healthz").map(|r| r.0), Some(200));
+}
+
+#[test]
+fn check_config_validates_and_names_the_bad_key() {
+    let bin = workspace_bin("sipwarden-edge");
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[[backends]]\naddress = \"127.0.0.1:5080\"\n").unwrap();
+    let out = Command::new(&bin)
+        .arg("--config")
+        .arg(&good)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[health]\ninterval_ms = 100\ntimeout_ms = 500\n").unwrap();
+    let out = Command::new(&bin)
+        .arg("--config")
+        .arg(&bad)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("health.timeout_ms"));
+
+    let out = Command::new(&bin)
+        .arg("--config")
+        .arg(&good)
+        .arg("--check-config")
+        .env("SIPWARDEN_TCP__MAX_PER_SOURCE", "0")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "environment overrides are validated too"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_per_source"));
+}
+
+#[test]
+fn sigterm_drains_and_exits_cleanly() {
+    let mut edge = EdgeProc::start(EDGE_IP, &quiet_backend());
+    let mut conn = TcpStream::connect(edge.addr()).unwrap();
+    assert!(wait_until(Duration::from_secs(3), || edge
+        .metrics()
+        .contains("sipwarden_edge_tcp_connections 1")));
+    edge.proc.signal("TERM");
+    let status = edge
+        .proc
+        .wait_exit(Duration::from_secs(5))
+        .expect("exited within the grace period");
+    assert!(status.success(), "{status:?}");
+    let (_, closed) = read_all(&mut conn, Duration::from_secs(2));
+    assert!(closed, "open connections are closed on shutdown");
+    let log = edge.log();
+    assert!(log.contains("draining") && log.contains("stopped"), "{log}");
+}
