@@ -414,3 +414,21 @@ priority = 2
         assert!(!format!("{c:?}").contains("super-secret"));
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_is_valid_and_equals_the_defaults() {
+        let text = include_str!("../edge.example.toml");
+        let env = std::collections::BTreeMap::new();
+        let c = EdgeConfig::load(Some(("edge.example.toml", text)), &env).unwrap();
+        let d = EdgeConfig::default();
+        assert_eq!(c.listeners, d.listeners);
+        assert_eq!(c.backends, d.backends);
+        assert_eq!(c.tcp, d.tcp);
+        assert_eq!(c.health, d.health);
+        assert_eq!(c.http, d.http);
+    }
+}

@@ -170,6 +170,9 @@ impl Edge {
 
         for (l, a) in cfg.listeners.iter().zip(&bound) {
             info!(transport = %l.transport, addr = %a, side = ?l.side, "SIP listener bound");
+            if a.ip().is_unspecified() && l.advertise.is_none() {
+                warn!(addr = %a, "listener on an unspecified address without `advertise`: Via, Record-Route and Path will say 127.0.0.1, right only when phones and PBX share this host");
+            }
         }
         info!(addr = %http_addr, edge = %cfg.edge.id, "edge started (standalone)");
         Ok(Edge {
