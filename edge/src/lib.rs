@@ -12,10 +12,16 @@
 //! until a cancellation token fires and then drains within the configured grace period.
 
 pub mod backend;
+pub mod bans;
+pub mod clock;
 pub mod config;
+pub mod filters;
 pub mod flow;
 pub mod http;
 pub mod metrics;
+pub mod netset;
+pub mod pipeline;
+pub mod policy;
 pub mod proxy;
 pub mod sip;
 pub mod transport;

@@ -32,6 +32,16 @@ pub struct TransportLabels {
     pub transport: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SecurityLabels {
+    /// The rule that fired (`scanner`, `flood`, `tollfraud.prefix`, …).
+    pub rule: &'static str,
+    /// `alert`, `reject`, `drop` or `ban`.
+    pub action: &'static str,
+    /// `true` when the rule is in dry-run and the action was not taken.
+    pub dry_run: &'static str,
+}
+
 /// Every metric the edge exports.
 pub struct Metrics {
     registry: Registry,
@@ -40,6 +50,10 @@ pub struct Metrics {
     pub tcp_connections: Gauge,
     pub tcp_refused: Family<ReasonLabels, Counter>,
     pub send_errors: Family<TransportLabels, Counter>,
+    pub security_events: Family<SecurityLabels, Counter>,
+    pub bans_active: Gauge,
+    pub registrations_active: Gauge,
+    pub policy_reloads: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -75,8 +89,36 @@ impl Default for Metrics {
             "Messages that could not be sent, by transport",
             send_errors.clone(),
         );
+        let security_events = Family::<SecurityLabels, Counter>::default();
+        registry.register(
+            "security_events",
+            "Non-allow verdicts of the threat pipeline, by rule, action and dry-run",
+            security_events.clone(),
+        );
+        let bans_active = Gauge::default();
+        registry.register(
+            "bans_active",
+            "Networks in the ban set in force",
+            bans_active.clone(),
+        );
+        let registrations_active = Gauge::default();
+        registry.register(
+            "registrations_active",
+            "Source addresses with a live registration through this edge",
+            registrations_active.clone(),
+        );
+        let policy_reloads = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "policy_reloads",
+            "Policy reload attempts, by result (`ok` or `error`)",
+            policy_reloads.clone(),
+        );
         Metrics {
             registry,
+            security_events,
+            bans_active,
+            registrations_active,
+            policy_reloads,
             messages,
             backend_up,
             tcp_connections,

@@ -1,10 +1,11 @@
 //! SIP message handling for a stateless proxy: an index of a message's header lines over its raw
-//! bytes ([`message`]), byte splicing to forward it ([`edit`]), and locally generated replies
-//! ([`reply`]).
+//! bytes ([`message`]), byte splicing to forward it ([`edit`]), locally generated replies
+//! ([`reply`]) and request sanity checks ([`sanity`]).
 
 pub mod edit;
 pub mod message;
 pub mod reply;
+pub mod sanity;
 
 pub use edit::Edit;
 pub use message::{HeaderName, Message, ParseError, StartLine};

@@ -2,6 +2,10 @@
 //! loopback, wait for them on readiness (bound sockets, `/readyz`), and kill them on drop.
 //!
 //! A missing tool is a failure that names the Debian package to install, never a silent skip.
+//!
+//! [`mmdb`] writes small MaxMind databases for GeoIP tests.
+
+pub mod mmdb;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};

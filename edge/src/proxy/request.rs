@@ -38,34 +38,10 @@ fn refusal(code: u16, reason: impl Into<String>) -> Refusal {
 
 fn route(p: &Proxy, m: &Message<'_>, inb: &Inbound<'_>, side: Side) -> Result<Decision, Refusal> {
     let method = m.method().unwrap_or_default();
-    for (h, name) in [
-        (HeaderName::Via, "Via"),
-        (HeaderName::From, "From"),
-        (HeaderName::To, "To"),
-        (HeaderName::CallId, "Call-ID"),
-        (HeaderName::CSeq, "CSeq"),
-    ] {
-        if m.header(h).is_none() {
-            return Err(refusal(400, format!("Missing {name}")));
-        }
-    }
-    let (cseq, cseq_method) = m.cseq().ok_or_else(|| refusal(400, "Bad CSeq"))?;
-    if cseq_method != method {
-        return Err(refusal(400, "CSeq method does not match"));
-    }
-    match m.content_length() {
-        Err(_) => return Err(refusal(400, "Bad Content-Length")),
-        Ok(Some(n)) if n > m.body().len() => {
-            return Err(refusal(400, "Content-Length exceeds body"))
-        }
-        _ => {}
-    }
+    crate::sip::sanity::check_request(m, u32::MAX).map_err(|e| refusal(e.code, e.reason))?;
+    let (cseq, _) = m.cseq().ok_or_else(|| refusal(400, "Bad CSeq"))?;
     let call_id = m.call_id().unwrap_or_default();
     let ruri = m.request_uri().unwrap_or_default();
-    let scheme = ruri.split(':').next().unwrap_or("");
-    if !scheme.eq_ignore_ascii_case("sip") && !scheme.eq_ignore_ascii_case("sips") {
-        return Err(refusal(416, "Unsupported URI Scheme"));
-    }
 
     let vias = m.elements(HeaderName::Via);
     let (_, top_range) = vias[0].clone();
@@ -77,17 +53,10 @@ fn route(p: &Proxy, m: &Message<'_>, inb: &Inbound<'_>, side: Side) -> Result<De
         None => top.clone(),
     };
 
-    let max_forwards = match m.header(HeaderName::MaxForwards) {
-        None => None,
-        Some(v) => Some(
-            v.trim()
-                .parse::<u32>()
-                .map_err(|_| refusal(400, "Bad Max-Forwards"))?,
-        ),
-    };
-    if max_forwards == Some(0) {
-        return Err(refusal(483, "Too Many Hops"));
-    }
+    // Checked above: absent or a number above zero.
+    let max_forwards = m
+        .header(HeaderName::MaxForwards)
+        .and_then(|v| v.trim().parse::<u32>().ok());
 
     // Route: pop every leading entry that names this edge, keeping the flow token if one is there.
     let routes = m.elements(HeaderName::Route);
@@ -168,11 +137,20 @@ fn route(p: &Proxy, m: &Message<'_>, inb: &Inbound<'_>, side: Side) -> Result<De
     let mut top_lines = String::with_capacity(256);
     let _ = write!(
         top_lines,
-        "Via: SIP/2.0/{} {};branch={}\r\n",
+        "Via: SIP/2.0/{} {};branch={}",
         out_transport.via_token(),
         out.advertise,
         via::branch(&p.keys, &prev, call_id, cseq)
     );
+    // Marks requests that carried credentials, so the brute-force rule can tell a wrong password
+    // from a first challenge when the PBX's answer comes back through this Via.
+    if m.header(HeaderName::Authorization).is_some()
+        || m.header(HeaderName::ProxyAuthorization).is_some()
+    {
+        top_lines.push(';');
+        top_lines.push_str(via::CREDENTIALS_PARAM);
+    }
+    top_lines.push_str("\r\n");
 
     let initial = header_param(m.header(HeaderName::To).unwrap_or(""), "tag").is_none();
     let dialog_creating = matches!(method, "INVITE" | "SUBSCRIBE" | "REFER" | "NOTIFY");

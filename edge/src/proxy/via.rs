@@ -11,6 +11,8 @@ use std::net::{IpAddr, SocketAddr};
 
 /// RFC 3261 magic cookie, then our own marker.
 pub const BRANCH_PREFIX: &str = "z9hG4bKsw";
+/// Via parameter the edge adds to its own Via when the request carried credentials.
+pub const CREDENTIALS_PARAM: &str = "swc";
 const BRANCH_MAC_BYTES: usize = 15;
 
 /// The parts of a Via element the proxy uses.

@@ -34,6 +34,8 @@ pub enum HeaderName {
     Path,
     UserAgent,
     Expires,
+    Authorization,
+    ProxyAuthorization,
     Other,
 }
 
@@ -60,6 +62,8 @@ impl HeaderName {
             ("path", Path),
             ("user-agent", UserAgent),
             ("expires", Expires),
+            ("authorization", Authorization),
+            ("proxy-authorization", ProxyAuthorization),
         ];
         NAMES
             .iter()
@@ -213,6 +217,23 @@ impl<'a> Message<'a> {
         self.headers
             .iter()
             .find(|h| h.name == name)
+            .map(|h| self.text(h.value.clone()))
+    }
+
+    /// The value of the first header whose name (as written, compact forms of known headers
+    /// included) is `name`, ignoring case.
+    pub fn header_named(&self, name: &str) -> Option<&'a str> {
+        let known = HeaderName::classify(name);
+        self.headers
+            .iter()
+            .find(|h| {
+                if known != HeaderName::Other {
+                    return h.name == known;
+                }
+                let line = self.text(h.line.clone());
+                line.split_once(':')
+                    .is_some_and(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+            })
             .map(|h| self.text(h.value.clone()))
     }
 

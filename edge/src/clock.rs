@@ -1,0 +1,88 @@
+//! [`Clock`]: the one source of time for the threat pipeline — wall-clock milliseconds for windows,
+//! TTLs and events, and a monotonic reading for the `governor` rate limiters. Tests use a manual
+//! clock and advance it, so no filter test sleeps.
+
+use governor::nanos::Nanos;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+#[derive(Debug)]
+enum Source {
+    System {
+        start: Instant,
+    },
+    /// Milliseconds since the Unix epoch, set by the test.
+    Manual(AtomicU64),
+}
+
+/// A shareable clock.
+#[derive(Debug, Clone)]
+pub struct Clock(Arc<Source>);
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Clock {
+    /// The system clock.
+    pub fn system() -> Clock {
+        Clock(Arc::new(Source::System {
+            start: Instant::now(),
+        }))
+    }
+
+    /// A clock that stands at `unix_ms` until advanced.
+    pub fn manual(unix_ms: u64) -> Clock {
+        Clock(Arc::new(Source::Manual(AtomicU64::new(unix_ms))))
+    }
+
+    /// Moves a manual clock forward (no effect on the system clock).
+    pub fn advance_ms(&self, ms: u64) {
+        if let Source::Manual(t) = &*self.0 {
+            t.fetch_add(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub fn now_ms(&self) -> u64 {
+        match &*self.0 {
+            Source::System { .. } => unix_ms(),
+            Source::Manual(t) => t.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl governor::clock::Clock for Clock {
+    type Instant = Nanos;
+
+    fn now(&self) -> Nanos {
+        match &*self.0 {
+            Source::System { start } => Nanos::from(start.elapsed()),
+            Source::Manual(t) => Nanos::from(t.load(Ordering::Relaxed).saturating_mul(1_000_000)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use governor::clock::Clock as _;
+
+    #[test]
+    fn manual_clock_moves_only_when_told() {
+        let c = Clock::manual(1_000);
+        let n0 = c.now();
+        c.advance_ms(250);
+        assert_eq!(c.now_ms(), 1_250);
+        assert_eq!(
+            std::time::Duration::from(governor::clock::Reference::duration_since(&c.now(), n0)),
+            std::time::Duration::from_millis(250)
+        );
+        let s = Clock::system();
+        assert!(s.now_ms() > 1_600_000_000_000);
+    }
+}

@@ -1,0 +1,172 @@
+//! The threat filters, one small type per file, each implementing [`crate::pipeline::Filter`]:
+//!
+//! | file | phase | rule |
+//! |---|---|---|
+//! | [`ban`] | gate | source in the ban set |
+//! | [`flood`] | gate | per-source message rate (GCRA, `governor`); sustained excess → ban |
+//! | [`sanity`] | request | required headers, CSeq, Content-Length, Max-Forwards, scheme, size, Via loop |
+//! | [`scanner`] | request | User-Agent and header fingerprints of attack tools |
+//! | [`methods`] | request | methods accepted per direction |
+//! | [`geoip`] | request | country allow/deny from a MaxMind database |
+//! | [`rate`] | request | REGISTER/INVITE/OPTIONS per source and per AOR |
+//! | [`registered`] | request, response | INVITE only from registered sources or trunks |
+//! | [`tollfraud`] | request, response, completion | destination prefixes, calls per minute, concurrent calls, sequential dialling |
+//! | [`bruteforce`] | response | 401/407/403 scores per source and per AOR |
+//! | [`enumeration`] | response | distinct user parts answered 404/401/403/407 per source |
+//!
+//! The allowlist is not a filter: it marks a message `trusted` in [`crate::pipeline::Meta`], and
+//! every filter leaves trusted sources alone.
+
+pub mod ban;
+pub mod bruteforce;
+pub mod enumeration;
+pub mod flood;
+pub mod geoip;
+pub mod methods;
+pub mod rate;
+pub mod registered;
+pub mod sanity;
+pub mod scanner;
+pub mod tollfraud;
+
+use crate::pipeline::Action;
+use crate::policy::RuleAction;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Mutex, MutexGuard};
+
+/// `needle` (already lower-case ASCII) occurs in `hay`, ignoring ASCII case.
+pub fn contains_ci(hay: &str, needle: &str) -> bool {
+    let (h, n) = (hay.as_bytes(), needle.as_bytes());
+    if n.is_empty() {
+        return true;
+    }
+    if h.len() < n.len() {
+        return false;
+    }
+    h.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n))
+}
+
+/// The pipeline action for a configured rule action; `reject` answers `code reason`.
+pub fn action_of(a: RuleAction, ttl_s: u64, code: u16, reason: &'static str) -> Action {
+    match a {
+        RuleAction::Alert => Action::Alert,
+        RuleAction::Reject => Action::Reject {
+            code,
+            reason,
+            header: None,
+        },
+        RuleAction::Drop => Action::Drop,
+        RuleAction::Ban => Action::Ban { ttl_s },
+    }
+}
+
+/// A map of per-key windows behind a lock, bounded in size: when full, entries whose window has
+/// passed are dropped first, then the oldest. Used off the gate path (responses, INVITEs), where a
+/// lock is cheap next to parsing.
+pub struct Windows<K, V> {
+    map: Mutex<HashMap<K, V>>,
+    cap: usize,
+}
+
+impl<K: Hash + Eq + Clone, V> Default for Windows<K, V> {
+    fn default() -> Self {
+        Windows::with_capacity(Self::DEFAULT_CAP)
+    }
+}
+
+/// Something that knows when it was last touched.
+pub trait Stamped {
+    fn stamp(&self) -> u64;
+}
+
+impl<K: Hash + Eq + Clone, V> Windows<K, V> {
+    pub const DEFAULT_CAP: usize = 100_000;
+
+    pub fn with_capacity(cap: usize) -> Self {
+        Windows {
+            map: Mutex::new(HashMap::new()),
+            cap,
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, HashMap<K, V>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<K: Hash + Eq + Clone, V: Stamped> Windows<K, V> {
+    /// Runs `f` on the entry of `key` (made by `new` when absent), keeping the map within its cap.
+    pub fn with<R>(
+        &self,
+        key: &K,
+        now_ms: u64,
+        window_ms: u64,
+        new: impl FnOnce() -> V,
+        f: impl FnOnce(&mut V) -> R,
+    ) -> R {
+        let mut map = self.lock();
+        if !map.contains_key(key) && map.len() >= self.cap {
+            map.retain(|_, v| now_ms.saturating_sub(v.stamp()) < window_ms);
+            if map.len() >= self.cap {
+                if let Some(oldest) = map
+                    .iter()
+                    .min_by_key(|(_, v)| v.stamp())
+                    .map(|(k, _)| k.clone())
+                {
+                    map.remove(&oldest);
+                }
+            }
+        }
+        f(map.entry(key.clone()).or_insert_with(new))
+    }
+
+    /// Forgets entries untouched for `window_ms`.
+    pub fn expire(&self, now_ms: u64, window_ms: u64) {
+        self.lock()
+            .retain(|_, v| now_ms.saturating_sub(v.stamp()) < window_ms);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testkit;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct E(u64);
+    impl Stamped for E {
+        fn stamp(&self) -> u64 {
+            self.0
+        }
+    }
+
+    #[test]
+    fn case_insensitive_contains() {
+        assert!(contains_ci("Friendly-Scanner 1.0", "friendly-scanner"));
+        assert!(!contains_ci("friendly", "friendly-scanner"));
+        assert!(contains_ci("x", ""));
+    }
+
+    #[test]
+    fn windows_stay_within_their_cap() {
+        let w: Windows<u32, E> = Windows::with_capacity(3);
+        for k in 0..3 {
+            w.with(&k, k as u64, 1_000, || E(k as u64), |_| ());
+        }
+        w.with(&9, 5, 1_000, || E(5), |_| ());
+        assert_eq!(w.len(), 3);
+        assert!(!w.lock().contains_key(&0), "oldest evicted");
+        w.expire(2_000, 1_000);
+        assert!(w.is_empty());
+    }
+}
