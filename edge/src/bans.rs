@@ -306,7 +306,7 @@ impl BanStore {
     }
 
     /// The writer task: applies queued changes in batches, purges expired bans, keeps the file.
-    pub async fn run(self: Arc<Self>, now: fn() -> u64, stop: CancellationToken) {
+    pub async fn run(self: Arc<Self>, clock: crate::clock::Clock, stop: CancellationToken) {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -315,12 +315,12 @@ impl BanStore {
                 }
                 _ = tokio::time::sleep(Self::PURGE_INTERVAL) => {}
             }
-            self.apply(now());
+            self.apply(clock.now_ms());
             if let Err(e) = self.save_if_dirty() {
                 warn!(error = %e, "cannot write the ban file; will retry");
             }
         }
-        self.apply(now());
+        self.apply(clock.now_ms());
         if let Err(e) = self.save_if_dirty() {
             warn!(error = %e, "cannot write the ban file at shutdown");
         }

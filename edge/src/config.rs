@@ -37,6 +37,23 @@ pub struct EdgeConfig {
     pub http: Http,
     pub shutdown: Shutdown,
     pub log: Log,
+    /// The threat policy, reloadable at run time.
+    pub policy: crate::policy::Policy,
+    pub reload: Reload,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Reload {
+    /// How often the config file is checked for changes, which reload the policy (0: only on
+    /// SIGHUP).
+    pub watch_ms: u64,
+}
+
+impl Default for Reload {
+    fn default() -> Self {
+        Reload { watch_ms: 2000 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -165,6 +182,8 @@ impl Default for EdgeConfig {
             http: Http::default(),
             shutdown: Shutdown::default(),
             log: Log::default(),
+            policy: crate::policy::Policy::default(),
+            reload: Reload::default(),
         }
     }
 }
@@ -331,7 +350,7 @@ impl EdgeConfig {
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format must be `text` or `json`".into());
         }
-        Ok(())
+        self.policy.validate().map_err(ConfigError::Invalid)
     }
 }
 

@@ -3,9 +3,13 @@
 //! - [`config`]: the edge's TOML/environment configuration and its validation.
 //! - [`sip`]: a byte-range index of a message over rsip's tokenizer, splicing edits, local replies.
 //! - [`proxy`]: the RFC 3261 §16.11 stateless proxy core (pure: message in, [`proxy::Action`] out).
+//! - [`pipeline`], [`filters`], [`policy`]: the threat pipeline — one phase trait, twelve filters,
+//!   the `[policy]` they run — and [`bans`] / [`netset`], the ban set checked before parsing.
+//! - [`service`]: one message through gate, parse, filters, proxy and observers.
+//! - [`reload`]: policy reload on SIGHUP and config-file change. [`clock`]: injected time.
 //! - [`flow`]: signed flow tokens in Path / Record-Route URIs.
 //! - [`backend`]: PBX backends, their OPTIONS health checks and the per-call choice among them.
-//! - [`transport`]: UDP and TCP listeners, framing, the dispatcher that runs the proxy.
+//! - [`transport`]: UDP and TCP listeners, framing, the dispatcher that runs the service.
 //! - [`http`], [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
 //!
 //! [`Edge::start`] binds everything and returns the bound addresses; [`Edge::run_until`] serves
@@ -23,17 +27,26 @@ pub mod netset;
 pub mod pipeline;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
+pub mod service;
 pub mod sip;
 pub mod transport;
 
 use backend::Backends;
+use bans::BanStore;
+use clock::Clock;
 use config::EdgeConfig;
 use flow::FlowKeys;
 use metrics::Metrics;
+use pipeline::event::EventSink;
+use pipeline::{BuildEnv, Firewall, Pipeline, State};
 use proxy::Proxy;
+use service::Service;
 use sip::Transport;
+use sipwarden_shared::config::ProcessEnv;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +70,10 @@ pub enum StartError {
         path: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Bans(#[from] bans::BanFileError),
+    #[error("policy: {0}")]
+    Policy(#[from] pipeline::BuildError),
 }
 
 /// A started edge: sockets bound, tasks running.
@@ -70,11 +87,20 @@ pub struct Edge {
     /// Stops the HTTP server after the SIP drain.
     http_stop: CancellationToken,
     grace: Duration,
+    reloader: Arc<reload::Reloader>,
+    pub firewall: Arc<pipeline::Firewall>,
 }
 
 impl Edge {
-    /// Binds every listener and starts serving.
+    /// Binds every listener and starts serving `cfg`, which came from the process environment
+    /// alone (no file: reloads re-read the environment).
     pub async fn start(cfg: EdgeConfig) -> Result<Edge, StartError> {
+        Edge::start_from(cfg, None).await
+    }
+
+    /// Starts serving `cfg`, loaded from `file` and the process environment; reloads read both
+    /// again.
+    pub async fn start_from(cfg: EdgeConfig, file: Option<PathBuf>) -> Result<Edge, StartError> {
         let keys = load_flow_keys(&cfg)?;
         let metrics = Arc::new(Metrics::default());
         let backends = Arc::new(Backends::new(&cfg.backends));
@@ -107,6 +133,45 @@ impl Edge {
             }
         }
         let proxy = Arc::new(Proxy::new(&cfg, &bound, keys, backends.clone()));
+        let clock = Clock::system();
+        let ban_file = cfg.edge.data_dir.join(&cfg.policy.bans.file);
+        let bans = Arc::new(BanStore::open(
+            ban_file,
+            cfg.policy.bans.max_entries,
+            clock.now_ms(),
+        )?);
+        let state = Arc::new(State::new(bans.clone()));
+        let build_env = BuildEnv {
+            trusted: cfg.trusted_pbx.clone(),
+            own_addrs: own_addrs(&proxy),
+        };
+        let pipeline = Pipeline::build(&cfg.policy, &build_env, &state, &clock)?;
+        let events = EventSink::new(&cfg.edge.id, &cfg.edge.site, metrics.clone());
+        let firewall = Arc::new(Firewall::new(pipeline, state, clock.clone(), events));
+        bans.apply(clock.now_ms());
+        tracker.spawn(bans.clone().run(clock.clone(), stop.clone()));
+        tracker.spawn(housekeeping(
+            firewall.clone(),
+            metrics.clone(),
+            stop.clone(),
+        ));
+        let reloader = Arc::new(reload::Reloader::new(
+            file,
+            Box::new(ProcessEnv),
+            build_env,
+            firewall.clone(),
+            metrics.clone(),
+            cfg.clone(),
+        ));
+        tracker.spawn(
+            reloader
+                .clone()
+                .watch(Duration::from_millis(cfg.reload.watch_ms), stop.clone()),
+        );
+        let service = Arc::new(Service {
+            proxy: proxy.clone(),
+            firewall: firewall.clone(),
+        });
         let registry = Arc::new(tcp::Registry::new(
             cfg.tcp.clone(),
             metrics.clone(),
@@ -114,7 +179,7 @@ impl Edge {
             stop.clone(),
         ));
         let dispatcher = Arc::new(Dispatcher::new(
-            proxy.clone(),
+            service,
             metrics.clone(),
             udp_socks.clone(),
             registry,
@@ -189,7 +254,14 @@ impl Edge {
             accepting,
             http_stop,
             grace: Duration::from_millis(cfg.shutdown.grace_ms),
+            reloader,
+            firewall,
         })
+    }
+
+    /// Reloads the policy (what SIGHUP does).
+    pub fn reloader(&self) -> Arc<reload::Reloader> {
+        self.reloader.clone()
     }
 
     /// Serves until `shutdown` fires, then stops reading, lets TCP connections flush their queues
@@ -212,6 +284,37 @@ impl Edge {
         self.http_stop.cancel();
         info!("stopped");
     }
+}
+
+/// Every second: limiter and window upkeep, and the ban and registration gauges.
+async fn housekeeping(firewall: Arc<Firewall>, metrics: Arc<Metrics>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let registered = firewall.housekeep();
+        metrics.registrations_active.set(registered as i64);
+        metrics
+            .bans_active
+            .set(firewall.state.bans.snapshot().len() as i64);
+    }
+}
+
+/// The `host:port`s this edge answers to, for Via loop detection.
+fn own_addrs(proxy: &Proxy) -> Vec<(String, u16)> {
+    let mut out = Vec::new();
+    for l in &proxy.listeners {
+        if let Some(p) = l.advertise.port {
+            out.push((l.advertise.host.clone(), p));
+        }
+        if !l.bind.ip().is_unspecified() {
+            out.push((l.bind.ip().to_string(), l.bind.port()));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 fn tcp_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {

@@ -3,10 +3,12 @@
 use anyhow::Context;
 use clap::Parser;
 use sipwarden_edge::config::EdgeConfig;
+use sipwarden_edge::reload::Reloader;
 use sipwarden_edge::Edge;
 use sipwarden_shared::config::ProcessEnv;
 use sipwarden_shared::telemetry::{self, LogFormat};
 use std::path::PathBuf;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// A stateless SIP proxy and firewall in front of a PBX. With no arguments it protects a PBX at
@@ -59,26 +61,36 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let edge = Edge::start(cfg).await.context("starting the edge")?;
+        let edge = Edge::start_from(cfg, args.config.clone())
+            .await
+            .context("starting the edge")?;
         let shutdown = CancellationToken::new();
-        tokio::spawn(signals(shutdown.clone()));
+        tokio::spawn(signals(shutdown.clone(), edge.reloader()));
         edge.run_until(shutdown).await;
         Ok(())
     })
 }
 
-/// The one place signals are read: SIGTERM or SIGINT starts the drain.
-async fn signals(shutdown: CancellationToken) {
+/// The one place signals are read: SIGTERM or SIGINT starts the drain, SIGHUP reloads the policy.
+async fn signals(shutdown: CancellationToken, reloader: Arc<Reloader>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         return;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                // The reload logs its own result; the policy in force stays on error.
+                let r = reloader.clone();
+                let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+            }
+        }
     }
     shutdown.cancel();
 }

@@ -237,22 +237,23 @@ impl Proxy {
     pub fn handle(&self, inb: &Inbound<'_>) -> Decision {
         let side = self.side(inb);
         match Message::parse(inb.bytes) {
-            Err(e) => {
-                // Reply 400 only when the start line says it is a request we can answer.
-                let action = match bad_request_reply(inb.bytes, &e.to_string()) {
-                    Some(bytes) => Action::Reply(bytes),
-                    None => Action::Drop,
-                };
-                Decision {
-                    action,
-                    outcome: Outcome::Malformed,
-                    side,
-                    reason: Some(format!("malformed: {e}")),
-                }
-            }
-            Ok(m) if m.method().is_some() => request::handle(self, &m, inb, side),
-            Ok(m) => response::handle(self, &m, inb, side),
+            Err(e) => malformed(inb.bytes, &e, side),
+            Ok(m) => self.handle_message(&m, inb, side),
         }
+    }
+
+    /// The request or response path for a parsed message from `side`.
+    pub fn handle_message(&self, m: &Message<'_>, inb: &Inbound<'_>, side: Side) -> Decision {
+        if m.method().is_some() {
+            request::handle(self, m, inb, side)
+        } else {
+            response::handle(self, m, inb, side)
+        }
+    }
+
+    /// Whether `addr` is a backend or in a trusted-PBX network.
+    pub fn is_pbx_addr(&self, addr: SocketAddr) -> bool {
+        self.backends.is_backend(addr) || self.trusted_pbx.iter().any(|n| n.contains(&addr.ip()))
     }
 
     /// The side `inb` came from: the listener's side, else a backend address and port or a trusted
@@ -261,14 +262,7 @@ impl Proxy {
         match self.listeners.get(inb.listener).map(|l| l.side) {
             Some(ListenerSide::Pbx) => Side::Pbx,
             Some(ListenerSide::Internet) => Side::Internet,
-            _ if self.backends.is_backend(inb.source) => Side::Pbx,
-            _ if self
-                .trusted_pbx
-                .iter()
-                .any(|n| n.contains(&inb.source.ip())) =>
-            {
-                Side::Pbx
-            }
+            _ if self.is_pbx_addr(inb.source) => Side::Pbx,
             _ => Side::Internet,
         }
     }
@@ -306,6 +300,20 @@ impl Proxy {
             .position(|l| l.transport == transport && faces(l))
             .or_else(|| self.listeners.iter().position(|l| l.transport == transport))
             .unwrap_or(0)
+    }
+}
+
+/// The decision for input that failed to parse: `400` where a reply is safe, else a drop.
+pub fn malformed(bytes: &[u8], e: &crate::sip::ParseError, side: Side) -> Decision {
+    let action = match bad_request_reply(bytes, &e.to_string()) {
+        Some(bytes) => Action::Reply(bytes),
+        None => Action::Drop,
+    };
+    Decision {
+        action,
+        outcome: Outcome::Malformed,
+        side,
+        reason: Some(format!("malformed: {e}")),
     }
 }
 

@@ -10,8 +10,9 @@ pub mod framer;
 pub mod tcp;
 pub mod udp;
 
-use crate::metrics::{method_label, MessageLabels, Metrics, TransportLabels};
-use crate::proxy::{Action, Dest, Inbound, Outcome, Proxy};
+use crate::metrics::{MessageLabels, Metrics, TransportLabels};
+use crate::proxy::{Action, Dest, Inbound, Outcome};
+use crate::service::Service;
 use crate::sip::Transport;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,9 +28,9 @@ pub enum ReplyPath {
     Stream(tokio::sync::mpsc::Sender<bytes::Bytes>),
 }
 
-/// Runs the proxy over received messages and sends what it decides.
+/// Runs the service (firewall and proxy) over received messages and sends what it decides.
 pub struct Dispatcher {
-    pub proxy: Arc<Proxy>,
+    pub service: Arc<Service>,
     pub metrics: Arc<Metrics>,
     /// UDP sockets per listener index (empty for TCP listeners).
     pub udp: Vec<Vec<Arc<UdpSocket>>>,
@@ -39,13 +40,13 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     pub fn new(
-        proxy: Arc<Proxy>,
+        service: Arc<Service>,
         metrics: Arc<Metrics>,
         udp: Vec<Vec<Arc<UdpSocket>>>,
         tcp: Arc<tcp::Registry>,
     ) -> Dispatcher {
         Dispatcher {
-            proxy,
+            service,
             metrics,
             udp,
             tcp,
@@ -55,8 +56,8 @@ impl Dispatcher {
 
     /// Handles one received message end to end.
     pub async fn dispatch(self: &Arc<Self>, inb: Inbound<'_>, reply: &ReplyPath) {
-        let decision = self.proxy.handle(&inb);
-        let (kind, method) = labels_of(inb.bytes);
+        let handled = self.service.handle(&inb);
+        let (decision, kind, method) = (handled.decision, handled.kind, handled.method);
         self.metrics
             .messages
             .get_or_create(&MessageLabels {
@@ -168,7 +169,7 @@ impl Dispatcher {
             .get_or_create(&MessageLabels {
                 kind: "request",
                 method: "unknown",
-                direction: if self.proxy.backends.is_backend(source) {
+                direction: if self.service.proxy.is_pbx_addr(source) {
                     "from_pbx"
                 } else {
                     "from_internet"
@@ -193,22 +194,6 @@ impl Dispatcher {
                 transport: transport.as_str(),
             })
             .inc();
-    }
-}
-
-/// `(kind, method)` labels read cheaply from the start line (and CSeq for responses).
-fn labels_of(bytes: &[u8]) -> (&'static str, &'static str) {
-    if bytes.starts_with(b"SIP/2.0 ") {
-        let method = crate::sip::Message::parse(bytes)
-            .ok()
-            .and_then(|m| m.cseq().map(|(_, meth)| method_label(meth)))
-            .unwrap_or("unknown");
-        return ("response", method);
-    }
-    let end = bytes.iter().position(|&b| b == b' ').unwrap_or(0);
-    match std::str::from_utf8(&bytes[..end]) {
-        Ok(m) if !m.is_empty() => ("request", method_label(m)),
-        _ => ("request", "unknown"),
     }
 }
 

@@ -274,7 +274,11 @@ fn killing_the_primary_fails_over_to_the_secondary() {
     let (interval, timeout) = (1000u64, 250u64);
     let edge = EdgeProc::start(
         EDGE_IP,
-        &(backend(p1, 1, "udp") + &backend(p2, 2, "udp") + &health(interval, timeout)),
+        &(backend(p1, 1, "udp")
+            + &backend(p2, 2, "udp")
+            + &health(interval, timeout)
+            // These phones call without registering first.
+            + "[policy.registered]\nenabled = false\n"),
     );
 
     let run = sipp_client(

@@ -19,7 +19,14 @@ const DEFAULT_MAX_FORWARDS: u32 = 70;
 pub(super) fn handle(p: &Proxy, m: &Message<'_>, inb: &Inbound<'_>, side: Side) -> Decision {
     match route(p, m, inb, side) {
         Ok(d) => d,
-        Err(Refusal { code, reason }) => refuse(m, inb, side, code, &reason),
+        Err(Refusal { code, reason }) => {
+            let retry: &[(&str, &str)] = if code == 503 {
+                &[("Retry-After", "5")]
+            } else {
+                &[]
+            };
+            refuse(m, inb, side, code, &reason, retry)
+        }
     }
 }
 
@@ -300,8 +307,16 @@ fn uri_target(uri: &str) -> Option<(Transport, Dest)> {
     Some((transport, dest))
 }
 
-/// The edge's own answer to a request it will not forward. ACK is never answered.
-fn refuse(m: &Message<'_>, inb: &Inbound<'_>, side: Side, code: u16, reason: &str) -> Decision {
+/// The edge's own answer to a request it will not forward, with `extra` headers. ACK is never
+/// answered.
+pub fn refuse(
+    m: &Message<'_>,
+    inb: &Inbound<'_>,
+    side: Side,
+    code: u16,
+    reason: &str,
+    extra: &[(&str, &str)],
+) -> Decision {
     if m.method() == Some("ACK") {
         return Decision {
             action: Action::Drop,
@@ -316,11 +331,6 @@ fn refuse(m: &Message<'_>, inb: &Inbound<'_>, side: Side, code: u16, reason: &st
         via::stamp_received(t, &ViaInfo::parse(t)?, inb.source)
     });
     let to_tag = format!("sw{code}");
-    let extra: &[(&str, &str)] = if code == 503 {
-        &[("Retry-After", "5")]
-    } else {
-        &[]
-    };
     let bytes = reply::build(m, code, reason, stamped.as_deref(), &to_tag, extra);
     Decision {
         action: Action::Reply(bytes),

@@ -116,6 +116,10 @@ pub async fn accept_loop(
             },
         };
         let reg = &d.tcp;
+        if !d.service.admits(peer) {
+            reg.closed("banned");
+            continue;
+        }
         let Ok(permit) = reg.slots.clone().try_acquire_owned() else {
             reg.closed("connection_limit");
             continue;

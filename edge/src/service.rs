@@ -1,0 +1,196 @@
+//! [`Service`]: one message through the whole edge, in the order of the data path — pre-parse
+//! gate, parse, request filters, the stateless proxy, response observers, completion — inside one
+//! `sip` tracing span per parsed message. Pure apart from the pipeline's state: bytes in,
+//! [`Decision`] out; the transport carries it out.
+
+use crate::metrics::method_label;
+use crate::pipeline::{Firewall, RequestCx, ResponseCx, SipView, Verdict};
+use crate::proxy::{self, via, Action, Decision, Dest, Inbound, Outcome, Proxy, Side};
+use crate::sip::{header_param, HeaderName, Message};
+use std::sync::Arc;
+use tracing::field::Empty;
+
+/// The proxy and the firewall in front of it.
+pub struct Service {
+    pub proxy: Arc<Proxy>,
+    pub firewall: Arc<Firewall>,
+}
+
+/// A decision and the labels it is counted under.
+pub struct Handled {
+    pub decision: Decision,
+    /// `request` or `response`.
+    pub kind: &'static str,
+    pub method: &'static str,
+}
+
+/// `(kind, method)` from the start line alone (no parse): responses say `unknown`.
+fn start_line_labels(bytes: &[u8]) -> (&'static str, &'static str) {
+    if bytes.starts_with(b"SIP/2.0 ") {
+        return ("response", "unknown");
+    }
+    let end = bytes.iter().take(32).position(|&b| b == b' ').unwrap_or(0);
+    match std::str::from_utf8(&bytes[..end]) {
+        Ok(m) if !m.is_empty() => ("request", method_label(m)),
+        _ => ("request", "unknown"),
+    }
+}
+
+fn dropped(side: Side) -> Decision {
+    Decision {
+        action: Action::Drop,
+        outcome: Outcome::Dropped,
+        side,
+        reason: None,
+    }
+}
+
+impl Service {
+    /// Whether a connection from `source` may be accepted: not from a banned network, unless
+    /// trusted. (Every message is still gated.)
+    pub fn admits(&self, source: std::net::SocketAddr) -> bool {
+        let fw = &self.firewall;
+        self.proxy.is_pbx_addr(source)
+            || fw.pipeline().allowed(source)
+            || !fw.pipeline().policy.bans.enabled
+            || fw
+                .state
+                .bans
+                .lookup(source.ip(), fw.clock.now_ms())
+                .is_none()
+    }
+
+    /// Handles one received message.
+    pub fn handle(&self, inb: &Inbound<'_>) -> Handled {
+        let side = self.proxy.side(inb);
+        let meta = self
+            .firewall
+            .meta(inb.source, inb.transport, side, inb.bytes.len());
+        if self.firewall.gate(&meta) != Verdict::Allow {
+            let (kind, method) = start_line_labels(inb.bytes);
+            return Handled {
+                decision: dropped(side),
+                kind,
+                method,
+            };
+        }
+        let m = match Message::parse(inb.bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                let (kind, method) = start_line_labels(inb.bytes);
+                return Handled {
+                    decision: proxy::malformed(inb.bytes, &e, side),
+                    kind,
+                    method,
+                };
+            }
+        };
+        let sip = SipView::new(&m);
+        let is_request = sip.is_request();
+        let span = tracing::info_span!(
+            "sip",
+            method = sip.method(),
+            call_id = sip.call_id(),
+            source = %inb.source,
+            transport = inb.transport.as_str(),
+            verdict = Empty,
+            rule = Empty,
+        );
+        let decision = span.in_scope(|| {
+            if is_request {
+                self.request(&m, inb, side, &meta, &span)
+            } else {
+                self.response(&m, inb, side, &meta, &span)
+            }
+        });
+        Handled {
+            decision,
+            kind: if is_request { "request" } else { "response" },
+            method: method_label(sip.method()),
+        }
+    }
+
+    fn request(
+        &self,
+        m: &Message<'_>,
+        inb: &Inbound<'_>,
+        side: Side,
+        meta: &crate::pipeline::Meta,
+        span: &tracing::Span,
+    ) -> Decision {
+        let cx = RequestCx {
+            meta,
+            sip: SipView::new(m),
+        };
+        let decision = match self.firewall.request(&cx) {
+            Verdict::Allow => self.proxy.handle_message(m, inb, side),
+            Verdict::Reject {
+                code,
+                reason,
+                header,
+                rule,
+            } => {
+                span.record("rule", rule);
+                let extra: Vec<(&str, &str)> = header.iter().map(|(n, v)| (*n, &**v)).collect();
+                proxy::request::refuse(m, inb, side, code, reason, &extra)
+            }
+            Verdict::Drop { rule } => {
+                span.record("rule", rule);
+                dropped(side)
+            }
+        };
+        span.record("verdict", decision.outcome.label());
+        self.firewall
+            .completion(&cx, decision.outcome == Outcome::Forwarded);
+        decision
+    }
+
+    fn response(
+        &self,
+        m: &Message<'_>,
+        inb: &Inbound<'_>,
+        side: Side,
+        meta: &crate::pipeline::Meta,
+        span: &tracing::Span,
+    ) -> Decision {
+        let decision = self.proxy.handle_message(m, inb, side);
+        let peer = match &decision.action {
+            Action::Forward {
+                dest: Dest::Addr(a),
+                ..
+            } => *a,
+            _ => {
+                span.record("verdict", decision.outcome.label());
+                return decision;
+            }
+        };
+        // Our Via is on top (the proxy verified its branch) and says whether the request carried
+        // credentials.
+        let had_credentials = m
+            .elements(HeaderName::Via)
+            .first()
+            .and_then(|(_, r)| header_param(m.text(r.clone()), via::CREDENTIALS_PARAM))
+            .is_some();
+        let cx = ResponseCx {
+            meta,
+            sip: SipView::new(m),
+            status: m.status().unwrap_or(0),
+            peer,
+            peer_trusted: self.proxy.is_pbx_addr(peer) || self.firewall.pipeline().allowed(peer),
+            had_credentials,
+        };
+        let decision = match self.firewall.response(&cx) {
+            Verdict::Allow => decision,
+            Verdict::Reject { rule, .. } | Verdict::Drop { rule } => {
+                // A response is never answered; refusing it means not relaying it.
+                span.record("rule", rule);
+                dropped(side)
+            }
+        };
+        span.record("verdict", decision.outcome.label());
+        decision
+    }
+}
+
+#[cfg(test)]
+mod tests;
