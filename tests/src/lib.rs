@@ -3,9 +3,12 @@
 //!
 //! A missing tool is a failure that names the Debian package to install, never a silent skip.
 //!
-//! [`mmdb`] writes small MaxMind databases for GeoIP tests.
+//! [`mmdb`] writes small MaxMind databases for GeoIP tests; [`kamailio`] runs a registrar with
+//! digest auth; [`sipvicious`] runs the attacker.
 
+pub mod kamailio;
 pub mod mmdb;
+pub mod sipvicious;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -180,6 +183,26 @@ pub struct EdgeProc {
     pub ip: String,
     pub sip_port: u16,
     pub http: SocketAddr,
+    env: Vec<(String, String)>,
+}
+
+/// Starts `sipwarden-edge` on `dir/edge.toml`, logging (appended) to `dir/edge.log`.
+fn spawn_edge(dir: &Path, env: &[(String, String)]) -> Proc {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("edge.log"))
+        .expect("log file");
+    Proc::spawn(
+        "sipwarden-edge",
+        Command::new(workspace_bin("sipwarden-edge"))
+            .arg("--config")
+            .arg(dir.join("edge.toml"))
+            .env("RUST_LOG", "info,sipwarden_edge=debug")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log),
+    )
 }
 
 impl EdgeProc {
@@ -222,17 +245,11 @@ grace_ms = 2000
         );
         let cfg = dir.path().join("edge.toml");
         std::fs::write(&cfg, toml).expect("write config");
-        let log = std::fs::File::create(dir.path().join("edge.log")).expect("log file");
-        let proc = Proc::spawn(
-            "sipwarden-edge",
-            Command::new(workspace_bin("sipwarden-edge"))
-                .arg("--config")
-                .arg(&cfg)
-                .env("RUST_LOG", "info,sipwarden_edge=debug")
-                .envs(env.iter().copied())
-                .stdout(log.try_clone().expect("dup"))
-                .stderr(log),
-        );
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let proc = spawn_edge(dir.path(), &env);
         let http: SocketAddr = format!("127.0.0.1:{http_port}").parse().expect("addr");
         let mut edge = EdgeProc {
             proc,
@@ -240,15 +257,42 @@ grace_ms = 2000
             ip: ip.into(),
             sip_port,
             http,
+            env,
         };
+        edge.wait_ready();
+        edge
+    }
+
+    fn wait_ready(&mut self) {
+        let http = self.http;
         let ready = wait_until(Duration::from_secs(15), || {
             http_get(http, "/readyz").is_some_and(|(s, _)| s == 200)
         });
         if !ready {
-            panic!("edge did not become ready; log:\n{}", edge.log());
+            panic!("edge did not become ready; log:\n{}", self.log());
         }
-        assert!(edge.proc.child.try_wait().expect("wait").is_none());
-        edge
+        assert!(self.proc.child.try_wait().expect("wait").is_none());
+    }
+
+    /// The config file the edge was started with (tests edit it to reload the policy).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("edge.toml")
+    }
+
+    /// Stops the edge with SIGTERM and starts it again on the same config and data directory.
+    pub fn restart(&mut self) {
+        self.proc.signal("TERM");
+        assert!(
+            self.proc.wait_exit(Duration::from_secs(10)).is_some(),
+            "edge did not stop on SIGTERM"
+        );
+        self.proc = spawn_edge(self.dir.path(), &self.env);
+        let sip = self.sip_port;
+        assert!(
+            wait_until(Duration::from_secs(10), || port_bound("udp", sip)),
+            "edge did not bind its SIP port again"
+        );
+        self.wait_ready();
     }
 
     pub fn addr(&self) -> String {
@@ -370,6 +414,34 @@ pub fn sipp_client(
     calls: u32,
     limit: Duration,
 ) -> SippRun {
+    sipp_client_args(
+        dir,
+        scenario_name,
+        ip,
+        port,
+        transport,
+        target,
+        service,
+        calls,
+        limit,
+        &[],
+    )
+}
+
+/// As [`sipp_client`], with `extra` SIPp arguments (`-au`, `-ap`, `-r`, …; later ones win).
+#[allow(clippy::too_many_arguments)]
+pub fn sipp_client_args(
+    dir: &Path,
+    scenario_name: &str,
+    ip: &str,
+    port: u16,
+    transport: &str,
+    target: &str,
+    service: &str,
+    calls: u32,
+    limit: Duration,
+    extra: &[&str],
+) -> SippRun {
     let sipp = require_tool("sipp", "sip-tester");
     let tag = format!("{scenario_name}-{port}");
     let err = dir.join(format!("{tag}-err.log"));
@@ -401,6 +473,7 @@ pub fn sipp_client(
             .arg(&err)
             .args(["-trace_msg", "-message_file"])
             .arg(&msg)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     );
