@@ -32,8 +32,12 @@ fn malformed_datagrams_get_400_or_silence_and_the_edge_stays_up() {
     let edge = EdgeProc::start_with_env(
         EDGE_IP,
         &quiet_backend(),
-        &[("SIPWARDEN_UDP__MAX_DATAGRAM", "8192")],
+        &[
+            ("SIPWARDEN_UDP__MAX_DATAGRAM", "8192"),
+            ("SIPWARDEN_POLICY__SANITY__MAX_MESSAGE_BYTES", "2048"),
+        ],
     );
+    let own = edge.addr();
     let client = UdpSocket::bind("127.0.0.30:0").unwrap();
     let huge = format!("OPTIONS sip:x SIP/2.0\r\n{HEADERS}CSeq: 1 OPTIONS\r\nX-Pad: {}\r\nContent-Length: 0\r\n\r\n", "a".repeat(9_000));
     let cases: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
@@ -48,6 +52,12 @@ fn malformed_datagrams_get_400_or_silence_and_the_edge_stays_up() {
         ("broken header line", format!("INVITE sip:b@x SIP/2.0\r\n{HEADERS}CSeq: 1 INVITE\r\nthis is not a header\r\n\r\n").into_bytes(), Some("SIP/2.0 400 ")),
         ("Max-Forwards 0", format!("OPTIONS sip:b@x SIP/2.0\r\n{HEADERS}CSeq: 1 OPTIONS\r\nMax-Forwards: 0\r\nContent-Length: 0\r\n\r\n").into_bytes(), Some("SIP/2.0 483 ")),
         ("oversized datagram", huge.into_bytes(), None),
+        ("missing Max-Forwards", format!("OPTIONS sip:b@x SIP/2.0\r\n{HEADERS}CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n").into_bytes(), Some("SIP/2.0 400 ")),
+        ("unsupported URI scheme", format!("OPTIONS tel:+4930123 SIP/2.0\r\n{HEADERS}CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n").into_bytes(), Some("SIP/2.0 416 ")),
+        ("Via loop", format!("OPTIONS sip:b@x SIP/2.0\r\n{HEADERS}Via: SIP/2.0/UDP {own};branch=z9hG4bKsw0\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n").into_bytes(), Some("SIP/2.0 482 ")),
+        ("over the policy size limit", format!("OPTIONS sip:b@x SIP/2.0\r\n{HEADERS}CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n{}Content-Length: 0\r\n\r\n", "X-H: 1\r\n".repeat(400)).into_bytes(), Some("SIP/2.0 513 ")),
+        ("NUL bytes in a header", format!("OPTIONS sip:b@x SIP/2.0\r\n{HEADERS}CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nSubject: a\0b\r\nContent-Length: 0\r\n\r\n").into_bytes(), Some("SIP/2.0 400 ")),
+        ("negative Content-Length", format!("OPTIONS sip:b@x SIP/2.0\r\n{HEADERS}CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: -5\r\n\r\n").into_bytes(), Some("SIP/2.0 400 ")),
     ];
     for (name, bytes, expect) in &cases {
         client.send_to(bytes, edge.addr()).unwrap();
@@ -78,6 +88,12 @@ fn malformed_datagrams_get_400_or_silence_and_the_edge_stays_up() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert!(malformed >= 4.0, "malformed input is counted: {m}");
+    let sanity: f64 = m
+        .lines()
+        .filter(|l| l.starts_with(r#"sipwarden_edge_security_events_total{rule="sanity",action="reject""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(sanity >= 9.0, "each refused request is a sanity event: {m}");
     assert!(edge.log().contains("malformed"), "and logged");
 }
 

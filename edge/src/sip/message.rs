@@ -16,6 +16,8 @@ pub enum ParseError {
     NotUtf8,
     #[error("header folding is not supported")]
     Folding,
+    #[error("control character in the header section")]
+    Control,
 }
 
 /// Header names the proxy cares about, compact forms folded in (RFC 3261 §7.3.3).
@@ -117,6 +119,14 @@ impl<'a> Message<'a> {
         }
         if head.windows(3).any(|w| w == b"\r\n " || w == b"\r\n\t") {
             return Err(ParseError::Folding);
+        }
+        // RFC 3261 §25.1: no CTL outside CRLF line ends and HTAB (NUL and friends confuse
+        // C parsers downstream).
+        if head
+            .iter()
+            .any(|&b| (b < 0x20 && !matches!(b, b'\r' | b'\n' | b'\t')) || b == 0x7f)
+        {
+            return Err(ParseError::Control);
         }
         let offset = |s: &[u8]| s.as_ptr() as usize - buf.as_ptr() as usize;
         use rsip::message::sip_message::Tokenizer;
@@ -351,6 +361,7 @@ abcd";
             b"INVITE sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP x\r\n continued\r\n\r\n",
             &[0xff, 0xfe, 0x00, 0x13, b'\r', b'\n', b'\r', b'\n'],
             b"INVITE sip:a@b SIP/2.0\r\nSubject: \xff\xfe\r\n\r\n",
+            b"INVITE sip:a@b SIP/2.0\r\nSubject: a\x00b\r\n\r\n",
         ];
         for c in cases {
             assert!(
