@@ -90,7 +90,9 @@ fn malformed_datagrams_get_400_or_silence_and_the_edge_stays_up() {
     assert!(malformed >= 4.0, "malformed input is counted: {m}");
     let sanity: f64 = m
         .lines()
-        .filter(|l| l.starts_with(r#"sipwarden_edge_security_events_total{rule="sanity",action="reject""#))
+        .filter(|l| {
+            l.starts_with(r#"sipwarden_edge_security_events_total{rule="sanity",action="reject""#)
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert!(sanity >= 9.0, "each refused request is a sanity event: {m}");

@@ -1,0 +1,161 @@
+//! Criterion benchmarks of the threat pipeline: the pre-parse gate over a ban set of 100,000
+//! addresses and networks (a hit, a miss, an allowlisted source), and whole messages through
+//! gate, parse, filters and proxy. Run with `cargo bench -p sipwarden-edge`.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use sipwarden_edge::backend::Backends;
+use sipwarden_edge::bans::{Ban, BanOrigin, BanStore, NEVER};
+use sipwarden_edge::clock::Clock;
+use sipwarden_edge::config::{self, EdgeConfig, Listener};
+use sipwarden_edge::flow::FlowKeys;
+use sipwarden_edge::metrics::Metrics;
+use sipwarden_edge::pipeline::event::EventSink;
+use sipwarden_edge::pipeline::{BuildEnv, Firewall, Pipeline, State};
+use sipwarden_edge::policy::Policy;
+use sipwarden_edge::proxy::{Inbound, Proxy, Side};
+use sipwarden_edge::service::Service;
+use sipwarden_edge::sip::Transport;
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+const EDGE: &str = "192.0.2.10:5060";
+const PBX: &str = "198.51.100.5:5080";
+
+/// 90,000 host bans (IPv4 and IPv6) and 10,000 networks over several prefix lengths.
+fn ban_store() -> Arc<BanStore> {
+    let store = Arc::new(BanStore::new(None, 200_000));
+    let ban = |network: ipnet::IpNet| Ban {
+        network,
+        origin: BanOrigin::Auto,
+        rule: "bench".into(),
+        reason: "bench".into(),
+        created_unix_ms: 0,
+        expires_unix_ms: NEVER,
+    };
+    for i in 0..80_000u32 {
+        let ip = Ipv4Addr::from(0x0A00_0000 + i * 3);
+        store.ban(ban(ipnet::IpNet::from(IpAddr::V4(ip))));
+    }
+    for i in 0..10_000u128 {
+        let ip = Ipv6Addr::from((0x2001_0db8u128 << 96) + i * 7);
+        store.ban(ban(ipnet::IpNet::from(IpAddr::V6(ip))));
+    }
+    for i in 0..10_000u32 {
+        let len = [20u8, 24, 28, 30][(i % 4) as usize];
+        let base = Ipv4Addr::from(0x6400_0000 + (i << 12));
+        store.ban(ban(ipnet::IpNet::V4(
+            ipnet::Ipv4Net::new(base, len).unwrap().trunc(),
+        )));
+    }
+    store.apply(1);
+    store
+}
+
+fn service(bans: Arc<BanStore>) -> Service {
+    let cfg = EdgeConfig {
+        listeners: vec![Listener {
+            transport: Transport::Udp,
+            address: EDGE.parse().unwrap(),
+            ..Listener::default()
+        }],
+        backends: vec![config::Backend {
+            address: PBX.parse().unwrap(),
+            ..config::Backend::default()
+        }],
+        ..EdgeConfig::default()
+    };
+    let bound: Vec<SocketAddr> = vec![EDGE.parse().unwrap()];
+    let keys = FlowKeys::new(["bench-flow-key-0000001"]).unwrap();
+    let proxy = Arc::new(Proxy::new(
+        &cfg,
+        &bound,
+        keys,
+        Arc::new(Backends::new(&cfg.backends)),
+    ));
+    let clock = Clock::system();
+    let state = Arc::new(State::new(bans));
+    let mut policy = Policy::default();
+    // Benchmarks send the same source many times: rate limits would turn it away.
+    policy.flood.enabled = false;
+    policy.rate.enabled = false;
+    policy.allowlist.networks = vec!["203.0.113.0/24".parse().unwrap()];
+    let env = BuildEnv {
+        trusted: vec![],
+        own_addrs: vec![("192.0.2.10".into(), 5060)],
+    };
+    let pipeline = Pipeline::build(&policy, &env, &state, &clock).unwrap();
+    let events = EventSink::new("bench", "bench", Arc::new(Metrics::default()));
+    let firewall = Arc::new(Firewall::new(pipeline, state, clock, events));
+    Service { proxy, firewall }
+}
+
+fn gate(c: &mut Criterion) {
+    let svc = service(ban_store());
+    let fw = &svc.firewall;
+    assert!(fw.state.bans.snapshot().len() >= 100_000);
+    let mut g = c.benchmark_group("gate_100k_bans");
+    let cases = [
+        ("banned_host", "10.0.0.30:5060"),
+        ("banned_network", "100.0.16.9:5060"),
+        ("clean_v4", "198.51.100.77:5060"),
+        ("clean_v6", "[2001:db9::1]:5060"),
+        ("allowlisted", "203.0.113.9:5060"),
+    ];
+    for (name, src) in cases {
+        let src: SocketAddr = src.parse().unwrap();
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let meta = fw.meta(black_box(src), Transport::Udp, Side::Internet, 400);
+                black_box(fw.gate(&meta))
+            })
+        });
+    }
+    g.finish();
+}
+
+fn register(n: u64) -> String {
+    format!(
+        "REGISTER sip:192.0.2.10 SIP/2.0\r\n\
+Via: SIP/2.0/UDP 198.51.100.77:5060;branch=z9hG4bK{n};rport\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:1001@192.0.2.10>;tag=a{n}\r\n\
+To: <sip:1001@192.0.2.10>\r\n\
+Call-ID: bench-{n}\r\n\
+CSeq: 1 REGISTER\r\n\
+Contact: <sip:1001@198.51.100.77:5060>\r\n\
+User-Agent: Yealink SIP-T46S 66.86.0.15\r\n\
+Expires: 3600\r\n\
+Content-Length: 0\r\n\r\n"
+    )
+}
+
+fn whole_message(c: &mut Criterion) {
+    let svc = service(ban_store());
+    let msg = register(1);
+    let banned = b"OPTIONS sip:x SIP/2.0\r\n\r\n";
+    let mut g = c.benchmark_group("message");
+    let inbound = |bytes: &'static [u8], src: &str| Inbound {
+        bytes,
+        source: src.parse().unwrap(),
+        transport: Transport::Udp,
+        listener: 0,
+    };
+    let msg: &'static str = Box::leak(msg.into_boxed_str());
+    g.bench_function("register_full_pipeline_and_proxy", |b| {
+        let inb = inbound(msg.as_bytes(), "198.51.100.77:5060");
+        b.iter(|| black_box(svc.handle(black_box(&inb))))
+    });
+    g.bench_function("register_proxy_only", |b| {
+        let inb = inbound(msg.as_bytes(), "198.51.100.77:5060");
+        b.iter(|| black_box(svc.proxy.handle(black_box(&inb))))
+    });
+    g.bench_function("banned_source_dropped", |b| {
+        let inb = inbound(banned, "10.0.0.30:5060");
+        b.iter(|| black_box(svc.handle(black_box(&inb))))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, gate, whole_message);
+criterion_main!(benches);
