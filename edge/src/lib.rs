@@ -146,7 +146,8 @@ impl Edge {
             own_addrs: own_addrs(&proxy),
         };
         let pipeline = Pipeline::build(&cfg.policy, &build_env, &state, &clock)?;
-        let events = EventSink::new(&cfg.edge.id, &cfg.edge.site, metrics.clone());
+        let events = EventSink::new(&cfg.edge.id, &cfg.edge.site, metrics.clone())
+            .with_json_fields(cfg.log.format == "json");
         let firewall = Arc::new(Firewall::new(pipeline, state, clock.clone(), events));
         bans.apply(clock.now_ms());
         tracker.spawn(bans.clone().run(clock.clone(), stop.clone()));

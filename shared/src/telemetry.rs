@@ -1,5 +1,6 @@
 //! Log set-up shared by every sipwarden binary: `RUST_LOG`-style filtering, plain or JSON lines.
 
+use std::io::IsTerminal;
 use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 
 /// How log lines are written.
@@ -19,7 +20,11 @@ pub fn init(format: LogFormat, default_filter: &str) {
     let registry = tracing_subscriber::registry().with(filter);
     let _ = match format {
         LogFormat::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
         LogFormat::Json => registry
             .with(

@@ -303,6 +303,21 @@ grace_ms = 2000
         std::fs::read_to_string(self.dir.path().join("edge.log")).unwrap_or_default()
     }
 
+    /// The security events the edge logged so far (target `security`): the JSON text ending a
+    /// text-format line, or the fields of a JSON-format line.
+    pub fn security_events(&self) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter_map(|l| {
+                if let Some(at) = l.find("{\"time_unix_ms\"") {
+                    return serde_json::from_str(&l[at..]).ok();
+                }
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                (v["target"] == "security").then_some(v)
+            })
+            .collect()
+    }
+
     pub fn metrics(&self) -> String {
         http_get(self.http, "/metrics")
             .map(|(_, b)| b)

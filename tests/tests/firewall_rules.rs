@@ -273,3 +273,48 @@ fn a_changed_config_file_is_picked_up() {
         "MESSAGE now forwarded"
     );
 }
+
+#[test]
+fn geoip_drops_a_denied_country_from_a_built_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("country.mmdb");
+    std::fs::write(
+        &db,
+        mmdb::country_db(&[("127.0.0.42/32", "DE"), ("127.0.0.44/32", "NG")]),
+    )
+    .unwrap();
+    let (_d, pbx, edge) = pbx_site(&format!(
+        "[policy.geoip]\nenabled = true\ndatabase = \"{}\"\ndeny_countries = [\"NG\"]\n",
+        db.display()
+    ));
+    let denied = UdpSocket::bind("127.0.0.44:0").unwrap();
+    let allowed = UdpSocket::bind(format!("{PHONE_IP}:0")).unwrap();
+    denied
+        .send_to(options(&denied, "geo-ng", 1).as_bytes(), edge.addr())
+        .unwrap();
+    allowed
+        .send_to(options(&allowed, "geo-de", 2).as_bytes(), edge.addr())
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || pbx
+        .received_messages()
+        .iter()
+        .any(|m| m.starts_with("OPTIONS sip:geo-de@"))));
+    assert!(
+        !pbx.received_messages()
+            .iter()
+            .any(|m| m.starts_with("OPTIONS sip:geo-ng@")),
+        "the denied country was dropped"
+    );
+    assert_eq!(security(&edge, "geoip", "drop"), 1.0);
+    let events = edge.security_events();
+    let json = events
+        .iter()
+        .find(|e| e["rule"] == "geoip")
+        .expect("a security log line");
+    assert_eq!(
+        json["source"].as_str().unwrap().split(':').next(),
+        Some("127.0.0.44")
+    );
+    assert_eq!(json["action"], "drop");
+    assert!(json["detail"].as_str().unwrap().contains("NG"));
+}

@@ -97,7 +97,8 @@ fn assert_phone_ok(run: SippRun) {
 
 #[test]
 fn sipvicious_gets_nothing_and_the_phone_keeps_working() {
-    let site = Site::start("");
+    // JSON logs: each security event is a flat JSON line a log shipper can index.
+    let site = Site::start("[log]\nformat = \"json\"\n");
     let phone = site.phone(6);
 
     let map = site.attack("sipvicious_svmap", &[]);

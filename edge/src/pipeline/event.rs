@@ -1,7 +1,8 @@
 //! [`EventSink`]: turns a [`Finding`] into its security event — a counter on `/metrics`
 //! (`sipwarden_edge_security_events_total{rule,action,dry_run}`, every event counted) and one JSON
-//! line on the `security` log target, emitted inside the message's span so it is also an event of
-//! that span. Log lines are capped per second (a flood of banned packets must not become a flood of
+//! line on the `security` log target — the event as JSON text after the usual prefix with
+//! `log.format = "text"`, the event's fields as the line's own fields with `"json"` — emitted
+//! inside the message's span so it is also an event of that span. Log lines are capped per second (a flood of banned packets must not become a flood of
 //! log lines); the next line written says how many were suppressed.
 
 use super::{Finding, Meta, SipView};
@@ -20,6 +21,9 @@ pub struct EventSink {
     budget: AtomicU64,
     suppressed: AtomicU64,
     per_second: u64,
+    /// Log format is JSON: write the event's fields as the line's own fields (a flat JSON object
+    /// a shipper can index) instead of a JSON text in the message.
+    json_fields: bool,
 }
 
 impl EventSink {
@@ -34,7 +38,14 @@ impl EventSink {
             budget: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
             per_second: Self::LINES_PER_SECOND,
+            json_fields: false,
         }
+    }
+
+    /// Writes events as structured fields (for `log.format = "json"`).
+    pub fn with_json_fields(mut self, on: bool) -> Self {
+        self.json_fields = on;
+        self
     }
 
     /// Records one event.
@@ -60,6 +71,28 @@ impl EventSink {
         }
         let ev = self.event(f, dry_run, meta, party, sip);
         let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+        if self.json_fields {
+            tracing::warn!(
+                target: "security",
+                time_unix_ms = ev.time_unix_ms,
+                edge = %ev.edge,
+                site = %ev.site,
+                source = %ev.source,
+                transport = %ev.transport,
+                method = %ev.method,
+                call_id = %ev.call_id,
+                from_user = %ev.from_user,
+                to_user = %ev.to_user,
+                user_agent = %ev.user_agent,
+                rule = %ev.rule,
+                action = %ev.action,
+                detail = %ev.detail,
+                dry_run = ev.dry_run,
+                suppressed,
+                "security event"
+            );
+            return;
+        }
         let json = ev.to_json();
         if suppressed > 0 {
             tracing::warn!(target: "security", suppressed, "{json}");
