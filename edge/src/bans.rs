@@ -155,17 +155,12 @@ impl BanStore {
 
     /// The live ban covering `ip`, if any. Lock-free.
     pub fn lookup(&self, ip: IpAddr, now_ms: u64) -> Option<Arc<Ban>> {
-        let snap = self.snapshot.load();
-        match snap.lookup(ip) {
-            Some((_, b)) if b.live(now_ms) => Some(b.clone()),
-            // An expired host ban may hide a live wider one; look past it the slow way.
-            Some(_) => snap
-                .iter()
-                .filter(|(n, b)| n.contains(&ip) && b.live(now_ms))
-                .max_by_key(|(n, _)| n.prefix_len())
-                .map(|(_, b)| b.clone()),
-            None => None,
-        }
+        // The longest live one: an expired host ban must not hide a live network ban.
+        self.snapshot
+            .load()
+            .matches(ip)
+            .find(|(_, b)| b.live(now_ms))
+            .map(|(_, b)| b.clone())
     }
 
     /// The current snapshot (for listing and metrics).

@@ -125,6 +125,15 @@ impl<V> NetSet<V> {
         self.family(v4).get(width, bits)
     }
 
+    /// Every network containing `ip`, longest first, with its prefix length.
+    pub fn matches(&self, ip: IpAddr) -> impl Iterator<Item = (u8, &V)> + '_ {
+        let (v4, width, bits) = key(ip);
+        self.family(v4).tables.iter().filter_map(move |(len, t)| {
+            t.get(&Family::<V>::mask(*len, width, bits))
+                .map(|v| (*len, v))
+        })
+    }
+
     /// Whether any network contains `ip`.
     pub fn contains(&self, ip: IpAddr) -> bool {
         self.lookup(ip).is_some()
@@ -200,6 +209,8 @@ mod tests {
         assert_eq!(s.len(), 3);
         assert_eq!(s.remove(net("10.1.2.0/24")), Some("narrow"));
         assert_eq!(s.lookup(ip("10.1.2.4")), Some((8, &"wide")));
+        let all: Vec<u8> = s.matches(ip("10.1.2.3")).map(|(l, _)| l).collect();
+        assert_eq!(all, vec![32, 8]);
     }
 
     #[test]
