@@ -382,3 +382,56 @@ fn rate_limits_answer_503_with_retry_after() {
         "{text}"
     );
 }
+
+thread_local! {
+    /// `(target, enclosing span name)` of every event on this test's thread.
+    static EVENTS: std::cell::RefCell<Vec<(String, Option<String>)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A global subscriber layer recording events per thread: one global subscriber for the whole test
+/// binary, so call-site interest is never cached as "none" by a test running without one.
+struct Recorder;
+
+impl<S> tracing_subscriber::Layer<S> for Recorder
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        let span = ctx.event_span(event).map(|s| s.name().to_string());
+        let target = event.metadata().target().to_string();
+        EVENTS.with(|e| e.borrow_mut().push((target, span)));
+    }
+}
+
+fn record_events() {
+    use tracing_subscriber::layer::SubscriberExt;
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let _ =
+            tracing::subscriber::set_global_default(tracing_subscriber::registry().with(Recorder));
+    });
+    EVENTS.with(|e| e.borrow_mut().clear());
+}
+
+#[test]
+fn each_verdict_is_one_security_event_on_the_message_span() {
+    record_events();
+    let rig = Rig::new(Policy::default());
+    let scan = request("OPTIONS", "100", "100", "s1", "User-Agent: sipcli/v1.8\r\n");
+    rig.send(ATTACKER, &scan);
+    assert!(forwarded(
+        &rig.send(PHONE, &request("OPTIONS", "1", "200", "ok1", ""))
+    ));
+    let events = EVENTS.with(|e| e.borrow().clone());
+    let security: Vec<_> = events.iter().filter(|(t, _)| t == "security").collect();
+    assert_eq!(
+        security.len(),
+        1,
+        "one event for one verdict, none for the allowed message: {events:?}"
+    );
+    assert_eq!(
+        security[0].1.as_deref(),
+        Some("sip"),
+        "emitted inside the message span"
+    );
+}
