@@ -1,0 +1,436 @@
+//! The replicated state machine: bans, registrations, policies and the audit trail. Deterministic —
+//! no clock, no I/O: every [`Command`] carries the time it was proposed at and who proposed it, so
+//! every node applying the same log reaches the same state. Each applied change bumps the
+//! [`StateMachine::revision`] and is kept in a bounded change window that watchers (edges) read
+//! deltas from; a watcher older than the window gets a snapshot instead.
+
+use serde::{Deserialize, Serialize};
+use sipwarden_shared::ban::{Ban, BanSource, BanTarget, Binding};
+use std::collections::{BTreeMap, VecDeque};
+
+/// A ban to add; the state machine gives it its id and creation time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewBan {
+    pub target: BanTarget,
+    pub reason: String,
+    pub source: BanSource,
+    pub expires_unix_ms: Option<u64>,
+    pub site: Option<String>,
+}
+
+/// Which bans to remove.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BanSelector {
+    Id(String),
+    Target(BanTarget),
+}
+
+/// What a command does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// Adds bans; a target already banned (same scope) is updated in place, keeping its id.
+    AddBans(Vec<NewBan>),
+    RemoveBans(Vec<BanSelector>),
+    /// Adds or refreshes bindings (keyed by AOR and contact).
+    PutBindings(Vec<Binding>),
+    /// Removes the binding of `contact` under `aor`.
+    RemoveBindings(Vec<(String, String)>),
+    /// Stores a new version of the policy document `name`.
+    PutPolicy {
+        name: String,
+        body: String,
+    },
+    /// Removes bans and bindings expired at the command's time (proposed by the leader).
+    Expire,
+    /// An audit record only (membership changes and the like).
+    Note {
+        action: String,
+        detail: String,
+    },
+}
+
+/// One entry of the replicated log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// When it was proposed (the proposer's clock): the only time the state machine knows.
+    pub at_unix_ms: u64,
+    /// The operator (token name) or edge that asked.
+    pub who: String,
+    pub op: Op,
+}
+
+impl Command {
+    pub fn encode(&self) -> Vec<u8> {
+        // Strings, numbers and enums only: JSON encoding cannot fail.
+        serde_json::to_vec(self).expect("command encodes as JSON")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Command, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+/// What applying a command did, returned to whoever proposed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Applied {
+    /// The bans as stored (new or updated).
+    Bans(Vec<Ban>),
+    /// The bans removed (empty: nothing matched).
+    Removed(Vec<Ban>),
+    Bindings {
+        put: usize,
+        removed: usize,
+    },
+    Policy {
+        name: String,
+        version: u64,
+    },
+    Expired {
+        bans: usize,
+        bindings: usize,
+    },
+    Noted,
+}
+
+/// One change, as watchers see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    BanPut(Ban),
+    BanRemoved(Ban),
+    BindingPut(Binding),
+    BindingRemoved { aor: String, contact: String },
+    PolicyPut { name: String, version: u64 },
+}
+
+/// A versioned policy document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyDoc {
+    pub version: u64,
+    pub body: String,
+    pub updated_unix_ms: u64,
+    pub updated_by: String,
+}
+
+/// Who changed what, when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub revision: u64,
+    pub at_unix_ms: u64,
+    pub who: String,
+    pub action: String,
+    pub detail: String,
+}
+
+/// The state every controller replicates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct StateMachine {
+    revision: u64,
+    next_ban: u64,
+    bans: BTreeMap<String, Ban>,
+    /// `(target, site)` → id: one ban per target and scope. Rebuilt from `bans` on restore.
+    #[serde(skip)]
+    by_target: BTreeMap<(BanTarget, Option<String>), String>,
+    /// AOR → contact → binding.
+    bindings: BTreeMap<String, BTreeMap<String, Binding>>,
+    policies: BTreeMap<String, PolicyDoc>,
+    audit: VecDeque<AuditEntry>,
+    /// `(revision, change)`, oldest first; not part of snapshots.
+    #[serde(skip)]
+    changes: VecDeque<(u64, Change)>,
+    /// The oldest revision the change window can serve deltas from.
+    #[serde(skip)]
+    window_start: u64,
+}
+
+impl StateMachine {
+    /// Changes kept for watchers.
+    pub const CHANGE_WINDOW: usize = 100_000;
+    /// Audit entries kept.
+    pub const AUDIT_KEEP: usize = 100_000;
+
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    pub fn bans(&self) -> impl Iterator<Item = &Ban> {
+        self.bans.values()
+    }
+
+    pub fn ban(&self, id: &str) -> Option<&Ban> {
+        self.bans.get(id)
+    }
+
+    pub fn bindings(&self) -> impl Iterator<Item = &Binding> {
+        self.bindings.values().flat_map(|m| m.values())
+    }
+
+    pub fn bindings_of(&self, aor: &str) -> Vec<&Binding> {
+        self.bindings
+            .get(aor)
+            .map(|m| m.values().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn policy(&self, name: &str) -> Option<&PolicyDoc> {
+        self.policies.get(name)
+    }
+
+    pub fn audit(&self) -> impl DoubleEndedIterator<Item = &AuditEntry> {
+        self.audit.iter()
+    }
+
+    /// The changes after `revision`, or `None` when the window no longer reaches back that far
+    /// (the watcher needs a snapshot).
+    pub fn changes_since(&self, revision: u64) -> Option<Vec<(u64, Change)>> {
+        if revision < self.window_start {
+            return None;
+        }
+        Some(
+            self.changes
+                .iter()
+                .filter(|(r, _)| *r > revision)
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// Bumps the revision and writes the audit entry when `changes` is not empty (or for a note).
+    fn record(&mut self, cmd: &Command, action: &str, detail: String, changes: Vec<Change>) {
+        if changes.is_empty() && !matches!(cmd.op, Op::Note { .. }) {
+            return;
+        }
+        self.revision += 1;
+        let rev = self.revision;
+        for c in changes {
+            self.changes.push_back((rev, c));
+        }
+        while self.changes.len() > Self::CHANGE_WINDOW {
+            if let Some((r, _)) = self.changes.pop_front() {
+                self.window_start = r;
+            }
+        }
+        self.audit.push_back(AuditEntry {
+            revision: rev,
+            at_unix_ms: cmd.at_unix_ms,
+            who: cmd.who.clone(),
+            action: action.to_string(),
+            detail,
+        });
+        while self.audit.len() > Self::AUDIT_KEEP {
+            self.audit.pop_front();
+        }
+    }
+
+    /// Applies one command.
+    pub fn apply(&mut self, cmd: &Command) -> Applied {
+        match &cmd.op {
+            Op::AddBans(new) => {
+                let mut stored = Vec::new();
+                for n in new {
+                    let key = (n.target.clone(), n.site.clone());
+                    let ban = match self.by_target.get(&key).and_then(|id| self.bans.get(id)) {
+                        Some(old) => Ban {
+                            reason: n.reason.clone(),
+                            source: n.source.clone(),
+                            created_by: cmd.who.clone(),
+                            expires_unix_ms: n.expires_unix_ms,
+                            ..old.clone()
+                        },
+                        None => {
+                            self.next_ban += 1;
+                            Ban {
+                                id: format!("b{}", self.next_ban),
+                                target: n.target.clone(),
+                                reason: n.reason.clone(),
+                                source: n.source.clone(),
+                                created_by: cmd.who.clone(),
+                                created_unix_ms: cmd.at_unix_ms,
+                                expires_unix_ms: n.expires_unix_ms,
+                                site: n.site.clone(),
+                            }
+                        }
+                    };
+                    self.by_target.insert(key, ban.id.clone());
+                    self.bans.insert(ban.id.clone(), ban.clone());
+                    stored.push(ban);
+                }
+                let detail = summarize("ban", stored.iter().map(|b| b.target.to_string()));
+                let changes = stored.iter().cloned().map(Change::BanPut).collect();
+                self.record(cmd, "ban.add", detail, changes);
+                Applied::Bans(stored)
+            }
+            Op::RemoveBans(selectors) => {
+                let mut removed = Vec::new();
+                for s in selectors {
+                    let ids: Vec<String> = match s {
+                        BanSelector::Id(id) => vec![id.clone()],
+                        BanSelector::Target(t) => self
+                            .by_target
+                            .iter()
+                            .filter(|((target, _), _)| target == t)
+                            .map(|(_, id)| id.clone())
+                            .collect(),
+                    };
+                    for id in ids {
+                        if let Some(b) = self.bans.remove(&id) {
+                            self.by_target.remove(&(b.target.clone(), b.site.clone()));
+                            removed.push(b);
+                        }
+                    }
+                }
+                let detail = summarize("unban", removed.iter().map(|b| b.target.to_string()));
+                let changes = removed.iter().cloned().map(Change::BanRemoved).collect();
+                self.record(cmd, "ban.remove", detail, changes);
+                Applied::Removed(removed)
+            }
+            Op::PutBindings(list) => {
+                let mut changes = Vec::new();
+                for b in list {
+                    self.bindings
+                        .entry(b.aor.clone())
+                        .or_default()
+                        .insert(b.contact.clone(), b.clone());
+                    changes.push(Change::BindingPut(b.clone()));
+                }
+                let put = changes.len();
+                let detail = summarize("register", list.iter().map(|b| b.aor.clone()));
+                self.record(cmd, "registration.put", detail, changes);
+                Applied::Bindings { put, removed: 0 }
+            }
+            Op::RemoveBindings(list) => {
+                let mut changes = Vec::new();
+                for (aor, contact) in list {
+                    if self.remove_binding(aor, contact) {
+                        changes.push(Change::BindingRemoved {
+                            aor: aor.clone(),
+                            contact: contact.clone(),
+                        });
+                    }
+                }
+                let removed = changes.len();
+                let detail = summarize("unregister", list.iter().map(|(a, _)| a.clone()));
+                self.record(cmd, "registration.remove", detail, changes);
+                Applied::Bindings { put: 0, removed }
+            }
+            Op::PutPolicy { name, body } => {
+                let version = self.policies.get(name).map_or(1, |p| p.version + 1);
+                self.policies.insert(
+                    name.clone(),
+                    PolicyDoc {
+                        version,
+                        body: body.clone(),
+                        updated_unix_ms: cmd.at_unix_ms,
+                        updated_by: cmd.who.clone(),
+                    },
+                );
+                let change = Change::PolicyPut {
+                    name: name.clone(),
+                    version,
+                };
+                self.record(
+                    cmd,
+                    "policy.put",
+                    format!("{name} v{version}"),
+                    vec![change],
+                );
+                Applied::Policy {
+                    name: name.clone(),
+                    version,
+                }
+            }
+            Op::Expire => {
+                let now = cmd.at_unix_ms;
+                let expired: Vec<String> = self
+                    .bans
+                    .values()
+                    .filter(|b| !b.live(now))
+                    .map(|b| b.id.clone())
+                    .collect();
+                let mut changes = Vec::new();
+                for id in &expired {
+                    if let Some(b) = self.bans.remove(id) {
+                        self.by_target.remove(&(b.target.clone(), b.site.clone()));
+                        changes.push(Change::BanRemoved(b));
+                    }
+                }
+                let old: Vec<(String, String)> = self
+                    .bindings()
+                    .filter(|b| b.expires_unix_ms <= now)
+                    .map(|b| (b.aor.clone(), b.contact.clone()))
+                    .collect();
+                for (aor, contact) in &old {
+                    self.remove_binding(aor, contact);
+                    changes.push(Change::BindingRemoved {
+                        aor: aor.clone(),
+                        contact: contact.clone(),
+                    });
+                }
+                let detail = format!("{} bans, {} bindings expired", expired.len(), old.len());
+                self.record(cmd, "expire", detail, changes);
+                Applied::Expired {
+                    bans: expired.len(),
+                    bindings: old.len(),
+                }
+            }
+            Op::Note { action, detail } => {
+                self.record(cmd, action, detail.clone(), Vec::new());
+                Applied::Noted
+            }
+        }
+    }
+
+    fn remove_binding(&mut self, aor: &str, contact: &str) -> bool {
+        let Some(m) = self.bindings.get_mut(aor) else {
+            return false;
+        };
+        let gone = m.remove(contact).is_some();
+        if m.is_empty() {
+            self.bindings.remove(aor);
+        }
+        gone
+    }
+
+    /// The earliest expiry of any ban or binding: when the leader should next propose `Expire`.
+    pub fn next_expiry(&self) -> Option<u64> {
+        let bans = self.bans.values().filter_map(|b| b.expires_unix_ms);
+        let binds = self.bindings().map(|b| b.expires_unix_ms);
+        bans.chain(binds).min()
+    }
+
+    /// The state as bytes (the change window is not included).
+    pub fn snapshot(&self) -> Vec<u8> {
+        // Every map is keyed by strings and every value is plain data, so JSON encoding cannot
+        // fail; the round-trip test guards it.
+        serde_json::to_vec(self).expect("state machine encodes as JSON")
+    }
+
+    /// The state `snapshot` wrote; watchers older than it get a snapshot.
+    pub fn restore(bytes: &[u8]) -> Result<StateMachine, serde_json::Error> {
+        let mut s: StateMachine = serde_json::from_slice(bytes)?;
+        s.window_start = s.revision;
+        s.by_target = s
+            .bans
+            .values()
+            .map(|b| ((b.target.clone(), b.site.clone()), b.id.clone()))
+            .collect();
+        Ok(s)
+    }
+}
+
+/// `verb a, b, c` or `verb 1000 targets (a, b, c, …)`.
+fn summarize(verb: &str, items: impl Iterator<Item = String>) -> String {
+    let all: Vec<String> = items.collect();
+    match all.len() {
+        0..=3 => format!("{verb} {}", all.join(", ")),
+        n => format!("{verb} {n} targets ({}, …)", all[..3].join(", ")),
+    }
+}
+
+#[cfg(test)]
+mod tests;
