@@ -2,8 +2,11 @@
 //! policies, rate counters) and the central ban-list management API.
 //!
 //! - [`state`]: the deterministic replicated state machine (commands carry their time).
+//! - [`raft`]: the Raft node (one task owns raft-rs's `RawNode`), its `raft-engine` storage and its
+//!   transport seam.
 //!
-//! The Raft node, its storage and transport, the gRPC and REST admin APIs and `sipwardenctl` are
-//! being built (issue 4); see ARCHITECTURE.md for what exists.
+//! The gRPC peer transport, the admin APIs and `sipwardenctl` are being built (issue 4); see
+//! ARCHITECTURE.md for what exists.
 
+pub mod raft;
 pub mod state;
