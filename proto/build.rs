@@ -1,7 +1,11 @@
 //! Compiles `sipwarden/v1/*.proto` with the pure-Rust `protox` compiler: no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["sipwarden/v1/types.proto", "sipwarden/v1/edge.proto"];
+    let files = [
+        "sipwarden/v1/types.proto",
+        "sipwarden/v1/edge.proto",
+        "sipwarden/v1/peer.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
