@@ -8,5 +8,6 @@
 //! The gRPC peer transport, the admin APIs and `sipwardenctl` are being built (issue 4); see
 //! ARCHITECTURE.md for what exists.
 
+pub mod config;
 pub mod raft;
 pub mod state;
