@@ -8,6 +8,8 @@
 //! The gRPC peer transport, the admin APIs and `sipwardenctl` are being built (issue 4); see
 //! ARCHITECTURE.md for what exists.
 
+pub mod api;
 pub mod config;
 pub mod raft;
+pub mod server;
 pub mod state;

@@ -1,0 +1,6 @@
+//! The central ban-list management API: [`auth`] (bearer tokens, roles), [`error`] (one error
+//! type mapped to HTTP and gRPC), [`rest`] (`/api/v1` over axum).
+
+pub mod auth;
+pub mod error;
+pub mod rest;
