@@ -4,8 +4,10 @@
 //! A missing tool is a failure that names the Debian package to install, never a silent skip.
 //!
 //! [`mmdb`] writes small MaxMind databases for GeoIP tests; [`kamailio`] runs a registrar with
-//! digest auth; [`sipvicious`] runs the attacker.
+//! digest auth; [`sipvicious`] runs the attacker; [`controller`] runs `sipwarden-controller`
+//! processes.
 
+pub mod controller;
 pub mod kamailio;
 pub mod mmdb;
 pub mod sipvicious;
@@ -151,11 +153,27 @@ pub fn port_bound(proto: &str, port: u16) -> bool {
 
 /// A plain HTTP/1.1 GET; `(status, body)`.
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    http_request(addr, "GET", path, None, None)
+}
+
+/// One HTTP/1.1 request (`Connection: close`) with an optional bearer token and JSON body.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(15))).ok()?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let body = body.unwrap_or("");
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     )
     .ok()?;
     let mut out = String::new();

@@ -156,8 +156,18 @@ enum Pending {
     Read(oneshot::Sender<Result<u64, RaftError>>),
 }
 
+/// The applied index, its term and the conf state: what a snapshot of the state machine is
+/// labelled with. Updated by the node task as it applies.
+#[derive(Default, Clone)]
+struct AppliedMeta {
+    index: u64,
+    term: u64,
+    conf: ConfState,
+}
+
 /// The node task's state.
 pub struct Node {
+    applied_meta: Arc<std::sync::Mutex<AppliedMeta>>,
     cfg: NodeConfig,
     raw: RawNode<LogStore>,
     store: LogStore,
@@ -244,8 +254,37 @@ impl Node {
             .map_err(|e| RaftError::Raft(e.to_string()))?;
         let (tx, rx) = mpsc::channel(4096);
         let state = Arc::new(RwLock::new(state));
+        let applied_meta = Arc::new(std::sync::Mutex::new(AppliedMeta {
+            index: applied,
+            term: snap.get_metadata().term,
+            conf: store.conf_state(),
+        }));
+        {
+            let state = state.clone();
+            let meta = applied_meta.clone();
+            store.set_snapshot_source(Box::new(move || {
+                let m = meta.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                if m.index == 0 {
+                    return None;
+                }
+                let mut s = Snapshot::default();
+                s.set_data(
+                    state
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .snapshot()
+                        .into(),
+                );
+                let md = s.mut_metadata();
+                md.index = m.index;
+                md.term = m.term;
+                md.set_conf_state(m.conf);
+                Some(s)
+            }));
+        }
         let (status_tx, status_rx) = watch::channel(NodeStatus::default());
         let node = Node {
+            applied_meta,
             next_id: cfg.id << 40,
             cfg,
             raw,
@@ -482,6 +521,11 @@ impl Node {
             .map_err(|e| RaftError::Storage(format!("snapshot: {e}")))?;
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = s;
         self.applied = snap.get_metadata().index;
+        *self.applied_meta.lock().unwrap_or_else(|p| p.into_inner()) = AppliedMeta {
+            index: snap.get_metadata().index,
+            term: snap.get_metadata().term,
+            conf: snap.get_metadata().get_conf_state().clone(),
+        };
         info!(index = self.applied, "installed a snapshot from the leader");
         Ok(())
     }
@@ -489,6 +533,11 @@ impl Node {
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), RaftError> {
         for e in entries {
             self.applied = e.index;
+            {
+                let mut m = self.applied_meta.lock().unwrap_or_else(|p| p.into_inner());
+                m.index = e.index;
+                m.term = e.term;
+            }
             match e.get_entry_type() {
                 EntryType::EntryNormal => {
                     if e.data.is_empty() {
@@ -531,6 +580,10 @@ impl Node {
                             ..Default::default()
                         })
                         .map_err(|err| RaftError::Storage(err.to_string()))?;
+                    self.applied_meta
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .conf = cs.clone();
                     let parsed: Option<(u64, MemberChange)> =
                         serde_json::from_slice(&e.context).ok();
                     if let Some((id, change)) = parsed {

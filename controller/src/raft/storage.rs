@@ -53,12 +53,18 @@ struct Meta {
     snapshot: Snapshot,
 }
 
+/// Builds a snapshot of the applied state on demand (set by the node).
+pub type SnapshotSource = Box<dyn Fn() -> Option<Snapshot> + Send + Sync>;
+
 /// The Raft log on disk. Cheap to clone (shared).
 #[derive(Clone)]
 pub struct LogStore {
     engine: Arc<Engine>,
     meta: Arc<RwLock<Meta>>,
     path: String,
+    /// Fresh snapshots for peers: a stored one may predate a membership change, and raft-rs
+    /// rejects a snapshot whose conf state leaves the receiver out.
+    source: Arc<RwLock<Option<SnapshotSource>>>,
 }
 
 fn engine_err(path: &str, e: impl std::fmt::Display) -> StoreError {
@@ -100,7 +106,13 @@ impl LogStore {
             engine: Arc::new(engine),
             meta: Arc::new(RwLock::new(meta)),
             path,
+            source: Arc::new(RwLock::new(None)),
         })
+    }
+
+    /// Sets where fresh snapshots come from.
+    pub fn set_snapshot_source(&self, f: SnapshotSource) {
+        *self.source.write().unwrap_or_else(|p| p.into_inner()) = Some(f);
     }
 
     fn meta(&self) -> std::sync::RwLockReadGuard<'_, Meta> {
@@ -309,6 +321,17 @@ impl raft::Storage for LogStore {
     }
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let fresh = self
+            .source
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|f| f());
+        if let Some(s) = fresh {
+            if s.get_metadata().index >= request_index.max(1) {
+                return Ok(s);
+            }
+        }
         let snap = self.meta().snapshot.clone();
         if snap.get_metadata().index < request_index || snap.get_metadata().index == 0 {
             return Err(raft::Error::Store(
