@@ -24,6 +24,32 @@ fn ip(i: u32) -> String {
     std::net::Ipv4Addr::from(0x0A00_0000 + i).to_string()
 }
 
+/// Writes bans `range` to `node` with `sipwardenctl ban import` (a plain list); the targets
+/// acknowledged (exit status 0).
+fn write_cli(node: &ControllerProc, range: std::ops::Range<u32>) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("list.txt");
+    let list: Vec<String> = range.clone().map(ip).collect();
+    std::fs::write(&file, list.join("\n")).unwrap();
+    let out = std::process::Command::new(sipwarden_tests::workspace_bin("sipwardenctl"))
+        .args([
+            "--server",
+            &format!("http://{}", node.http),
+            "ban",
+            "import",
+        ])
+        .arg(&file)
+        .args(["--format", "plain", "--ttl", "86400"])
+        .env("SIPWARDEN_TOKEN", OPERATOR)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        list
+    } else {
+        Vec::new()
+    }
+}
+
 /// Posts bans `range` (single requests when `single`, else one bulk request) to `node`; the
 /// targets acknowledged with 201.
 fn write(node: &ControllerProc, range: std::ops::Range<u32>, single: bool) -> Vec<String> {
@@ -76,7 +102,8 @@ fn a_leader_killed_mid_write_loses_no_acknowledged_ban() {
     let li = (leader - 1) as usize;
     let follower = (li + 1) % 3;
 
-    // 1,000 bans: bulk batches of 100 and single requests, to the leader and to a follower.
+    // 1,000 bans: REST bulk batches of 100, single REST requests and `sipwardenctl ban import`,
+    // to the leader and to a follower.
     let mut acked: Vec<String> = Vec::new();
     acked.extend(write(&nodes[li], 0..100, false));
     acked.extend(write(&nodes[follower], 100..200, false));
@@ -96,7 +123,11 @@ fn a_leader_killed_mid_write_loses_no_acknowledged_ban() {
             let t0 = Instant::now();
             // Retry a batch that fails while the cluster elects a new leader (bounded).
             loop {
-                let got = write(&writer_node, range.clone(), batch % 2 == 0);
+                let got = match batch % 3 {
+                    0 => write(&writer_node, range.clone(), true),
+                    1 => write_cli(&writer_node, range.clone()),
+                    _ => write(&writer_node, range.clone(), false),
+                };
                 let whole = got.len() == 100;
                 acked.extend(got);
                 if whole || t0.elapsed() > Duration::from_secs(20) {
@@ -350,4 +381,72 @@ fn every_endpoint_refuses_bad_tokens_roles_and_input_writing_nothing() {
         .request("GET", "/api/v1/audit", Some(VIEWER), None)
         .unwrap();
     assert!(audit.contains(r#""who":"operator""#), "{audit}");
+}
+
+/// `sipwardenctl` against a real controller: add, list (table and JSON), get, remove, audit,
+/// cluster status; a wrong token fails with the server's message.
+#[test]
+fn sipwardenctl_drives_the_api() {
+    let root = tempfile::tempdir().unwrap();
+    let seat = Seat::new(1);
+    let n = ControllerProc::start(
+        root.path(),
+        &seat,
+        std::slice::from_ref(&seat),
+        false,
+        10_000,
+    );
+    let ctl = |token: &str, args: &[&str]| {
+        let out = std::process::Command::new(sipwarden_tests::workspace_bin("sipwardenctl"))
+            .args(["--server", &format!("http://{}", n.http)])
+            .args(args)
+            .env("SIPWARDEN_TOKEN", token)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = ctl(
+        OPERATOR,
+        &[
+            "ban",
+            "add",
+            "cidr",
+            "203.0.113.0/24",
+            "--reason",
+            "scanner net",
+            "--ttl",
+            "3600",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("cidr:203.0.113.0/24") && out.contains("scanner net"),
+        "{out}"
+    );
+    let (ok, out, _) = ctl(VIEWER, &["--json", "ban", "list", "--all", "--consistent"]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["bans"].as_array().unwrap().len(), 1);
+    let id = v["bans"][0]["id"].as_str().unwrap().to_string();
+    let (ok, out, _) = ctl(VIEWER, &["ban", "get", &id]);
+    assert!(ok && out.contains(&id), "{out}");
+    let (ok, _, err) = ctl(VIEWER, &["ban", "rm", &id]);
+    assert!(!ok && err.contains("403"), "a viewer cannot remove: {err}");
+    let (ok, out, _) = ctl(OPERATOR, &["ban", "rm", &id]);
+    assert!(ok && out.contains("removed 1"), "{out}");
+    let (ok, out, _) = ctl(VIEWER, &["audit", "--limit", "5"]);
+    assert!(
+        ok && out.contains("ban.remove") && out.contains("operator"),
+        "{out}"
+    );
+    let (ok, out, _) = ctl(VIEWER, &["cluster", "status"]);
+    assert!(ok && out.contains("Leader"), "{out}");
+    let (ok, _, err) = ctl("wrong", &["ban", "list"]);
+    assert!(!ok && err.contains("401"), "{err}");
+    let (ok, _, err) = ctl(OPERATOR, &["ban", "add", "ip", "10.0.0.300"]);
+    assert!(!ok && err.contains("target.ip"), "{err}");
 }

@@ -440,6 +440,204 @@ async fn audit(
     ))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegQuery {
+    /// Substring of the AOR.
+    contains: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn registrations(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    query: Result<Query<RegQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<sipwarden_shared::ban::Binding>>, ApiError> {
+    caller(&api, &headers, Role::Viewer)?;
+    let Query(q) = query.map_err(|e| ApiError::Invalid(format!("query: {}", e.body_text())))?;
+    let limit = q.limit.unwrap_or(1000).min(100_000);
+    Ok(Json(api.handle.read(|s| {
+        s.bindings()
+            .filter(|b| q.contains.as_deref().is_none_or(|c| b.aor.contains(c)))
+            .take(limit)
+            .cloned()
+            .collect()
+    })))
+}
+
+async fn registration(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(aor): Path<String>,
+) -> Result<Json<Vec<sipwarden_shared::ban::Binding>>, ApiError> {
+    caller(&api, &headers, Role::Viewer)?;
+    let found: Vec<_> = api
+        .handle
+        .read(|s| s.bindings_of(&aor).into_iter().cloned().collect());
+    if found.is_empty() {
+        return Err(ApiError::NotFound(format!("no registration for {aor:?}")));
+    }
+    Ok(Json(found))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FormatQuery {
+    /// `json` (default), `plain` (one IP or CIDR per line) or `apiban`.
+    format: Option<String>,
+    /// Import: TTL applied to every imported ban.
+    ttl_s: Option<i64>,
+    /// Import: reason applied to every imported ban.
+    reason: Option<String>,
+}
+
+fn format_of(q: &FormatQuery) -> Result<&str, ApiError> {
+    match q.format.as_deref().unwrap_or("json") {
+        f @ ("json" | "plain" | "apiban") => Ok(f),
+        f => Err(ApiError::Invalid(format!(
+            "format: {f:?} is not json, plain or apiban"
+        ))),
+    }
+}
+
+async fn export(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    query: Result<Query<FormatQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    caller(&api, &headers, Role::Viewer)?;
+    let Query(q) = query.map_err(|e| ApiError::Invalid(format!("query: {}", e.body_text())))?;
+    let format = format_of(&q)?;
+    let (bans, revision) = api
+        .handle
+        .read(|s| (s.bans().cloned().collect::<Vec<_>>(), s.revision()));
+    Ok(match format {
+        "json" => Json(BansOut {
+            bans,
+            next_page_token: None,
+            revision,
+        })
+        .into_response(),
+        "plain" => {
+            let mut out = String::new();
+            for b in &bans {
+                match &b.target {
+                    BanTarget::Ip(ip) => out.push_str(&ip.to_string()),
+                    BanTarget::Cidr(n) => out.push_str(&n.to_string()),
+                    _ => continue,
+                }
+                out.push('\n');
+            }
+            ([(axum::http::header::CONTENT_TYPE, "text/plain")], out).into_response()
+        }
+        _ => Json(serde_json::json!({
+            "ipaddress": bans
+                .iter()
+                .filter_map(|b| match &b.target {
+                    BanTarget::Ip(ip) => Some(ip.to_string()),
+                    BanTarget::Cidr(n) => Some(n.to_string()),
+                    _ => None,
+                })
+                .collect::<Vec<_>>(),
+            "ID": revision.to_string(),
+        }))
+        .into_response(),
+    })
+}
+
+/// Reads an import body: `json` is `{"bans":[BanIn…]}`, `plain` one IP or CIDR per line (`#`
+/// comments), `apiban` `{"ipaddress":[…]}`.
+fn import_bans(
+    format: &str,
+    body: &[u8],
+    q: &FormatQuery,
+    now: u64,
+) -> Result<Vec<NewBan>, ApiError> {
+    let template = |value: &str, line: usize| -> Result<NewBan, ApiError> {
+        let kind = if value.contains('/') { "cidr" } else { "ip" };
+        let input = BanIn {
+            target: TargetIn {
+                kind: kind.into(),
+                value: value.into(),
+            },
+            reason: q
+                .reason
+                .clone()
+                .unwrap_or_else(|| format!("import ({format})")),
+            ttl_s: q.ttl_s,
+            expires_unix_ms: None,
+            site: None,
+            source: Some(format!("feed:{format}")),
+        };
+        input
+            .validate(now, None)
+            .map_err(|e| ApiError::Invalid(format!("entry {line}: {e}")))
+    };
+    match format {
+        "json" => {
+            let input: BulkIn = parse_body(body)?;
+            input
+                .bans
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b.validate(now, Some(i)))
+                .collect()
+        }
+        "plain" => {
+            let text = std::str::from_utf8(body)
+                .map_err(|_| ApiError::Invalid("request body: not UTF-8".into()))?;
+            text.lines()
+                .enumerate()
+                .map(|(i, l)| (i + 1, l.split('#').next().unwrap_or("").trim()))
+                .filter(|(_, l)| !l.is_empty())
+                .map(|(i, l)| template(l, i))
+                .collect()
+        }
+        _ => {
+            #[derive(Deserialize)]
+            struct Apiban {
+                ipaddress: Vec<String>,
+            }
+            let a: Apiban = parse_body(body)?;
+            a.ipaddress
+                .iter()
+                .enumerate()
+                .map(|(i, ip)| template(ip, i))
+                .collect()
+        }
+    }
+}
+
+async fn import(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    query: Result<Query<FormatQuery>, axum::extract::rejection::QueryRejection>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let who = caller(&api, &headers, Role::Operator)?;
+    let Query(q) = query.map_err(|e| ApiError::Invalid(format!("query: {}", e.body_text())))?;
+    let format = format_of(&q)?;
+    let bans = import_bans(format, &body, &q, (api.clock)())?;
+    if bans.is_empty() || bans.len() > 10 * MAX_BULK {
+        return Err(ApiError::Invalid(format!(
+            "request body: 1 to {} bans per import",
+            10 * MAX_BULK
+        )));
+    }
+    let total = bans.len();
+    for chunk in bans.chunks(MAX_BULK) {
+        propose(&api, &who, Op::AddBans(chunk.to_vec())).await?;
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({
+            "imported": total,
+            "revision": api.handle.read(|s| s.revision()),
+        })),
+    ))
+}
+
 async fn healthz() -> &'static str {
     "ok"
 }
@@ -464,6 +662,10 @@ pub fn router(api: Api) -> Router {
         .route("/api/v1/bans", post(add_ban).get(list_bans))
         .route("/api/v1/bans:bulk", post(add_bulk))
         .route("/api/v1/bans:remove", post(remove_bulk))
+        .route("/api/v1/bans:export", get(export))
+        .route("/api/v1/bans:import", post(import))
+        .route("/api/v1/registrations", get(registrations))
+        .route("/api/v1/registrations/{aor}", get(registration))
         .route("/api/v1/bans/{id}", get(get_ban).delete(remove_ban))
         .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/cluster/members", post(add_member))

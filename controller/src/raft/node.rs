@@ -109,15 +109,27 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// Proposes `cmd` and waits for it to be applied.
+    /// Proposes `cmd` and waits for it to be applied. While no leader is known (an election is
+    /// under way) it retries for up to [`Handle::LEADER_WAIT`].
     pub async fn propose(&self, cmd: Command) -> Result<Applied, RaftError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Request::Propose(cmd, tx))
-            .await
-            .map_err(|_| RaftError::Stopped)?;
-        rx.await.map_err(|_| RaftError::Timeout)?
+        let deadline = tokio::time::Instant::now() + Self::LEADER_WAIT;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            self.tx
+                .send(Request::Propose(cmd.clone(), tx))
+                .await
+                .map_err(|_| RaftError::Stopped)?;
+            match rx.await.map_err(|_| RaftError::Timeout)? {
+                Err(RaftError::NoLeader) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
     }
+
+    /// How long a request waits for a leader to be elected.
+    pub const LEADER_WAIT: Duration = Duration::from_secs(5);
 
     /// Waits until this node has applied everything committed when the read was asked
     /// (ReadIndex): reads of the state after this are linearizable.
@@ -250,8 +262,14 @@ impl Node {
             ..Default::default()
         };
         let logger = slog::Logger::root(TracingDrain, slog::o!("raft_id" => cfg.id));
-        let raw = RawNode::new(&rcfg, store.clone(), &logger)
+        let mut raw = RawNode::new(&rcfg, store.clone(), &logger)
             .map_err(|e| RaftError::Raft(e.to_string()))?;
+        // A cluster of one needs no election timeout to pass.
+        if raw.raft.prs().conf().voters().ids().len() == 1
+            && raw.raft.prs().conf().voters().contains(cfg.id)
+        {
+            raw.campaign().map_err(|e| RaftError::Raft(e.to_string()))?;
+        }
         let (tx, rx) = mpsc::channel(4096);
         let state = Arc::new(RwLock::new(state));
         let applied_meta = Arc::new(std::sync::Mutex::new(AppliedMeta {
