@@ -1,6 +1,7 @@
-//! The central ban-list management API: [`auth`] (bearer tokens, roles), [`error`] (one error
-//! type mapped to HTTP and gRPC), [`rest`] (`/api/v1` over axum).
+//! The central ban-list management API: [`core`] (the operations, once), [`auth`] (bearer tokens,
+//! roles), [`error`] (one error type mapped to HTTP and gRPC), [`rest`] (`/api/v1` over axum).
 
 pub mod auth;
+pub mod core;
 pub mod error;
 pub mod rest;

@@ -2,7 +2,8 @@
 //! (REST admin API and probes), and stops them on shutdown.
 
 use crate::api::auth::{Role, Tokens};
-use crate::api::rest::{self, Api};
+use crate::api::core::{Api, MemberHook};
+use crate::api::rest;
 use crate::config::ControllerConfig;
 use crate::raft::grpc::{GrpcTransport, PeerService, CHUNK};
 use crate::raft::node::{Node, NodeConfig};
@@ -134,7 +135,7 @@ impl Controller {
         if cfg.auth.tokens.is_empty() {
             tokens.push(&admin_token(&cfg.node.data_dir)?, "admin", Role::Admin);
         }
-        let on_member: rest::MemberHook = {
+        let on_member: MemberHook = {
             let transport = transport.clone();
             Arc::new(move |id, addr| match addr {
                 Some(a) => transport.set_peer(id, a),
