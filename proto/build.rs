@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "sipwarden/v1/types.proto",
         "sipwarden/v1/edge.proto",
         "sipwarden/v1/peer.proto",
+        "sipwarden/v1/admin.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

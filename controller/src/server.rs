@@ -3,11 +3,13 @@
 
 use crate::api::auth::{Role, Tokens};
 use crate::api::core::{Api, MemberHook};
+use crate::api::grpc::AdminService;
 use crate::api::rest;
 use crate::config::ControllerConfig;
 use crate::raft::grpc::{GrpcTransport, PeerService, CHUNK};
 use crate::raft::node::{Node, NodeConfig};
 use crate::raft::storage::LogStore;
+use sipwarden_proto::v1::admin_server::AdminServer;
 use sipwarden_proto::v1::peer_server::PeerServer;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -166,11 +168,14 @@ impl Controller {
             secret: cfg.cluster.peer_secret.as_str().into(),
         })
         .max_decoding_message_size(CHUNK * 2);
+        let admin =
+            AdminServer::new(AdminService { api: api.clone() }).max_decoding_message_size(64 << 20);
         let grpc_stop = stop.clone();
         tracker.spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
             if let Err(e) = tonic::transport::Server::builder()
                 .add_service(peer)
+                .add_service(admin)
                 .serve_with_incoming_shutdown(incoming, grpc_stop.cancelled_owned())
                 .await
             {
