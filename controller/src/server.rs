@@ -108,6 +108,7 @@ impl Controller {
         ncfg.election_ticks = cfg.cluster.election_ticks;
         ncfg.heartbeat_ticks = cfg.cluster.heartbeat_ticks;
         ncfg.snapshot_every = cfg.cluster.snapshot_every;
+        ncfg.addresses = members.clone();
         let (node, handle, rx) = Node::start(ncfg, store, transport.clone())?;
         tracker.spawn(node.run(rx, stop.clone()));
 

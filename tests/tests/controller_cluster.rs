@@ -190,6 +190,8 @@ fn members_join_and_leave_and_a_late_joiner_gets_a_snapshot() {
     let refs: Vec<&ControllerProc> = nodes.iter().collect();
     let leader = agreed_leader(&refs, Duration::from_secs(15)).expect("a leader");
     let l = &nodes[(leader - 1) as usize];
+    let members = l.status().unwrap()["addresses"].as_array().unwrap().len();
+    assert_eq!(members, 3, "status lists every member's address");
     for b in 0..2 {
         assert_eq!(write(l, b * 100..(b + 1) * 100, false).len(), 100);
     }

@@ -283,3 +283,40 @@ pub fn router(api: Api) -> Router {
         .fallback(fallback)
         .with_state(api)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ROUTES;
+
+    /// The OpenAPI document lists exactly the routes the router serves, each secured by the
+    /// bearer scheme and documenting 401 and 403.
+    #[test]
+    fn openapi_document_matches_the_routes() {
+        let doc: serde_json::Value =
+            serde_json::from_str(include_str!("../../openapi.json")).expect("openapi.json parses");
+        assert_eq!(doc["openapi"], "3.0.3");
+        let mut documented: Vec<(String, String)> = Vec::new();
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for (method, op) in ops.as_object().unwrap() {
+                assert!(
+                    op["security"][0].get("bearer").is_some(),
+                    "{method} {path} is secured"
+                );
+                for code in ["401", "403"] {
+                    assert!(
+                        op["responses"].get(code).is_some(),
+                        "{method} {path} documents {code}"
+                    );
+                }
+                documented.push((method.clone(), path.clone()));
+            }
+        }
+        let mut served: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        documented.sort();
+        served.sort();
+        assert_eq!(documented, served);
+    }
+}

@@ -47,6 +47,8 @@ pub struct NodeConfig {
     pub snapshot_every: u64,
     /// Pending requests older than this are failed with [`RaftError::Timeout`].
     pub request_timeout: Duration,
+    /// Member addresses known from configuration (membership changes add theirs).
+    pub addresses: Vec<(u64, String)>,
 }
 
 impl NodeConfig {
@@ -59,6 +61,7 @@ impl NodeConfig {
             heartbeat_ticks: 2,
             snapshot_every: 10_000,
             request_timeout: Duration::from_secs(10),
+            addresses: Vec::new(),
         }
     }
 }
@@ -301,6 +304,7 @@ impl Node {
             }));
         }
         let (status_tx, status_rx) = watch::channel(NodeStatus::default());
+        let addresses = cfg.addresses.iter().cloned().collect();
         let node = Node {
             applied_meta,
             next_id: cfg.id << 40,
@@ -313,7 +317,7 @@ impl Node {
             pending: HashMap::new(),
             reads: Vec::new(),
             applied,
-            addresses: HashMap::new(),
+            addresses,
             expire_in_flight: None,
             clock: unix_ms,
         };
