@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use sipwarden_controller::config::ControllerConfig;
 use sipwarden_controller::server::Controller;
-use sipwarden_shared::config::ProcessEnv;
+use sipwarden_shared::config::{self, ProcessEnv};
 use sipwarden_shared::telemetry::{self, LogFormat};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,15 +45,13 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let text = match &args.config {
-        Some(p) => {
-            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
-        }
-        None => None,
-    };
-    let path = args.config.as_ref().map(|p| p.display().to_string());
-    let file = path.as_deref().zip(text.as_deref());
-    let mut cfg = match ControllerConfig::load(file, &ProcessEnv) {
+    let loaded = config::read_file(args.config.as_deref()).and_then(|f| {
+        ControllerConfig::load(
+            f.as_ref().map(|(p, t)| (p.as_str(), t.as_str())),
+            &ProcessEnv,
+        )
+    });
+    let mut cfg = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("sipwarden-controller: {e}");

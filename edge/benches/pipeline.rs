@@ -9,8 +9,6 @@ use sipwarden_edge::clock::Clock;
 use sipwarden_edge::config::{self, EdgeConfig, Listener};
 use sipwarden_edge::flow::FlowKeys;
 use sipwarden_edge::metrics::Metrics;
-use sipwarden_edge::pipeline::event::EventSink;
-use sipwarden_edge::pipeline::{BuildEnv, Firewall, Pipeline, State};
 use sipwarden_edge::policy::Policy;
 use sipwarden_edge::proxy::{Inbound, Proxy, Side};
 use sipwarden_edge::service::Service;
@@ -53,6 +51,11 @@ fn ban_store() -> Arc<BanStore> {
 }
 
 fn service(bans: Arc<BanStore>) -> Service {
+    let mut policy = Policy::default();
+    // Benchmarks send the same source many times: rate limits would turn it away.
+    policy.flood.enabled = false;
+    policy.rate.enabled = false;
+    policy.allowlist.networks = vec!["203.0.113.0/24".parse().unwrap()];
     let cfg = EdgeConfig {
         listeners: vec![Listener {
             transport: Transport::Udp,
@@ -63,6 +66,7 @@ fn service(bans: Arc<BanStore>) -> Service {
             address: PBX.parse().unwrap(),
             ..config::Backend::default()
         }],
+        policy,
         ..EdgeConfig::default()
     };
     let bound: Vec<SocketAddr> = vec![EDGE.parse().unwrap()];
@@ -73,21 +77,15 @@ fn service(bans: Arc<BanStore>) -> Service {
         keys,
         Arc::new(Backends::new(&cfg.backends)),
     ));
-    let clock = Clock::system();
-    let state = Arc::new(State::new(bans));
-    let mut policy = Policy::default();
-    // Benchmarks send the same source many times: rate limits would turn it away.
-    policy.flood.enabled = false;
-    policy.rate.enabled = false;
-    policy.allowlist.networks = vec!["203.0.113.0/24".parse().unwrap()];
-    let env = BuildEnv {
-        trusted: vec![],
-        own_addrs: vec![("192.0.2.10".into(), 5060)],
-    };
-    let pipeline = Pipeline::build(&policy, &env, &state, &clock).unwrap();
-    let events = EventSink::new("bench", "bench", Arc::new(Metrics::default()));
-    let firewall = Arc::new(Firewall::new(pipeline, state, clock, events));
-    Service { proxy, firewall }
+    Service::build(
+        &cfg,
+        proxy,
+        bans,
+        Clock::system(),
+        Arc::new(Metrics::default()),
+    )
+    .unwrap()
+    .0
 }
 
 fn gate(c: &mut Criterion) {

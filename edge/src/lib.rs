@@ -38,8 +38,7 @@ use clock::Clock;
 use config::EdgeConfig;
 use flow::FlowKeys;
 use metrics::Metrics;
-use pipeline::event::EventSink;
-use pipeline::{BuildEnv, Firewall, Pipeline, State};
+use pipeline::Firewall;
 use proxy::Proxy;
 use service::Service;
 use sip::Transport;
@@ -140,15 +139,14 @@ impl Edge {
             cfg.policy.bans.max_entries,
             clock.now_ms(),
         )?);
-        let state = Arc::new(State::new(bans.clone()));
-        let build_env = BuildEnv {
-            trusted: cfg.trusted_pbx.clone(),
-            own_addrs: own_addrs(&proxy),
-        };
-        let pipeline = Pipeline::build(&cfg.policy, &build_env, &state, &clock)?;
-        let events = EventSink::new(&cfg.edge.id, &cfg.edge.site, metrics.clone())
-            .with_json_fields(cfg.log.format == "json");
-        let firewall = Arc::new(Firewall::new(pipeline, state, clock.clone(), events));
+        let (service, build_env) = Service::build(
+            &cfg,
+            proxy.clone(),
+            bans.clone(),
+            clock.clone(),
+            metrics.clone(),
+        )?;
+        let firewall = service.firewall.clone();
         bans.apply(clock.now_ms());
         tracker.spawn(bans.clone().run(clock.clone(), stop.clone()));
         tracker.spawn(housekeeping(
@@ -169,10 +167,7 @@ impl Edge {
                 .clone()
                 .watch(Duration::from_millis(cfg.reload.watch_ms), stop.clone()),
         );
-        let service = Arc::new(Service {
-            proxy: proxy.clone(),
-            firewall: firewall.clone(),
-        });
+        let service = Arc::new(service);
         let registry = Arc::new(tcp::Registry::new(
             cfg.tcp.clone(),
             metrics.clone(),
@@ -300,22 +295,6 @@ async fn housekeeping(firewall: Arc<Firewall>, metrics: Arc<Metrics>, stop: Canc
             .bans_active
             .set(firewall.state.bans.snapshot().len() as i64);
     }
-}
-
-/// The `host:port`s this edge answers to, for Via loop detection.
-fn own_addrs(proxy: &Proxy) -> Vec<(String, u16)> {
-    let mut out = Vec::new();
-    for l in &proxy.listeners {
-        if let Some(p) = l.advertise.port {
-            out.push((l.advertise.host.clone(), p));
-        }
-        if !l.bind.ip().is_unspecified() {
-            out.push((l.bind.ip().to_string(), l.bind.port()));
-        }
-    }
-    out.sort();
-    out.dedup();
-    out
 }
 
 fn tcp_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {

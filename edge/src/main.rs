@@ -5,7 +5,7 @@ use clap::Parser;
 use sipwarden_edge::config::EdgeConfig;
 use sipwarden_edge::reload::Reloader;
 use sipwarden_edge::Edge;
-use sipwarden_shared::config::ProcessEnv;
+use sipwarden_shared::config::{self, ProcessEnv};
 use sipwarden_shared::telemetry::{self, LogFormat};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,15 +26,13 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let text = match &args.config {
-        Some(p) => {
-            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
-        }
-        None => None,
-    };
-    let path = args.config.as_ref().map(|p| p.display().to_string());
-    let file = path.as_deref().zip(text.as_deref());
-    let cfg = match EdgeConfig::load(file, &ProcessEnv) {
+    let loaded = config::read_file(args.config.as_deref()).and_then(|f| {
+        EdgeConfig::load(
+            f.as_ref().map(|(p, t)| (p.as_str(), t.as_str())),
+            &ProcessEnv,
+        )
+    });
+    let cfg = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("sipwarden-edge: {e}");

@@ -267,6 +267,22 @@ impl Proxy {
         }
     }
 
+    /// The `host:port`s this edge answers to (advertised and bound), for Via loop detection.
+    pub fn own_addrs(&self) -> Vec<(String, u16)> {
+        let mut out = Vec::new();
+        for l in &self.listeners {
+            if let Some(p) = l.advertise.port {
+                out.push((l.advertise.host.clone(), p));
+            }
+            if !l.bind.ip().is_unspecified() {
+                out.push((l.bind.ip().to_string(), l.bind.port()));
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Whether `host:port` (port absent = 5060) names this edge.
     pub fn is_self(&self, host: &str, port: Option<u16>) -> bool {
         let port = port.unwrap_or(5060);

@@ -63,15 +63,13 @@ impl Reloader {
     }
 
     fn try_reload(&self) -> Result<(), String> {
-        let text = match &self.file {
-            Some(p) => Some(
-                std::fs::read_to_string(p).map_err(|e| format!("reading {}: {e}", p.display()))?,
-            ),
-            None => None,
-        };
-        let path = self.file.as_ref().map(|p| p.display().to_string());
-        let file = path.as_deref().zip(text.as_deref());
-        let cfg = EdgeConfig::load(file, self.env.as_ref()).map_err(|e| e.to_string())?;
+        let file =
+            sipwarden_shared::config::read_file(self.file.as_deref()).map_err(|e| e.to_string())?;
+        let cfg = EdgeConfig::load(
+            file.as_ref().map(|(p, t)| (p.as_str(), t.as_str())),
+            self.env.as_ref(),
+        )
+        .map_err(|e| e.to_string())?;
         let pipeline = Pipeline::build(
             &cfg.policy,
             &self.build_env,

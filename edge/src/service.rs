@@ -3,8 +3,14 @@
 //! `sip` tracing span per parsed message. Pure apart from the pipeline's state: bytes in,
 //! [`Decision`] out; the transport carries it out.
 
-use crate::metrics::method_label;
-use crate::pipeline::{Firewall, RequestCx, ResponseCx, SipView, Verdict};
+use crate::bans::BanStore;
+use crate::clock::Clock;
+use crate::config::EdgeConfig;
+use crate::metrics::{method_label, Metrics};
+use crate::pipeline::event::EventSink;
+use crate::pipeline::{
+    BuildEnv, BuildError, Firewall, Pipeline, RequestCx, ResponseCx, SipView, State, Verdict,
+};
 use crate::proxy::{self, via, Action, Decision, Dest, Inbound, Outcome, Proxy, Side};
 use crate::sip::{header_param, HeaderName, Message};
 use std::sync::Arc;
@@ -46,6 +52,28 @@ fn dropped(side: Side) -> Decision {
 }
 
 impl Service {
+    /// The firewall for `cfg` in front of `proxy`: its policy built over a fresh [`State`] on
+    /// `bans`, events labelled with the edge's id and site. Also returns the [`BuildEnv`] that
+    /// later reloads build with.
+    pub fn build(
+        cfg: &EdgeConfig,
+        proxy: Arc<Proxy>,
+        bans: Arc<BanStore>,
+        clock: Clock,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Service, BuildEnv), BuildError> {
+        let env = BuildEnv {
+            trusted: cfg.trusted_pbx.clone(),
+            own_addrs: proxy.own_addrs(),
+        };
+        let state = Arc::new(State::new(bans));
+        let pipeline = Pipeline::build(&cfg.policy, &env, &state, &clock)?;
+        let events = EventSink::new(&cfg.edge.id, &cfg.edge.site, metrics)
+            .with_json_fields(cfg.log.format == "json");
+        let firewall = Arc::new(Firewall::new(pipeline, state, clock, events));
+        Ok((Service { proxy, firewall }, env))
+    }
+
     /// Whether a connection from `source` may be accepted: not from a banned network, unless
     /// trusted. (Every message is still gated.)
     pub fn admits(&self, source: std::net::SocketAddr) -> bool {

@@ -58,6 +58,21 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// Reads the config file at `path`, if one is given: `(path as text, contents)` for [`load`].
+pub fn read_file(path: Option<&std::path::Path>) -> Result<Option<(String, String)>, ConfigError> {
+    let Some(p) = path else {
+        return Ok(None);
+    };
+    let shown = p.display().to_string();
+    match std::fs::read_to_string(p) {
+        Ok(text) => Ok(Some((shown, text))),
+        Err(source) => Err(ConfigError::Read {
+            path: shown,
+            source,
+        }),
+    }
+}
+
 /// Builds a `T` from its defaults, an optional TOML document and environment overrides.
 ///
 /// `reserved` names variables that carry the prefix but are not config keys (`SIPWARDEN_CONFIG`).

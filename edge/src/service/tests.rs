@@ -8,8 +8,7 @@ use crate::clock::Clock;
 use crate::config::{self, EdgeConfig, Listener};
 use crate::flow::FlowKeys;
 use crate::metrics::Metrics;
-use crate::pipeline::event::EventSink;
-use crate::pipeline::{BuildEnv, Pipeline, State};
+use crate::pipeline::{BuildEnv, Pipeline};
 use crate::policy::Policy;
 use crate::sip::Transport;
 use std::net::SocketAddr;
@@ -39,6 +38,7 @@ impl Rig {
                 address: PBX.parse().unwrap(),
                 ..config::Backend::default()
             }],
+            policy,
             ..EdgeConfig::default()
         };
         let bound: Vec<SocketAddr> = vec![EDGE.parse().unwrap()];
@@ -51,16 +51,10 @@ impl Rig {
         ));
         let clock = Clock::manual(T0);
         let metrics = Arc::new(Metrics::default());
-        let state = Arc::new(State::new(Arc::new(BanStore::new(None, 1000))));
-        let env = BuildEnv {
-            trusted: vec![],
-            own_addrs: vec![("192.0.2.10".into(), 5060)],
-        };
-        let pipeline = Pipeline::build(&policy, &env, &state, &clock).unwrap();
-        let events = EventSink::new("edge-t", "site-t", metrics.clone());
-        let firewall = Arc::new(Firewall::new(pipeline, state, clock.clone(), events));
+        let bans = Arc::new(BanStore::new(None, 1000));
+        let (svc, env) = Service::build(&cfg, proxy, bans, clock.clone(), metrics.clone()).unwrap();
         Rig {
-            svc: Service { proxy, firewall },
+            svc,
             metrics,
             clock,
             env,
