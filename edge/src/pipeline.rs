@@ -181,9 +181,10 @@ impl State {
         }
     }
 
-    /// Drops window entries and bindings that have expired (called periodically).
-    pub fn expire(&self, now_ms: u64, policy: &Policy) {
-        self.bindings.expire(now_ms);
+    /// Drops window entries and bindings that have expired (called periodically); returns how
+    /// many source addresses still hold a registration.
+    pub fn expire(&self, now_ms: u64, policy: &Policy) -> usize {
+        let registered = self.bindings.expire(now_ms);
         self.calls
             .expire(now_ms, policy.tollfraud.max_call_s * 1000);
         self.auth.expire(now_ms, policy.bruteforce.window_s * 1000);
@@ -192,6 +193,7 @@ impl State {
         self.flood.expire(now_ms, policy.flood.window_s * 1000);
         self.dialing
             .expire(now_ms, policy.tollfraud.sequential_window_s * 1000);
+        registered
     }
 }
 
@@ -410,8 +412,7 @@ impl Firewall {
             f.housekeep();
         }
         let now = self.clock.now_ms();
-        self.state.expire(now, &p.policy);
-        self.state.bindings.expire(now)
+        self.state.expire(now, &p.policy)
     }
 
     /// The completion phase.
