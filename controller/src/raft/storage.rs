@@ -144,26 +144,25 @@ impl LogStore {
     pub fn persist(&self, p: Persist<'_>) -> Result<(), StoreError> {
         let mut batch = LogBatch::default();
         let err = |e: raft_engine::Error| engine_err(&self.path, e);
+        let enc =
+            |m: &dyn protobuf::Message| m.write_to_bytes().map_err(|e| engine_err(&self.path, e));
+        // The hard state after this write: a snapshot moves commit (and term) up to it.
+        let mut hard_state = p.hard_state.cloned();
         if let Some(s) = p.snapshot {
+            let md = s.get_metadata();
+            let mut hs = hard_state.take().unwrap_or_else(|| self.hard_state());
+            if hs.commit < md.index {
+                hs.commit = md.index;
+                hs.term = hs.term.max(md.term);
+            }
+            hard_state = Some(hs);
             // A snapshot from the leader replaces the whole log: clean the group, then write the
-            // snapshot and its conf state (the hard state follows below).
+            // snapshot, its conf state and the hard state — one batch, so a crash leaves either
+            // the old state or all of the new.
             batch.add_command(GROUP, raft_engine::Command::Clean);
+            batch.put(GROUP, SNAPSHOT.to_vec(), enc(s)?).map_err(err)?;
             batch
-                .put(
-                    GROUP,
-                    SNAPSHOT.to_vec(),
-                    s.write_to_bytes().map_err(|e| engine_err(&self.path, e))?,
-                )
-                .map_err(err)?;
-            batch
-                .put(
-                    GROUP,
-                    CONF_STATE.to_vec(),
-                    s.get_metadata()
-                        .get_conf_state()
-                        .write_to_bytes()
-                        .map_err(|e| engine_err(&self.path, e))?,
-                )
+                .put(GROUP, CONF_STATE.to_vec(), enc(md.get_conf_state())?)
                 .map_err(err)?;
         }
         if !p.entries.is_empty() {
@@ -171,49 +170,24 @@ impl LogStore {
                 .add_entries::<Entries>(GROUP, p.entries)
                 .map_err(err)?;
         }
-        if let Some(hs) = p.hard_state {
+        if let Some(hs) = &hard_state {
             batch
-                .put(
-                    GROUP,
-                    HARD_STATE.to_vec(),
-                    hs.write_to_bytes().map_err(|e| engine_err(&self.path, e))?,
-                )
+                .put(GROUP, HARD_STATE.to_vec(), enc(hs)?)
                 .map_err(err)?;
         }
         if let Some(cs) = p.conf_state {
             batch
-                .put(
-                    GROUP,
-                    CONF_STATE.to_vec(),
-                    cs.write_to_bytes().map_err(|e| engine_err(&self.path, e))?,
-                )
+                .put(GROUP, CONF_STATE.to_vec(), enc(cs)?)
                 .map_err(err)?;
         }
         self.engine.write(&mut batch, true).map_err(err)?;
         let mut m = self.meta.write().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = p.snapshot {
-            let idx = s.get_metadata().index;
             m.conf_state = s.get_metadata().get_conf_state().clone();
             m.snapshot = s.clone();
-            if p.hard_state.is_none() {
-                // The clean removed it; put it back below from memory.
-                let hs = m.hard_state.clone();
-                let mut b = LogBatch::default();
-                b.put(
-                    GROUP,
-                    HARD_STATE.to_vec(),
-                    hs.write_to_bytes().map_err(|e| engine_err(&self.path, e))?,
-                )
-                .map_err(err)?;
-                self.engine.write(&mut b, true).map_err(err)?;
-            }
-            if m.hard_state.commit < idx {
-                m.hard_state.commit = idx;
-                m.hard_state.term = m.hard_state.term.max(s.get_metadata().term);
-            }
         }
-        if let Some(hs) = p.hard_state {
-            m.hard_state = hs.clone();
+        if let Some(hs) = hard_state {
+            m.hard_state = hs;
         }
         if let Some(cs) = p.conf_state {
             m.conf_state = cs.clone();
@@ -339,5 +313,88 @@ impl raft::Storage for LogStore {
             ));
         }
         Ok(snap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::Storage;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            data: vec![index as u8].into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn entries_and_hard_state_survive_a_reopen_and_a_snapshot_replaces_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LogStore::open(dir.path()).unwrap();
+        assert!(s.is_empty());
+        let ents: Vec<Entry> = (1..=5).map(|i| entry(i, 1)).collect();
+        let hs = HardState {
+            term: 1,
+            vote: 1,
+            commit: 3,
+            ..Default::default()
+        };
+        s.persist(Persist {
+            entries: &ents,
+            hard_state: Some(&hs),
+            ..Default::default()
+        })
+        .unwrap();
+        drop(s);
+        let s = LogStore::open(dir.path()).unwrap();
+        assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (1, 5));
+        assert_eq!(
+            s.entries(2, 4, None, GetEntriesContext::empty(false))
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(s.initial_state().unwrap().hard_state.commit, 3);
+        assert_eq!(s.term(4).unwrap(), 1);
+
+        // A new leader's entries overwrite a conflicting suffix.
+        s.persist(Persist {
+            entries: &[entry(4, 2)],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!((s.last_index().unwrap(), s.term(4).unwrap()), (4, 2));
+
+        // A snapshot at 10 from the leader replaces everything; commit moves up to it.
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 10;
+        snap.mut_metadata().term = 3;
+        snap.mut_metadata().mut_conf_state().voters = vec![1, 2, 3];
+        snap.set_data(b"state".to_vec().into());
+        s.persist(Persist {
+            snapshot: Some(&snap),
+            ..Default::default()
+        })
+        .unwrap();
+        drop(s);
+        let s = LogStore::open(dir.path()).unwrap();
+        assert_eq!(
+            (s.first_index().unwrap(), s.last_index().unwrap()),
+            (11, 10)
+        );
+        assert_eq!(s.term(10).unwrap(), 3);
+        let st = s.initial_state().unwrap();
+        assert_eq!(
+            (st.hard_state.commit, st.hard_state.term, st.hard_state.vote),
+            (10, 3, 1)
+        );
+        assert_eq!(st.conf_state.voters, vec![1, 2, 3]);
+        assert!(matches!(
+            s.entries(5, 6, None, GetEntriesContext::empty(false)),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
     }
 }
