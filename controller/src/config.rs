@@ -17,7 +17,22 @@ pub struct ControllerConfig {
     /// REST admin API (`/api/v1`), `/metrics`, `/healthz`, `/readyz`.
     pub http: HttpListen,
     pub auth: Auth,
+    pub edges: Edges,
     pub log: Log,
+}
+
+/// How edges authenticate to the controller.
+#[derive(Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Edges {
+    /// Shared secret every edge presents (≥ 16 characters); empty refuses all edges.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for Edges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Edges { secret: [redacted] }")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -214,6 +229,9 @@ impl ControllerConfig {
             if t.name.trim().is_empty() {
                 return bad(format!("auth.tokens[{i}].name is empty"));
             }
+        }
+        if !self.edges.secret.is_empty() && self.edges.secret.len() < 16 {
+            return bad("edges.secret must be at least 16 characters".into());
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format must be `text` or `json`".into());

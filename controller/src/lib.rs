@@ -2,14 +2,17 @@
 //! policies, rate counters) and the central ban-list management API.
 //!
 //! - [`state`]: the deterministic replicated state machine (commands carry their time).
-//! - [`raft`]: the Raft node (one task owns raft-rs's `RawNode`), its `raft-engine` storage and its
-//!   transport seam.
-//!
-//! The gRPC peer transport, the admin APIs and `sipwardenctl` are being built (issue 4); see
-//! ARCHITECTURE.md for what exists.
+//! - [`watch`]: the edge-facing `EdgeControl` service (watch stream of bans, bindings,
+//!   policies).
+//! - [`raft`]: the Raft node (one task owns raft-rs's `RawNode`), its `raft-engine` storage, the
+//!   transport seam and the gRPC peer transport.
+//! - [`api`]: the admin API (shared core, REST, gRPC, tokens and roles).
+//! - [`config`], [`server`]: configuration and the running process; `sipwardenctl` is the CLI
+//!   (`src/bin/sipwardenctl.rs`).
 
 pub mod api;
 pub mod config;
 pub mod raft;
 pub mod server;
 pub mod state;
+pub mod watch;

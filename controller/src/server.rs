@@ -9,7 +9,9 @@ use crate::config::ControllerConfig;
 use crate::raft::grpc::{GrpcTransport, PeerService, CHUNK};
 use crate::raft::node::{Node, NodeConfig};
 use crate::raft::storage::LogStore;
+use crate::watch::EdgeService;
 use sipwarden_proto::v1::admin_server::AdminServer;
+use sipwarden_proto::v1::edge_control_server::EdgeControlServer;
 use sipwarden_proto::v1::peer_server::PeerServer;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -171,12 +173,18 @@ impl Controller {
         .max_decoding_message_size(CHUNK * 2);
         let admin =
             AdminServer::new(AdminService { api: api.clone() }).max_decoding_message_size(64 << 20);
+        let edges = EdgeControlServer::new(EdgeService {
+            handle: handle.clone(),
+            secret: cfg.edges.secret.as_str().into(),
+        })
+        .max_encoding_message_size(256 << 20);
         let grpc_stop = stop.clone();
         tracker.spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
             if let Err(e) = tonic::transport::Server::builder()
                 .add_service(peer)
                 .add_service(admin)
+                .add_service(edges)
                 .serve_with_incoming_shutdown(incoming, grpc_stop.cancelled_owned())
                 .await
             {

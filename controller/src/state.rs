@@ -177,6 +177,10 @@ impl StateMachine {
             .unwrap_or_default()
     }
 
+    pub fn policies(&self) -> impl Iterator<Item = (&String, &PolicyDoc)> {
+        self.policies.iter()
+    }
+
     pub fn policy(&self, name: &str) -> Option<&PolicyDoc> {
         self.policies.get(name)
     }
