@@ -50,15 +50,15 @@ impl Reloader {
     /// Reads the config again and installs its policy. The error says why nothing changed.
     pub fn reload(&self) -> Result<(), String> {
         let result = self.try_reload();
+        match &result {
+            Ok(()) => info!("policy reloaded"),
+            Err(e) => warn!(error = %e, "policy reload refused; the policy in force stays"),
+        }
         let reason = if result.is_ok() { "ok" } else { "error" };
         self.metrics
             .policy_reloads
             .get_or_create(&ReasonLabels { reason })
             .inc();
-        match &result {
-            Ok(()) => info!("policy reloaded"),
-            Err(e) => warn!(error = %e, "policy reload refused; the policy in force stays"),
-        }
         result
     }
 

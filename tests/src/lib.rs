@@ -112,14 +112,23 @@ impl Drop for Proc {
     }
 }
 
-/// A port free for both UDP and TCP on `ip` right now.
+/// A port free for both UDP and TCP on `ip` right now, never handed out before in this process.
 pub fn free_port(ip: &str) -> u16 {
+    // Ports handed out in this process: the kernel may give the same ephemeral port to two tests
+    // asking moments apart, and the second to bind it would fail.
+    static GIVEN: std::sync::Mutex<Vec<(String, u16)>> = std::sync::Mutex::new(Vec::new());
     for _ in 0..100 {
         let u = UdpSocket::bind((ip, 0)).expect("bind udp");
         let port = u.local_addr().expect("addr").port();
-        if std::net::TcpListener::bind((ip, port)).is_ok() {
-            return port;
+        if std::net::TcpListener::bind((ip, port)).is_err() {
+            continue;
         }
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if given.iter().any(|(i, p)| i == ip && *p == port) {
+            continue;
+        }
+        given.push((ip.to_string(), port));
+        return port;
     }
     panic!("no free port on {ip}");
 }
@@ -367,6 +376,18 @@ impl SippServer {
         port: u16,
         transport: &str,
     ) -> SippServer {
+        Self::start_with(dir, scenario_name, ip, port, transport, &[])
+    }
+
+    /// As [`SippServer::start`], with `extra` SIPp arguments.
+    pub fn start_with(
+        dir: &Path,
+        scenario_name: &str,
+        ip: &str,
+        port: u16,
+        transport: &str,
+        extra: &[&str],
+    ) -> SippServer {
         let sipp = require_tool("sipp", "sip-tester");
         let trace = dir.join(format!("pbx-{port}-msg.log"));
         let proc = Proc::spawn(
@@ -385,6 +406,7 @@ impl SippServer {
                 ])
                 .args(["-nostdin", "-trace_msg", "-message_file"])
                 .arg(&trace)
+                .args(extra)
                 .args(["-trace_err", "-error_file"])
                 .arg(dir.join(format!("pbx-{port}-err.log")))
                 .stdout(Stdio::null())
