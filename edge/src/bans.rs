@@ -34,6 +34,8 @@ pub enum BanOrigin {
     Auto,
     /// Made by an operator.
     Manual,
+    /// From the controller cluster (the watch stream); replaced wholesale by a snapshot.
+    Cluster,
 }
 
 /// One ban.
@@ -68,7 +70,11 @@ pub type BanSet = NetSet<Arc<Ban>>;
 enum Change {
     Add(Arc<Ban>),
     Remove(IpNet),
+    /// Removes `network` only if its ban came from `origin`.
+    RemoveFrom(IpNet, BanOrigin),
     Config(Vec<IpNet>),
+    /// Replaces every ban of `origin` with these.
+    Replace(BanOrigin, Vec<Arc<Ban>>),
 }
 
 /// Why the ban file could not be used.
@@ -180,6 +186,20 @@ impl BanStore {
         self.wake.notify_one();
     }
 
+    /// Queues the removal of `network` if its ban came from `origin` (a cluster unban must not lift
+    /// a local auto-ban of the same address).
+    pub fn unban_from(&self, network: IpNet, origin: BanOrigin) {
+        lock(&self.pending).push(Change::RemoveFrom(network, origin));
+        self.wake.notify_one();
+    }
+
+    /// Queues replacing every ban of `origin` with `bans` (a cluster snapshot).
+    pub fn replace(&self, origin: BanOrigin, bans: Vec<Ban>) {
+        let bans = bans.into_iter().map(Arc::new).collect();
+        lock(&self.pending).push(Change::Replace(origin, bans));
+        self.wake.notify_one();
+    }
+
     /// Queues replacing the config bans with `networks`.
     pub fn set_config(&self, networks: Vec<IpNet>) {
         lock(&self.pending).push(Change::Config(networks));
@@ -213,6 +233,28 @@ impl BanStore {
                 }
                 Change::Remove(n) => {
                     file_changed |= next.remove(n).is_some();
+                }
+                Change::RemoveFrom(n, origin) => {
+                    let ours = next
+                        .lookup(n.addr())
+                        .is_some_and(|(len, b)| len == n.prefix_len() && b.origin == origin);
+                    if ours {
+                        next.remove(n);
+                        file_changed = true;
+                    }
+                }
+                Change::Replace(origin, bans) => {
+                    next.retain(|b| b.origin != origin);
+                    for b in bans {
+                        let config_there =
+                            next.lookup(b.network.addr()).is_some_and(|(len, old)| {
+                                len == b.network.prefix_len() && old.origin == BanOrigin::Config
+                            });
+                        if !config_there {
+                            next.insert(b.network, b);
+                        }
+                    }
+                    file_changed = true;
                 }
                 Change::Config(nets) => {
                     next.retain(|b| b.origin != BanOrigin::Config || nets.contains(&b.network));
@@ -397,6 +439,39 @@ mod tests {
         s.apply(10);
         assert!(s.lookup(ip("198.51.100.9"), 10).is_none());
         assert!(s.lookup(ip("203.0.113.1"), 10).is_some());
+    }
+
+    #[test]
+    fn cluster_bans_are_replaced_by_snapshots_and_removed_only_as_cluster_bans() {
+        let s = BanStore::new(None, 100);
+        s.ban(ban("192.0.2.1/32", BanOrigin::Auto, NEVER));
+        s.replace(
+            BanOrigin::Cluster,
+            vec![
+                ban("192.0.2.1/32", BanOrigin::Cluster, NEVER),
+                ban("192.0.2.2/32", BanOrigin::Cluster, NEVER),
+            ],
+        );
+        s.apply(0);
+        assert_eq!(s.snapshot().len(), 2);
+        s.unban_from("192.0.2.3/32".parse().unwrap(), BanOrigin::Cluster);
+        s.replace(
+            BanOrigin::Cluster,
+            vec![ban("192.0.2.9/32", BanOrigin::Cluster, NEVER)],
+        );
+        s.apply(0);
+        assert!(
+            s.lookup(ip("192.0.2.2"), 0).is_none(),
+            "gone with the new snapshot"
+        );
+        assert!(s.lookup(ip("192.0.2.9"), 0).is_some());
+        s.ban(ban("192.0.2.5/32", BanOrigin::Auto, NEVER));
+        s.unban_from("192.0.2.5/32".parse().unwrap(), BanOrigin::Cluster);
+        s.apply(0);
+        assert!(
+            s.lookup(ip("192.0.2.5"), 0).is_some(),
+            "a local ban is not lifted by the cluster"
+        );
     }
 
     #[test]

@@ -40,6 +40,39 @@ pub struct EdgeConfig {
     /// The threat policy, reloadable at run time.
     pub policy: crate::policy::Policy,
     pub reload: Reload,
+    /// The controller cluster; no endpoints: a standalone edge.
+    pub controller: Controller,
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Controller {
+    /// gRPC addresses of controllers (`host:port`), tried in turn.
+    pub endpoints: Vec<String>,
+    /// The controllers' `edges.secret`.
+    pub secret: String,
+    /// Longest wait between reconnection attempts.
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for Controller {
+    fn default() -> Self {
+        Controller {
+            endpoints: Vec::new(),
+            secret: String::new(),
+            reconnect_max_ms: 2000,
+        }
+    }
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("endpoints", &self.endpoints)
+            .field("secret", &"[redacted]")
+            .field("reconnect_max_ms", &self.reconnect_max_ms)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -184,6 +217,7 @@ impl Default for EdgeConfig {
             log: Log::default(),
             policy: crate::policy::Policy::default(),
             reload: Reload::default(),
+            controller: Controller::default(),
         }
     }
 }
@@ -349,6 +383,19 @@ impl EdgeConfig {
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format must be `text` or `json`".into());
+        }
+        for (i, e) in self.controller.endpoints.iter().enumerate() {
+            let ok = e
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !ok {
+                return bad(format!("controller.endpoints[{i}]: {e:?} is not host:port"));
+            }
+        }
+        if !self.controller.endpoints.is_empty() && self.controller.secret.len() < 16 {
+            return bad(
+                "controller.secret must be at least 16 characters when endpoints are set".into(),
+            );
         }
         self.policy.validate().map_err(ConfigError::Invalid)
     }

@@ -7,6 +7,7 @@
 //!   the `[policy]` they run — and [`bans`] / [`netset`], the ban set checked before parsing.
 //! - [`service`]: one message through gate, parse, filters, proxy and observers.
 //! - [`reload`]: policy reload on SIGHUP and config-file change. [`clock`]: injected time.
+//! - [`cluster`]: the watch stream from the controller cluster into the ban set.
 //! - [`flow`]: signed flow tokens in Path / Record-Route URIs.
 //! - [`backend`]: PBX backends, their OPTIONS health checks and the per-call choice among them.
 //! - [`transport`]: UDP and TCP listeners, framing, the dispatcher that runs the service.
@@ -18,6 +19,7 @@
 pub mod backend;
 pub mod bans;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod filters;
 pub mod flow;
@@ -147,6 +149,16 @@ impl Edge {
             metrics.clone(),
         )?;
         let firewall = service.firewall.clone();
+        if !cfg.controller.endpoints.is_empty() {
+            tracker.spawn(cluster::run(
+                cfg.controller.clone(),
+                cfg.edge.id.clone(),
+                cfg.edge.site.clone(),
+                bans.clone(),
+                metrics.clone(),
+                stop.clone(),
+            ));
+        }
         bans.apply(clock.now_ms());
         tracker.spawn(bans.clone().run(clock.clone(), stop.clone()));
         tracker.spawn(housekeeping(
@@ -241,7 +253,12 @@ impl Edge {
                 warn!(addr = %a, "listener on an unspecified address without `advertise`: Via, Record-Route and Path will say 127.0.0.1, right only when phones and PBX share this host");
             }
         }
-        info!(addr = %http_addr, edge = %cfg.edge.id, "edge started (standalone)");
+        let mode = if cfg.controller.endpoints.is_empty() {
+            "standalone"
+        } else {
+            "connected"
+        };
+        info!(addr = %http_addr, edge = %cfg.edge.id, mode, "edge started");
         Ok(Edge {
             sip_addrs: bound,
             http_addr,

@@ -54,6 +54,8 @@ pub struct Metrics {
     pub bans_active: Gauge,
     pub registrations_active: Gauge,
     pub policy_reloads: Family<ReasonLabels, Counter>,
+    pub controller_connected: Gauge,
+    pub watch_revision: Gauge,
 }
 
 impl Default for Metrics {
@@ -113,8 +115,22 @@ impl Default for Metrics {
             "Policy reload attempts, by result (`ok` or `error`)",
             policy_reloads.clone(),
         );
+        let controller_connected = Gauge::default();
+        registry.register(
+            "controller_connected",
+            "1 while a watch stream to a controller is open",
+            controller_connected.clone(),
+        );
+        let watch_revision = Gauge::default();
+        registry.register(
+            "watch_revision",
+            "The cluster revision this edge has applied",
+            watch_revision.clone(),
+        );
         Metrics {
             registry,
+            controller_connected,
+            watch_revision,
             security_events,
             bans_active,
             registrations_active,

@@ -13,6 +13,8 @@ pub const VIEWER: &str = "viewer-token-0001";
 pub const OPERATOR: &str = "operator-token-0001";
 pub const ADMIN: &str = "admin-token-0001";
 const SECRET: &str = "cluster-peer-secret-0001";
+/// The secret edges present to the test controllers.
+pub const EDGE_SECRET: &str = "edge-secret-for-tests-0001";
 
 fn sha(t: &str) -> String {
     data_encoding::HEXLOWER.encode(&Sha256::digest(t.as_bytes()))
@@ -79,6 +81,9 @@ snapshot_every = {snapshot_every}
 
 [grpc]
 listen = "{grpc}"
+
+[edges]
+secret = "{EDGE_SECRET}"
 
 [http]
 listen = "{http}"

@@ -1,0 +1,133 @@
+//! Edges and controllers as one system: two edges at two "sites" (127.0.0.2 and 127.0.0.3) watch
+//! a controller; a ban added with `sipwardenctl` stops traffic from that address at both, and the
+//! time from the API's acknowledgement to enforcement at each edge is measured.
+
+use sipwarden_tests::controller::*;
+use sipwarden_tests::*;
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
+
+const PBX_IP: &str = "127.0.0.51";
+const PHONE_IP: &str = "127.0.0.52";
+
+fn options(from: &UdpSocket, n: u32) -> String {
+    let local = from.local_addr().unwrap();
+    format!(
+        "OPTIONS sip:probe@127.0.0.2 SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bKcb{n}\r\n\
+Max-Forwards: 70\r\nFrom: <sip:probe@127.0.0.2>;tag=p{n}\r\nTo: <sip:probe@127.0.0.2>\r\n\
+Call-ID: cluster-probe-{n}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    )
+}
+
+fn gate_drops(edge: &EdgeProc) -> f64 {
+    metric(
+        &edge.metrics(),
+        r#"sipwarden_edge_security_events_total{rule="ban",action="drop",dry_run="false"}"#,
+    )
+    .unwrap_or(0.0)
+}
+
+#[test]
+fn a_ban_through_sipwardenctl_reaches_both_sites() {
+    let root = tempfile::tempdir().unwrap();
+    let seat = Seat::new(1);
+    let ctl = ControllerProc::start(
+        root.path(),
+        &seat,
+        std::slice::from_ref(&seat),
+        false,
+        10_000,
+    );
+    let pbx_port = free_port(PBX_IP);
+    let _pbx = SippServer::start(root.path(), "pbx.xml", PBX_IP, pbx_port, "udp");
+    let link = format!(
+        "[[backends]]\naddress = \"{PBX_IP}:{pbx_port}\"\n\n[controller]\nendpoints = [\"{}\"]\nsecret = \"{EDGE_SECRET}\"\n",
+        seat.grpc
+    );
+    let edges = [
+        EdgeProc::start("127.0.0.2", &link),
+        EdgeProc::start("127.0.0.3", &link),
+    ];
+    for e in &edges {
+        assert!(
+            wait_until(Duration::from_secs(10), || metric(
+                &e.metrics(),
+                "sipwarden_edge_controller_connected"
+            ) == Some(1.0)),
+            "edge {} connected to the controller",
+            e.ip
+        );
+    }
+
+    let phone = UdpSocket::bind(format!("{PHONE_IP}:0")).unwrap();
+    let out = std::process::Command::new(workspace_bin("sipwardenctl"))
+        .args(["--server", &format!("http://{}", ctl.http)])
+        .args([
+            "ban",
+            "add",
+            "ip",
+            PHONE_IP,
+            "--reason",
+            "cluster test",
+            "--ttl",
+            "600",
+        ])
+        .env("SIPWARDEN_TOKEN", OPERATOR)
+        .output()
+        .unwrap();
+    let acked = Instant::now();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Probe both edges from the banned address until each drops it at the gate.
+    let mut enforced: [Option<Duration>; 2] = [None, None];
+    let mut n = 0;
+    while enforced.iter().any(Option::is_none) && acked.elapsed() < Duration::from_secs(10) {
+        for (i, e) in edges.iter().enumerate() {
+            if enforced[i].is_none() {
+                n += 1;
+                phone
+                    .send_to(options(&phone, n).as_bytes(), e.addr())
+                    .unwrap();
+                if gate_drops(e) >= 1.0 {
+                    enforced[i] = Some(acked.elapsed());
+                }
+            }
+        }
+    }
+    let [Some(a), Some(b)] = enforced else {
+        panic!("the ban did not reach both edges within 10 s: {enforced:?}");
+    };
+    println!(
+        "ban acknowledged → enforced: site A {} ms, site B {} ms (target < 200 ms)",
+        a.as_millis(),
+        b.as_millis()
+    );
+
+    // Unbanned through the API: both edges let the address through again.
+    let out = std::process::Command::new(workspace_bin("sipwardenctl"))
+        .args(["--server", &format!("http://{}", ctl.http)])
+        .args(["ban", "rm", "--target", &format!("ip:{PHONE_IP}")])
+        .env("SIPWARDEN_TOKEN", OPERATOR)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    for e in &edges {
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                let before = gate_drops(e);
+                n += 1;
+                phone
+                    .send_to(options(&phone, n).as_bytes(), e.addr())
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+                gate_drops(e) == before
+            }),
+            "edge {} lifted the ban",
+            e.ip
+        );
+    }
+}
