@@ -176,6 +176,7 @@ impl Controller {
         let edges = EdgeControlServer::new(EdgeService {
             handle: handle.clone(),
             secret: cfg.edges.secret.as_str().into(),
+            api: api.clone(),
         })
         .max_encoding_message_size(256 << 20);
         let grpc_stop = stop.clone();

@@ -3,6 +3,9 @@
 //! every committed change in revision order — and security-event reports. Edges authenticate with
 //! the edge secret.
 
+use crate::api::auth::{Caller, Role};
+use crate::api::core::Api;
+use crate::api::grpc::ban_in;
 use crate::raft::grpc::authorized;
 use crate::raft::node::Handle;
 use crate::state::{Change, StateMachine};
@@ -22,7 +25,12 @@ pub struct EdgeService {
     pub handle: Handle,
     /// The secret edges present; empty refuses every edge.
     pub secret: Arc<str>,
+    /// Where edges' auto-bans are validated and proposed.
+    pub api: Api,
 }
+
+/// Most bans one edge may propose in one call.
+const MAX_PROPOSED: usize = 1000;
 
 fn ban_event(revision: u64, c: &Change) -> pb::WatchEvent {
     use pb::watch_event::Kind;
@@ -81,6 +89,51 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, tonic::Statu
 
 #[tonic::async_trait]
 impl EdgeControl for EdgeService {
+    async fn propose_bans(
+        &self,
+        req: tonic::Request<pb::ProposeBansRequest>,
+    ) -> Result<tonic::Response<pb::ProposeBansResponse>, tonic::Status> {
+        if self.secret.is_empty() || !authorized(req.metadata(), &self.secret) {
+            return Err(tonic::Status::unauthenticated(
+                "edge secret missing or wrong",
+            ));
+        }
+        let r = req.into_inner();
+        if r.edge_id.is_empty() || r.edge_id.len() > 64 {
+            return Err(tonic::Status::invalid_argument(
+                "edge_id: 1 to 64 characters",
+            ));
+        }
+        if r.bans.len() > MAX_PROPOSED {
+            return Err(tonic::Status::invalid_argument(format!(
+                "bans: at most {MAX_PROPOSED} per call"
+            )));
+        }
+        let input = r
+            .bans
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ban_in(s, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Edges may only propose what their rules decide: auto bans with an expiry.
+        if let Some(i) = input
+            .iter()
+            .position(|b| !b.source.as_deref().is_some_and(|s| s.starts_with("auto:")))
+        {
+            return Err(tonic::Status::invalid_argument(format!(
+                "bans[{i}].source: edges propose auto:<rule> bans only"
+            )));
+        }
+        let who = Caller {
+            name: format!("edge:{}", r.edge_id),
+            role: Role::Operator,
+        };
+        self.api.add_bans(&who, &input, true).await?;
+        Ok(tonic::Response::new(pb::ProposeBansResponse {
+            revision: self.handle.read(|s| s.revision()),
+        }))
+    }
+
     async fn report(
         &self,
         req: tonic::Request<pb::ReportRequest>,

@@ -2,7 +2,9 @@
 //! says which revision it has, and applies what arrives to the ban set — a snapshot replaces every
 //! cluster ban, deltas add and remove one. When the stream breaks it tries the next controller with
 //! backoff, resuming from its revision. Fail-static: with every controller down the last bans stay
-//! in force (and in the ban file, so a restart keeps them too). Only this module talks gRPC.
+//! in force (and in the ban file, so a restart keeps them too). A second task proposes the edge's
+//! auto-bans to the cluster, queued (bounded) while no controller answers. Only this module talks
+//! gRPC.
 
 use crate::bans::{Ban, BanOrigin, BanStore, NEVER};
 use crate::config::Controller;
@@ -53,6 +55,119 @@ pub fn apply(bans: &BanStore, e: &pb::WatchEvent) -> u64 {
         Some(_) | None => {}
     }
     e.revision
+}
+
+/// Most auto-bans queued while no controller takes them; past this the oldest are dropped.
+pub const QUEUE_CAP: usize = 10_000;
+/// Most bans per `ProposeBans` call.
+const BATCH: usize = 500;
+
+/// The proto spec of an auto-ban.
+pub fn ban_spec(b: &Ban) -> pb::BanSpec {
+    use pb::ban_target::Target;
+    let host = (b.network.prefix_len() == b.network.max_prefix_len()).then(|| b.network.addr());
+    let target = match host {
+        Some(ip) => Target::Ip(ip.to_string()),
+        None => Target::Cidr(b.network.to_string()),
+    };
+    pb::BanSpec {
+        target: Some(pb::BanTarget {
+            target: Some(target),
+        }),
+        reason: b.reason.chars().take(512).collect(),
+        ttl_s: 0,
+        expires_unix_ms: if b.expires_unix_ms == NEVER {
+            0
+        } else {
+            b.expires_unix_ms
+        },
+        site: String::new(),
+        source: format!("auto:{}", b.rule),
+    }
+}
+
+/// Proposes the edge's auto-bans to the cluster: batches what `rx` delivers, queues it (bounded,
+/// oldest dropped and counted) while no controller answers, retries on the next endpoint.
+pub async fn uplink(
+    cfg: Controller,
+    edge_id: String,
+    mut rx: tokio::sync::mpsc::Receiver<Ban>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let Ok(bearer) = format!("Bearer {}", cfg.secret).parse::<tonic::metadata::MetadataValue<_>>()
+    else {
+        return;
+    };
+    let mut queue: std::collections::VecDeque<Ban> = std::collections::VecDeque::new();
+    let mut endpoints = cfg.endpoints.iter().cycle();
+    let mut endpoint = endpoints.next().cloned().unwrap_or_default();
+    let mut client: Option<EdgeControlClient<tonic::transport::Channel>> = None;
+    let mut backoff = Duration::from_millis(50);
+    let max = Duration::from_millis(cfg.reconnect_max_ms.max(50));
+    loop {
+        if queue.is_empty() {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                b = rx.recv() => match b {
+                    Some(b) => queue.push_back(b),
+                    None => return,
+                },
+            }
+        }
+        while let Ok(b) = rx.try_recv() {
+            queue.push_back(b);
+        }
+        while queue.len() > QUEUE_CAP {
+            queue.pop_front();
+            metrics.reports_dropped.inc();
+        }
+        metrics.reports_queued.set(queue.len() as i64);
+        if client.is_none() {
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))
+                .map(|e| e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true));
+            client = match ch {
+                Ok(e) => e.connect().await.ok().map(EdgeControlClient::new),
+                Err(_) => None,
+            };
+        }
+        let batch: Vec<pb::BanSpec> = queue.iter().take(BATCH).map(ban_spec).collect();
+        let sent = match &mut client {
+            Some(c) => {
+                let mut req = tonic::Request::new(pb::ProposeBansRequest {
+                    edge_id: edge_id.clone(),
+                    bans: batch.clone(),
+                });
+                req.metadata_mut().insert("authorization", bearer.clone());
+                match c.propose_bans(req).await {
+                    Ok(_) => true,
+                    Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                        // Not retryable: drop the batch rather than block the queue.
+                        warn!(error = %s, "controller refused auto-bans");
+                        true
+                    }
+                    Err(s) => {
+                        debug!(error = %s, %endpoint, "proposing auto-bans failed; retrying");
+                        false
+                    }
+                }
+            }
+            None => false,
+        };
+        if sent {
+            queue.drain(..batch.len());
+            metrics.reports_queued.set(queue.len() as i64);
+            backoff = Duration::from_millis(50);
+            continue;
+        }
+        client = None;
+        endpoint = endpoints.next().cloned().unwrap_or_default();
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(max);
+    }
 }
 
 /// Keeps a watch stream open to one of `cfg.endpoints` until `stop`.
@@ -146,6 +261,34 @@ mod tests {
             expires_unix_ms: expires,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn auto_bans_become_specs() {
+        let b = Ban {
+            network: "192.0.2.7/32".parse().unwrap(),
+            origin: BanOrigin::Auto,
+            rule: "scanner".into(),
+            reason: "UA friendly-scanner".into(),
+            created_unix_ms: 1,
+            expires_unix_ms: 5_000,
+        };
+        let s = ban_spec(&b);
+        assert_eq!(s.source, "auto:scanner");
+        assert_eq!(s.expires_unix_ms, 5_000);
+        assert!(
+            matches!(s.target.unwrap().target, Some(pb::ban_target::Target::Ip(ip)) if ip == "192.0.2.7")
+        );
+        let net = Ban {
+            network: "2001:db8::/48".parse().unwrap(),
+            expires_unix_ms: NEVER,
+            ..b
+        };
+        let s = ban_spec(&net);
+        assert_eq!(s.expires_unix_ms, 0);
+        assert!(
+            matches!(s.target.unwrap().target, Some(pb::ban_target::Target::Cidr(n)) if n == "2001:db8::/48")
+        );
     }
 
     #[test]

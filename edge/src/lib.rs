@@ -150,6 +150,15 @@ impl Edge {
         )?;
         let firewall = service.firewall.clone();
         if !cfg.controller.endpoints.is_empty() {
+            let (tx, rx) = tokio::sync::mpsc::channel(4096);
+            firewall.set_uplink(tx);
+            tracker.spawn(cluster::uplink(
+                cfg.controller.clone(),
+                cfg.edge.id.clone(),
+                rx,
+                metrics.clone(),
+                stop.clone(),
+            ));
             tracker.spawn(cluster::run(
                 cfg.controller.clone(),
                 cfg.edge.id.clone(),

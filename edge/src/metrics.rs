@@ -56,6 +56,8 @@ pub struct Metrics {
     pub policy_reloads: Family<ReasonLabels, Counter>,
     pub controller_connected: Gauge,
     pub watch_revision: Gauge,
+    pub reports_queued: Gauge,
+    pub reports_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -127,8 +129,22 @@ impl Default for Metrics {
             "The cluster revision this edge has applied",
             watch_revision.clone(),
         );
+        let reports_queued = Gauge::default();
+        registry.register(
+            "reports_queued",
+            "Auto-bans waiting to be proposed to the controllers",
+            reports_queued.clone(),
+        );
+        let reports_dropped = Counter::default();
+        registry.register(
+            "reports_dropped",
+            "Auto-bans dropped from a full report queue (oldest first)",
+            reports_dropped.clone(),
+        );
         Metrics {
             registry,
+            reports_queued,
+            reports_dropped,
             controller_connected,
             watch_revision,
             security_events,

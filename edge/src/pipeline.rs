@@ -324,6 +324,8 @@ pub struct Firewall {
     pub state: Arc<State>,
     pub clock: Clock,
     pub events: EventSink,
+    /// Where auto-bans go for the cluster, when the edge is connected.
+    uplink: std::sync::OnceLock<tokio::sync::mpsc::Sender<Ban>>,
 }
 
 impl Firewall {
@@ -334,7 +336,13 @@ impl Firewall {
             state,
             clock,
             events,
+            uplink: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sends every auto-ban to `tx` as well (the cluster link proposes them to the controllers).
+    pub fn set_uplink(&self, tx: tokio::sync::mpsc::Sender<Ban>) {
+        let _ = self.uplink.set(tx);
     }
 
     /// The pipeline in force.
@@ -457,14 +465,19 @@ impl Firewall {
             Action::Drop => Some(Verdict::Drop { rule: found.rule }),
             Action::Ban { ttl_s } => {
                 // The gate's own "already banned" drop comes back as Drop, never as Ban.
-                self.state.bans.ban(Ban {
+                let ban = Ban {
                     network: IpNet::from(party.ip()),
                     origin: BanOrigin::Auto,
                     rule: found.rule.to_string(),
                     reason: found.detail.to_string(),
                     created_unix_ms: meta.now_ms,
                     expires_unix_ms: meta.now_ms.saturating_add(ttl_s.saturating_mul(1000)),
-                });
+                };
+                if let Some(tx) = self.uplink.get() {
+                    // A full uplink drops the newest; the cluster link counts what it sheds.
+                    let _ = tx.try_send(ban.clone());
+                }
+                self.state.bans.ban(ban);
                 Some(Verdict::Drop { rule: found.rule })
             }
         }

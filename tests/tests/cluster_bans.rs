@@ -131,3 +131,92 @@ fn a_ban_through_sipwardenctl_reaches_both_sites() {
         );
     }
 }
+
+fn events(edge: &EdgeProc, rule: &str, action: &str) -> f64 {
+    metric(
+        &edge.metrics(),
+        &format!("sipwarden_edge_security_events_total{{rule=\"{rule}\",action=\"{action}\",dry_run=\"false\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+/// SIPVicious scans site A; A's scanner rule bans it, the ban goes through the controller to site
+/// B, and B drops the scanner at the gate before any of its packets is parsed or forwarded.
+#[test]
+fn an_attack_on_site_a_is_banned_at_site_b_before_it_arrives() {
+    const ATTACKER: &str = "127.0.0.53";
+    let root = tempfile::tempdir().unwrap();
+    let seat = Seat::new(1);
+    let ctl = ControllerProc::start(
+        root.path(),
+        &seat,
+        std::slice::from_ref(&seat),
+        false,
+        10_000,
+    );
+    let pbx_port = free_port(PBX_IP);
+    let pbx = SippServer::start(root.path(), "pbx.xml", PBX_IP, pbx_port, "udp");
+    let link = format!(
+        "[[backends]]\naddress = \"{PBX_IP}:{pbx_port}\"\n\n[controller]\nendpoints = [\"{}\"]\nsecret = \"{EDGE_SECRET}\"\n",
+        seat.grpc
+    );
+    let (a, b) = (
+        EdgeProc::start("127.0.0.2", &link),
+        EdgeProc::start("127.0.0.3", &link),
+    );
+    for e in [&a, &b] {
+        assert!(wait_until(Duration::from_secs(10), || metric(
+            &e.metrics(),
+            "sipwarden_edge_controller_connected"
+        ) == Some(1.0)));
+    }
+
+    let scan = |edge: &EdgeProc| {
+        let port = edge.sip_port.to_string();
+        sipvicious::run(
+            "sipvicious_svmap",
+            ATTACKER,
+            &["-p", &port, &edge.ip],
+            Duration::from_secs(30),
+        )
+    };
+    let at_a = scan(&a);
+    assert!(at_a.output.contains("found nothing"), "{}", at_a.output);
+    assert_eq!(
+        events(&a, "scanner", "ban"),
+        1.0,
+        "site A banned the scanner"
+    );
+    // The cluster has it (proposed by edge A, attributed to it).
+    let bans = ctl.bans(true).unwrap();
+    let ban = bans
+        .iter()
+        .find(|x| x["target"]["value"] == ATTACKER)
+        .expect("the auto-ban reached the cluster");
+    assert_eq!(ban["created_by"], "edge:edge-test");
+    assert_eq!(ban["source"]["kind"], "auto_rule");
+    // Site B got it through the watch stream.
+    assert!(wait_until(Duration::from_secs(5), || metric(
+        &b.metrics(),
+        "sipwarden_edge_bans_active"
+    )
+    .is_some_and(|n| n >= 1.0)));
+
+    let before = pbx.received_messages().len();
+    let at_b = scan(&b);
+    assert!(at_b.output.contains("found nothing"), "{}", at_b.output);
+    assert!(
+        events(&b, "ban", "drop") >= 1.0,
+        "site B dropped the scanner at the gate"
+    );
+    assert_eq!(
+        events(&b, "scanner", "ban"),
+        0.0,
+        "site B never had to parse it"
+    );
+    let after: Vec<String> = pbx.received_messages()[before..].to_vec();
+    assert!(
+        after.iter().all(|m| !m.contains("friendly-scanner")),
+        "nothing of the scan reached the PBX through B"
+    );
+}

@@ -34,7 +34,8 @@ fn target_in(t: &pb::BanTarget) -> Result<TargetIn, ApiError> {
     })
 }
 
-fn ban_in(s: &pb::BanSpec, i: usize) -> Result<BanIn, ApiError> {
+/// A proto ban spec as the API's input (validated by [`super::core`]).
+pub fn ban_in(s: &pb::BanSpec, i: usize) -> Result<BanIn, ApiError> {
     let target = match &s.target {
         Some(t) => Some(target_in(t).map_err(|e| ApiError::Invalid(format!("bans[{i}].{e}")))?),
         None => None,
