@@ -220,3 +220,110 @@ fn an_attack_on_site_a_is_banned_at_site_b_before_it_arrives() {
         "nothing of the scan reached the PBX through B"
     );
 }
+
+/// Whether `edge` drops the next datagram from `sock` at its gate (waits up to `limit`).
+fn gate_drops_from(edge: &EdgeProc, sock: &UdpSocket, n: &mut u32, limit: Duration) -> bool {
+    wait_until(limit, || {
+        let before = gate_drops(edge);
+        *n += 1;
+        sock.send_to(options(sock, *n).as_bytes(), edge.addr())
+            .unwrap();
+        wait_until(Duration::from_millis(300), || gate_drops(edge) > before)
+    })
+}
+
+fn ban_ip(node: &ControllerProc, ip: &str) -> bool {
+    let body = format!(r#"{{"target":{{"type":"ip","value":"{ip}"}},"reason":"failover test"}}"#);
+    node.request("POST", "/api/v1/bans", Some(OPERATOR), Some(&body))
+        .is_some_and(|(s, _)| s == 201)
+}
+
+/// Three controllers; the edge watches the first. Killing it moves the edge to another controller
+/// without losing a ban; with every controller down the edge keeps enforcing; when they come back
+/// it catches up.
+#[test]
+fn edges_fail_over_between_controllers_and_stay_static_when_all_are_down() {
+    let root = tempfile::tempdir().unwrap();
+    let seats: Vec<Seat> = (1..=3).map(Seat::new).collect();
+    let mut ctls: Vec<ControllerProc> = seats
+        .iter()
+        .map(|s| ControllerProc::start(root.path(), s, &seats, false, 10_000))
+        .collect();
+    let refs: Vec<&ControllerProc> = ctls.iter().collect();
+    agreed_leader(&refs, Duration::from_secs(15)).expect("a leader");
+    let pbx_port = free_port(PBX_IP);
+    let _pbx = SippServer::start(root.path(), "pbx.xml", PBX_IP, pbx_port, "udp");
+    let endpoints: Vec<String> = seats.iter().map(|s| format!("\"{}\"", s.grpc)).collect();
+    let link = format!(
+        "[[backends]]\naddress = \"{PBX_IP}:{pbx_port}\"\n\n[controller]\nendpoints = [{}]\nsecret = \"{EDGE_SECRET}\"\nreconnect_max_ms = 500\n",
+        endpoints.join(", ")
+    );
+    let edge = EdgeProc::start("127.0.0.2", &link);
+    let connected =
+        |e: &EdgeProc| metric(&e.metrics(), "sipwarden_edge_controller_connected") == Some(1.0);
+    assert!(wait_until(Duration::from_secs(10), || connected(&edge)));
+
+    let socks: Vec<UdpSocket> = (54..=56)
+        .map(|i| UdpSocket::bind(format!("127.0.0.{i}:0")).unwrap())
+        .collect();
+    let ip = |i: usize| socks[i].local_addr().unwrap().ip().to_string();
+    let mut n = 0u32;
+
+    assert!(ban_ip(&ctls[1], &ip(0)));
+    assert!(
+        gate_drops_from(&edge, &socks[0], &mut n, Duration::from_secs(5)),
+        "first ban enforced"
+    );
+
+    // Kill the controller the edge watches (the first endpoint).
+    ctls[0].kill();
+    let survivors: Vec<&ControllerProc> = ctls[1..].iter().collect();
+    agreed_leader(&survivors, Duration::from_secs(15)).expect("a leader among the survivors");
+    assert!(ban_ip(&ctls[2], &ip(1)));
+    assert!(
+        gate_drops_from(&edge, &socks[1], &mut n, Duration::from_secs(10)),
+        "a ban made after the failover reaches the edge"
+    );
+    assert!(
+        gate_drops_from(&edge, &socks[0], &mut n, Duration::from_secs(2)),
+        "the first still holds"
+    );
+
+    // Every controller down: the edge keeps enforcing what it has.
+    ctls[1].kill();
+    ctls[2].kill();
+    assert!(
+        wait_until(Duration::from_secs(10), || !connected(&edge)),
+        "the edge noticed"
+    );
+    assert!(gate_drops_from(
+        &edge,
+        &socks[0],
+        &mut n,
+        Duration::from_secs(2)
+    ));
+    assert!(gate_drops_from(
+        &edge,
+        &socks[1],
+        &mut n,
+        Duration::from_secs(2)
+    ));
+
+    // They come back; the edge reconnects and catches up with a ban made since.
+    for c in &mut ctls {
+        c.restart();
+    }
+    let refs: Vec<&ControllerProc> = ctls.iter().collect();
+    agreed_leader(&refs, Duration::from_secs(15)).expect("a leader after the restart");
+    assert!(ban_ip(&ctls[0], &ip(2)));
+    assert!(
+        gate_drops_from(&edge, &socks[2], &mut n, Duration::from_secs(10)),
+        "the edge caught up after the controllers came back"
+    );
+    assert!(gate_drops_from(
+        &edge,
+        &socks[0],
+        &mut n,
+        Duration::from_secs(2)
+    ));
+}
