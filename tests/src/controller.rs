@@ -209,7 +209,8 @@ sha256 = "{a}"
     }
 }
 
-/// The leader id all `nodes` report, within `limit`.
+/// The leader all `nodes` report, within `limit` — one of `nodes` (not a killed node they still
+/// remember).
 pub fn agreed_leader(nodes: &[&ControllerProc], limit: Duration) -> Option<u64> {
     let mut leader = None;
     wait_until(limit, || {
@@ -217,7 +218,10 @@ pub fn agreed_leader(nodes: &[&ControllerProc], limit: Duration) -> Option<u64> 
             .iter()
             .filter_map(|n| n.status()?["leader"].as_u64())
             .collect();
-        let ok = ls.len() == nodes.len() && ls[0] != 0 && ls.iter().all(|l| *l == ls[0]);
+        let ok = ls.len() == nodes.len()
+            && ls[0] != 0
+            && ls.iter().all(|l| *l == ls[0])
+            && nodes.iter().any(|n| n.id == ls[0]);
         if ok {
             leader = Some(ls[0]);
         }
