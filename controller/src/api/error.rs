@@ -52,9 +52,10 @@ impl ApiError {
 impl From<RaftError> for ApiError {
     fn from(e: RaftError) -> Self {
         match e {
-            RaftError::NoLeader | RaftError::Timeout | RaftError::Stopped => {
-                ApiError::Unavailable(e.to_string())
-            }
+            RaftError::NoLeader
+            | RaftError::LeaderChanged
+            | RaftError::Timeout
+            | RaftError::Stopped => ApiError::Unavailable(e.to_string()),
             RaftError::Raft(_) | RaftError::Storage(_) => ApiError::Internal(e.to_string()),
         }
     }

@@ -24,6 +24,9 @@ use tracing::{debug, info, warn};
 pub enum RaftError {
     #[error("no leader is known; retry shortly")]
     NoLeader,
+    /// The leader changed while the request waited: it may or may not have been applied.
+    #[error("the leader changed before the request was applied; retry")]
+    LeaderChanged,
     #[error("the request was not committed in time (leader change?); retry")]
     Timeout,
     #[error("the node is shutting down")]
@@ -122,8 +125,12 @@ impl Handle {
                 .send(Request::Propose(cmd.clone(), tx))
                 .await
                 .map_err(|_| RaftError::Stopped)?;
+            // Proposals are idempotent (a target is banned once, removals and bindings converge),
+            // so one whose fate a leader change left unknown is simply proposed again.
             match rx.await.map_err(|_| RaftError::Timeout)? {
-                Err(RaftError::NoLeader) if tokio::time::Instant::now() < deadline => {
+                Err(RaftError::NoLeader | RaftError::LeaderChanged)
+                    if tokio::time::Instant::now() < deadline =>
+                {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 other => return other,
@@ -196,6 +203,8 @@ pub struct Node {
     applied: u64,
     addresses: HashMap<u64, String>,
     expire_in_flight: Option<Instant>,
+    /// The leader seen at the last `Ready`: when it changes, waiting requests are failed.
+    leader_seen: u64,
     /// Wall clock for `Expire` commands; injected so tests can move it.
     clock: fn() -> u64,
 }
@@ -319,6 +328,7 @@ impl Node {
             applied,
             addresses,
             expire_in_flight: None,
+            leader_seen: 0,
             clock: unix_ms,
         };
         let handle = Handle {
@@ -371,6 +381,7 @@ impl Node {
                 warn!(error = %e, "raft ready handling failed; stopping the node");
                 break;
             }
+            self.on_leader_change();
             self.publish_status();
         }
         for (_, (_, p)) in self.pending.drain() {
@@ -434,6 +445,29 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// A proposal forwarded to (or accepted by) a leader that lost its place may never be applied,
+    /// and raft-rs drops it silently: fail what waits, so callers retry now rather than at the
+    /// request timeout.
+    fn on_leader_change(&mut self) {
+        let leader = self.raw.raft.leader_id;
+        if leader == self.leader_seen {
+            return;
+        }
+        let had = self.leader_seen;
+        self.leader_seen = leader;
+        if had == 0 {
+            return;
+        }
+        let waiting: Vec<u64> = self.pending.keys().copied().collect();
+        for id in waiting {
+            if let Some((_, p)) = self.pending.remove(&id) {
+                fail(p, RaftError::LeaderChanged);
+            }
+        }
+        self.reads.clear();
+        self.expire_in_flight = None;
     }
 
     /// Fails requests that waited too long (their entry may have been lost in a leader change).
