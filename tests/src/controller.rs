@@ -124,6 +124,22 @@ sha256 = "{a}"
         c
     }
 
+    /// A single-node cluster (id 1) in `root/n1`.
+    pub fn single(root: &Path) -> ControllerProc {
+        let seat = Seat::new(1);
+        ControllerProc::start(root, &seat, std::slice::from_ref(&seat), false, 10_000)
+    }
+
+    /// Runs `sipwardenctl args` against this node's REST API with `token`.
+    pub fn ctl(&self, token: &str, args: &[&str]) -> std::process::Output {
+        Command::new(workspace_bin("sipwardenctl"))
+            .args(["--server", &format!("http://{}", self.http)])
+            .args(args)
+            .env("SIPWARDEN_TOKEN", token)
+            .output()
+            .expect("run sipwardenctl")
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)

@@ -330,6 +330,17 @@ grace_ms = 2000
         std::fs::read_to_string(self.dir.path().join("edge.log")).unwrap_or_default()
     }
 
+    /// `sipwarden_edge_security_events_total` for `rule` and `action` (not dry-run); 0 when absent.
+    pub fn events(&self, rule: &str, action: &str) -> f64 {
+        metric(
+            &self.metrics(),
+            &format!(
+                "sipwarden_edge_security_events_total{{rule=\"{rule}\",action=\"{action}\",dry_run=\"false\"}}"
+            ),
+        )
+        .unwrap_or(0.0)
+    }
+
     /// The security events the edge logged so far (target `security`): the JSON text ending a
     /// text-format line, or the fields of a JSON-format line.
     pub fn security_events(&self) -> Vec<serde_json::Value> {

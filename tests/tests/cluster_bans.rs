@@ -20,49 +20,60 @@ Call-ID: cluster-probe-{n}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
 }
 
 fn gate_drops(edge: &EdgeProc) -> f64 {
-    metric(
-        &edge.metrics(),
-        r#"sipwarden_edge_security_events_total{rule="ban",action="drop",dry_run="false"}"#,
-    )
-    .unwrap_or(0.0)
+    edge.events("ban", "drop")
+}
+
+/// One controller, a SIPp PBX, and two edges at two sites (127.0.0.2 and 127.0.0.3) connected to
+/// the controller.
+struct TwoSites {
+    ctl: ControllerProc,
+    pbx: SippServer,
+    edges: [EdgeProc; 2],
+    _root: tempfile::TempDir,
+}
+
+impl TwoSites {
+    fn start() -> TwoSites {
+        let root = tempfile::tempdir().unwrap();
+        let ctl = ControllerProc::single(root.path());
+        let pbx_port = free_port(PBX_IP);
+        let pbx = SippServer::start(root.path(), "pbx.xml", PBX_IP, pbx_port, "udp");
+        let link = format!(
+            "[[backends]]\naddress = \"{PBX_IP}:{pbx_port}\"\n\n[controller]\nendpoints = [\"{}\"]\nsecret = \"{EDGE_SECRET}\"\n",
+            ctl.grpc
+        );
+        let edges = [
+            EdgeProc::start("127.0.0.2", &link),
+            EdgeProc::start("127.0.0.3", &link),
+        ];
+        for e in &edges {
+            assert!(
+                wait_until(Duration::from_secs(10), || metric(
+                    &e.metrics(),
+                    "sipwarden_edge_controller_connected"
+                ) == Some(1.0)),
+                "edge {} connected to the controller",
+                e.ip
+            );
+        }
+        TwoSites {
+            ctl,
+            pbx,
+            edges,
+            _root: root,
+        }
+    }
 }
 
 #[test]
 fn a_ban_through_sipwardenctl_reaches_both_sites() {
-    let root = tempfile::tempdir().unwrap();
-    let seat = Seat::new(1);
-    let ctl = ControllerProc::start(
-        root.path(),
-        &seat,
-        std::slice::from_ref(&seat),
-        false,
-        10_000,
-    );
-    let pbx_port = free_port(PBX_IP);
-    let _pbx = SippServer::start(root.path(), "pbx.xml", PBX_IP, pbx_port, "udp");
-    let link = format!(
-        "[[backends]]\naddress = \"{PBX_IP}:{pbx_port}\"\n\n[controller]\nendpoints = [\"{}\"]\nsecret = \"{EDGE_SECRET}\"\n",
-        seat.grpc
-    );
-    let edges = [
-        EdgeProc::start("127.0.0.2", &link),
-        EdgeProc::start("127.0.0.3", &link),
-    ];
-    for e in &edges {
-        assert!(
-            wait_until(Duration::from_secs(10), || metric(
-                &e.metrics(),
-                "sipwarden_edge_controller_connected"
-            ) == Some(1.0)),
-            "edge {} connected to the controller",
-            e.ip
-        );
-    }
+    let sites = TwoSites::start();
+    let (ctl, edges) = (&sites.ctl, &sites.edges);
 
     let phone = UdpSocket::bind(format!("{PHONE_IP}:0")).unwrap();
-    let out = std::process::Command::new(workspace_bin("sipwardenctl"))
-        .args(["--server", &format!("http://{}", ctl.http)])
-        .args([
+    let out = ctl.ctl(
+        OPERATOR,
+        &[
             "ban",
             "add",
             "ip",
@@ -71,10 +82,8 @@ fn a_ban_through_sipwardenctl_reaches_both_sites() {
             "cluster test",
             "--ttl",
             "600",
-        ])
-        .env("SIPWARDEN_TOKEN", OPERATOR)
-        .output()
-        .unwrap();
+        ],
+    );
     let acked = Instant::now();
     assert!(
         out.status.success(),
@@ -108,14 +117,12 @@ fn a_ban_through_sipwardenctl_reaches_both_sites() {
     );
 
     // Unbanned through the API: both edges let the address through again.
-    let out = std::process::Command::new(workspace_bin("sipwardenctl"))
-        .args(["--server", &format!("http://{}", ctl.http)])
-        .args(["ban", "rm", "--target", &format!("ip:{PHONE_IP}")])
-        .env("SIPWARDEN_TOKEN", OPERATOR)
-        .output()
-        .unwrap();
+    let out = ctl.ctl(
+        OPERATOR,
+        &["ban", "rm", "--target", &format!("ip:{PHONE_IP}")],
+    );
     assert!(out.status.success());
-    for e in &edges {
+    for e in edges {
         assert!(
             wait_until(Duration::from_secs(5), || {
                 let before = gate_drops(e);
@@ -132,44 +139,14 @@ fn a_ban_through_sipwardenctl_reaches_both_sites() {
     }
 }
 
-fn events(edge: &EdgeProc, rule: &str, action: &str) -> f64 {
-    metric(
-        &edge.metrics(),
-        &format!("sipwarden_edge_security_events_total{{rule=\"{rule}\",action=\"{action}\",dry_run=\"false\"}}"),
-    )
-    .unwrap_or(0.0)
-}
-
 /// SIPVicious scans site A; A's scanner rule bans it, the ban goes through the controller to site
 /// B, and B drops the scanner at the gate before any of its packets is parsed or forwarded.
 #[test]
 fn an_attack_on_site_a_is_banned_at_site_b_before_it_arrives() {
     const ATTACKER: &str = "127.0.0.53";
-    let root = tempfile::tempdir().unwrap();
-    let seat = Seat::new(1);
-    let ctl = ControllerProc::start(
-        root.path(),
-        &seat,
-        std::slice::from_ref(&seat),
-        false,
-        10_000,
-    );
-    let pbx_port = free_port(PBX_IP);
-    let pbx = SippServer::start(root.path(), "pbx.xml", PBX_IP, pbx_port, "udp");
-    let link = format!(
-        "[[backends]]\naddress = \"{PBX_IP}:{pbx_port}\"\n\n[controller]\nendpoints = [\"{}\"]\nsecret = \"{EDGE_SECRET}\"\n",
-        seat.grpc
-    );
-    let (a, b) = (
-        EdgeProc::start("127.0.0.2", &link),
-        EdgeProc::start("127.0.0.3", &link),
-    );
-    for e in [&a, &b] {
-        assert!(wait_until(Duration::from_secs(10), || metric(
-            &e.metrics(),
-            "sipwarden_edge_controller_connected"
-        ) == Some(1.0)));
-    }
+    let sites = TwoSites::start();
+    let (ctl, pbx) = (&sites.ctl, &sites.pbx);
+    let [a, b] = &sites.edges;
 
     let scan = |edge: &EdgeProc| {
         let port = edge.sip_port.to_string();
@@ -180,13 +157,9 @@ fn an_attack_on_site_a_is_banned_at_site_b_before_it_arrives() {
             Duration::from_secs(30),
         )
     };
-    let at_a = scan(&a);
+    let at_a = scan(a);
     assert!(at_a.output.contains("found nothing"), "{}", at_a.output);
-    assert_eq!(
-        events(&a, "scanner", "ban"),
-        1.0,
-        "site A banned the scanner"
-    );
+    assert_eq!(a.events("scanner", "ban"), 1.0, "site A banned the scanner");
     // The cluster has it (proposed by edge A, attributed to it).
     let bans = ctl.bans(true).unwrap();
     let ban = bans
@@ -203,14 +176,14 @@ fn an_attack_on_site_a_is_banned_at_site_b_before_it_arrives() {
     .is_some_and(|n| n >= 1.0)));
 
     let before = pbx.received_messages().len();
-    let at_b = scan(&b);
+    let at_b = scan(b);
     assert!(at_b.output.contains("found nothing"), "{}", at_b.output);
     assert!(
-        events(&b, "ban", "drop") >= 1.0,
+        b.events("ban", "drop") >= 1.0,
         "site B dropped the scanner at the gate"
     );
     assert_eq!(
-        events(&b, "scanner", "ban"),
+        b.events("scanner", "ban"),
         0.0,
         "site B never had to parse it"
     );

@@ -31,18 +31,13 @@ fn write_cli(node: &ControllerProc, range: std::ops::Range<u32>) -> Vec<String> 
     let file = dir.path().join("list.txt");
     let list: Vec<String> = range.clone().map(ip).collect();
     std::fs::write(&file, list.join("\n")).unwrap();
-    let out = std::process::Command::new(sipwarden_tests::workspace_bin("sipwardenctl"))
-        .args([
-            "--server",
-            &format!("http://{}", node.http),
-            "ban",
-            "import",
-        ])
-        .arg(&file)
-        .args(["--format", "plain", "--ttl", "86400"])
-        .env("SIPWARDEN_TOKEN", OPERATOR)
-        .output()
-        .unwrap();
+    let file = file.display().to_string();
+    let out = node.ctl(
+        OPERATOR,
+        &[
+            "ban", "import", &file, "--format", "plain", "--ttl", "86400",
+        ],
+    );
     if out.status.success() {
         list
     } else {
@@ -240,14 +235,7 @@ fn members_join_and_leave_and_a_late_joiner_gets_a_snapshot() {
 #[test]
 fn every_endpoint_refuses_bad_tokens_roles_and_input_writing_nothing() {
     let root = tempfile::tempdir().unwrap();
-    let seat = Seat::new(1);
-    let n = ControllerProc::start(
-        root.path(),
-        &seat,
-        std::slice::from_ref(&seat),
-        false,
-        10_000,
-    );
+    let n = ControllerProc::single(root.path());
     agreed_leader(&[&n], Duration::from_secs(10)).expect("leader");
     let ok_ban = r#"{"target":{"type":"ip","value":"192.0.2.1"},"reason":"x"}"#;
     let revision = |n: &ControllerProc| {
@@ -390,21 +378,9 @@ fn every_endpoint_refuses_bad_tokens_roles_and_input_writing_nothing() {
 #[test]
 fn sipwardenctl_drives_the_api() {
     let root = tempfile::tempdir().unwrap();
-    let seat = Seat::new(1);
-    let n = ControllerProc::start(
-        root.path(),
-        &seat,
-        std::slice::from_ref(&seat),
-        false,
-        10_000,
-    );
+    let n = ControllerProc::single(root.path());
     let ctl = |token: &str, args: &[&str]| {
-        let out = std::process::Command::new(sipwarden_tests::workspace_bin("sipwardenctl"))
-            .args(["--server", &format!("http://{}", n.http)])
-            .args(args)
-            .env("SIPWARDEN_TOKEN", token)
-            .output()
-            .unwrap();
+        let out = n.ctl(token, args);
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -32,14 +32,6 @@ fn pbx_site(policy: &str) -> (tempfile::TempDir, SippServer, EdgeProc) {
     (dir, pbx, edge)
 }
 
-fn security(edge: &EdgeProc, rule: &str, action: &str) -> f64 {
-    metric(
-        &edge.metrics(),
-        &format!("sipwarden_edge_security_events_total{{rule=\"{rule}\",action=\"{action}\",dry_run=\"false\"}}"),
-    )
-    .unwrap_or(0.0)
-}
-
 fn options(from: &UdpSocket, user: &str, n: u32) -> String {
     let local = from.local_addr().unwrap();
     format!(
@@ -106,7 +98,7 @@ fn a_flood_is_cut_off_banned_and_the_ban_survives_a_restart() {
             .join("\n")
     );
     assert!(
-        wait_until(Duration::from_secs(5), || security(&edge, "flood", "ban")
+        wait_until(Duration::from_secs(5), || edge.events("flood", "ban")
             >= 1.0),
         "the flooder was banned"
     );
@@ -156,7 +148,7 @@ fn a_flood_is_cut_off_banned_and_the_ban_survives_a_restart() {
         before,
         "the banned flooder stays out after the restart"
     );
-    assert!(security(&edge, "ban", "drop") >= 5.0);
+    assert!(edge.events("ban", "drop") >= 5.0);
 }
 
 #[test]
@@ -177,7 +169,7 @@ fn a_toll_fraud_burst_is_stopped() {
     );
     assert!(run.success, "{}", run.errors);
     assert_eq!(pbx.received("INVITE"), 0, "no premium call reached the PBX");
-    assert_eq!(security(&edge, "tollfraud.prefix", "reject"), 20.0);
+    assert_eq!(edge.events("tollfraud.prefix", "reject"), 20.0);
 
     // A sequential sweep (+4930555 1, 2, 3, …) is banned at the 5th number.
     let run = sipp_client_args(
@@ -196,7 +188,7 @@ fn a_toll_fraud_burst_is_stopped() {
         "sweep: success={} (calls after the ban time out)",
         run.success
     );
-    assert_eq!(security(&edge, "tollfraud.sequential", "ban"), 1.0);
+    assert_eq!(edge.events("tollfraud.sequential", "ban"), 1.0);
     assert_eq!(
         pbx.received("INVITE"),
         4,
@@ -330,7 +322,7 @@ fn geoip_drops_a_denied_country_from_a_built_database() {
             .any(|m| m.starts_with("OPTIONS sip:geo-ng@")),
         "the denied country was dropped"
     );
-    assert_eq!(security(&edge, "geoip", "drop"), 1.0);
+    assert_eq!(edge.events("geoip", "drop"), 1.0);
     let events = edge.security_events();
     let json = events
         .iter()

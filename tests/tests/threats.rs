@@ -79,16 +79,6 @@ impl Site {
         println!("--- {tool} {all:?}\n{}", run.output);
         run
     }
-
-    fn events(&self, rule: &str, action: &str) -> f64 {
-        metric(
-            &self.edge.metrics(),
-            &format!(
-                "sipwarden_edge_security_events_total{{rule=\"{rule}\",action=\"{action}\",dry_run=\"false\"}}"
-            ),
-        )
-        .unwrap_or(0.0)
-    }
 }
 
 fn assert_phone_ok(run: SippRun) {
@@ -119,9 +109,9 @@ fn sipvicious_gets_nothing_and_the_phone_keeps_working() {
         0,
         "no scanner request reached the PBX"
     );
-    assert!(site.events("scanner", "ban") >= 1.0);
+    assert!(site.edge.events("scanner", "ban") >= 1.0);
     assert!(
-        site.events("ban", "drop") >= 1.0,
+        site.edge.events("ban", "drop") >= 1.0,
         "later packets stopped at the gate"
     );
     assert_phone_ok(phone.join().unwrap());
@@ -143,7 +133,7 @@ fn behaviour_alone_bans_enumeration_and_password_guessing() {
     let probes = site.kamailio.requests_from("friendly-scanner");
     println!("svwar: {probes} requests reached the PBX before the ban");
     assert!(
-        site.events("enumeration", "ban") >= 1.0,
+        site.edge.events("enumeration", "ban") >= 1.0,
         "svwar banned by the enumeration rule"
     );
     assert!(probes <= 12, "{probes} probes reached the PBX");
@@ -166,12 +156,12 @@ fn behaviour_alone_bans_enumeration_and_password_guessing() {
         "svcrack found a password"
     );
     assert!(
-        site.events("bruteforce", "ban") >= 1.0,
+        site.edge.events("bruteforce", "ban") >= 1.0,
         "svcrack banned by the brute-force rule"
     );
     assert!(guesses <= 15, "{guesses} guesses reached the PBX");
     assert!(
-        site.events("scanner", "ban") == 0.0,
+        site.edge.events("scanner", "ban") == 0.0,
         "the fingerprint rule only logged"
     );
     assert_phone_ok(phone.join().unwrap());
