@@ -124,9 +124,7 @@ pub async fn uplink(
         }
         metrics.reports_queued.set(queue.len() as i64);
         if client.is_none() {
-            let ch = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))
-                .map(|e| e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true));
-            client = match ch {
+            client = match channel_to(&endpoint) {
                 Ok(e) => e.connect().await.ok().map(EdgeControlClient::new),
                 Err(_) => None,
             };
@@ -168,6 +166,15 @@ pub async fn uplink(
         }
         backoff = (backoff * 2).min(max);
     }
+}
+
+/// A gRPC endpoint for the controller at `addr` (`host:port`).
+fn channel_to(addr: &str) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true),
+    )
 }
 
 /// Keeps a watch stream open to one of `cfg.endpoints` until `stop`.
@@ -223,9 +230,7 @@ async fn watch_once(
     metrics: &Metrics,
     revision: &mut u64,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))?
-        .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true)
+    let channel = channel_to(endpoint)?
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
         .connect()
