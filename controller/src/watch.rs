@@ -11,6 +11,7 @@ use crate::raft::node::Handle;
 use crate::state::{Change, StateMachine};
 use sipwarden_proto::v1 as pb;
 use sipwarden_proto::v1::edge_control_server::EdgeControl;
+use sipwarden_shared::ban::Binding;
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -85,6 +86,28 @@ pub fn catch_up(s: &StateMachine, revision: u64) -> Vec<pb::WatchEvent> {
     }
 }
 
+fn check_edge_id(id: &str) -> Result<(), tonic::Status> {
+    if id.is_empty() || id.len() > 64 {
+        return Err(tonic::Status::invalid_argument(
+            "edge_id: 1 to 64 characters",
+        ));
+    }
+    Ok(())
+}
+
+impl EdgeService {
+    /// The request's body when it carries the edge secret.
+    #[allow(clippy::result_large_err)]
+    fn check<T>(&self, req: tonic::Request<T>) -> Result<T, tonic::Status> {
+        if self.secret.is_empty() || !authorized(req.metadata(), &self.secret) {
+            return Err(tonic::Status::unauthenticated(
+                "edge secret missing or wrong",
+            ));
+        }
+        Ok(req.into_inner())
+    }
+}
+
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, tonic::Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -93,17 +116,8 @@ impl EdgeControl for EdgeService {
         &self,
         req: tonic::Request<pb::ProposeBansRequest>,
     ) -> Result<tonic::Response<pb::ProposeBansResponse>, tonic::Status> {
-        if self.secret.is_empty() || !authorized(req.metadata(), &self.secret) {
-            return Err(tonic::Status::unauthenticated(
-                "edge secret missing or wrong",
-            ));
-        }
-        let r = req.into_inner();
-        if r.edge_id.is_empty() || r.edge_id.len() > 64 {
-            return Err(tonic::Status::invalid_argument(
-                "edge_id: 1 to 64 characters",
-            ));
-        }
+        let r = self.check(req)?;
+        check_edge_id(&r.edge_id)?;
         if r.bans.len() > MAX_PROPOSED {
             return Err(tonic::Status::invalid_argument(format!(
                 "bans: at most {MAX_PROPOSED} per call"
@@ -134,16 +148,38 @@ impl EdgeControl for EdgeService {
         }))
     }
 
+    async fn put_bindings(
+        &self,
+        req: tonic::Request<pb::PutBindingsRequest>,
+    ) -> Result<tonic::Response<pb::PutBindingsResponse>, tonic::Status> {
+        let r = self.check(req)?;
+        check_edge_id(&r.edge_id)?;
+        // What an edge says about itself is forced onto its bindings.
+        let put = r
+            .put
+            .iter()
+            .map(|b| Binding {
+                edge_id: r.edge_id.clone(),
+                site: r.site.clone(),
+                ..Binding::from(b)
+            })
+            .collect();
+        let removed = r.removed.into_iter().map(|k| (k.aor, k.contact)).collect();
+        let who = Caller {
+            name: format!("edge:{}", r.edge_id),
+            role: Role::Operator,
+        };
+        self.api.put_bindings(&who, put, removed).await?;
+        Ok(tonic::Response::new(pb::PutBindingsResponse {
+            revision: self.handle.read(|s| s.revision()),
+        }))
+    }
+
     async fn report(
         &self,
         req: tonic::Request<pb::ReportRequest>,
     ) -> Result<tonic::Response<pb::ReportResponse>, tonic::Status> {
-        if self.secret.is_empty() || !authorized(req.metadata(), &self.secret) {
-            return Err(tonic::Status::unauthenticated(
-                "edge secret missing or wrong",
-            ));
-        }
-        let r = req.into_inner();
+        let r = self.check(req)?;
         debug!(edge = %r.edge_id, events = r.events.len(), "security events reported");
         Ok(tonic::Response::new(pb::ReportResponse {
             accepted: r.events.len() as u64,
@@ -156,12 +192,7 @@ impl EdgeControl for EdgeService {
         &self,
         req: tonic::Request<pb::EdgeHello>,
     ) -> Result<tonic::Response<WatchStream>, tonic::Status> {
-        if self.secret.is_empty() || !authorized(req.metadata(), &self.secret) {
-            return Err(tonic::Status::unauthenticated(
-                "edge secret missing or wrong",
-            ));
-        }
-        let hello = req.into_inner();
+        let hello = self.check(req)?;
         info!(edge = %hello.edge_id, site = %hello.site, revision = hello.revision, "edge watching");
         let (tx, rx) = mpsc::channel(BUFFER);
         let handle = self.handle.clone();

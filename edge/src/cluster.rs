@@ -6,17 +6,31 @@
 //! auto-bans to the cluster, queued (bounded) while no controller answers. Only this module talks
 //! gRPC.
 
-use crate::bans::{Ban, BanOrigin, BanStore, NEVER};
+use crate::bans::{Ban, BanOrigin, NEVER};
+use crate::clock::Clock;
 use crate::config::Controller;
 use crate::metrics::Metrics;
+use crate::pipeline::State;
 use sipwarden_proto::v1 as pb;
 use sipwarden_proto::v1::edge_control_client::EdgeControlClient;
 use sipwarden_proto::v1::watch_event::Kind;
-use sipwarden_shared::ban::BanTarget;
+use sipwarden_shared::ban::{BanTarget, Binding};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+/// What an edge tells the cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Report {
+    /// An auto-ban one of its rules made.
+    Ban(Ban),
+    /// A registration the PBX accepted (`edge_id` and `site` are filled in by the uplink).
+    Binding(Binding),
+    /// A registration that ended (de-registration or a refresh that dropped the contact).
+    Unbind { aor: String, contact: String },
+}
 
 /// The edge's ban for a cluster ban, when it is one the gate enforces (an address or network).
 pub fn edge_ban(b: &pb::Ban) -> Option<Ban> {
@@ -33,13 +47,38 @@ pub fn edge_ban(b: &pb::Ban) -> Option<Ban> {
     })
 }
 
-/// Applies one watch event; returns the revision the edge now has.
-pub fn apply(bans: &BanStore, e: &pb::WatchEvent) -> u64 {
+/// The address a cluster binding is filed under, when it is one of `site`'s.
+fn site_binding<'a>(b: &'a pb::Binding, site: &str) -> Option<(&'a str, std::net::IpAddr, u64)> {
+    if b.site != site {
+        return None;
+    }
+    let ip = b.source.parse::<std::net::SocketAddr>().ok()?.ip();
+    Some((&b.aor, ip, u64::try_from(b.expires_unix_ms).ok()?))
+}
+
+/// Applies one watch event to the edge of `site`; returns the revision the edge now has.
+/// Bindings of other sites are not this edge's to enforce (the registered-source rule is per
+/// site) and are skipped.
+pub fn apply(state: &State, site: &str, now_ms: u64, e: &pb::WatchEvent) -> u64 {
+    let bans = &state.bans;
     match &e.kind {
         Some(Kind::Snapshot(s)) => {
             let list: Vec<Ban> = s.bans.iter().filter_map(edge_ban).collect();
-            info!(bans = list.len(), revision = e.revision, "cluster snapshot");
+            info!(
+                bans = list.len(),
+                bindings = s.bindings.len(),
+                revision = e.revision,
+                "cluster snapshot"
+            );
             bans.replace(BanOrigin::Cluster, list);
+            state.bindings.clear_cluster();
+            for b in &s.bindings {
+                if let Some((aor, ip, expires)) = site_binding(b, site) {
+                    state
+                        .bindings
+                        .put_cluster(aor, &b.contact, ip, expires, now_ms);
+                }
+            }
         }
         Some(Kind::BanPut(b)) => {
             if let Some(b) = edge_ban(b) {
@@ -51,8 +90,16 @@ pub fn apply(bans: &BanStore, e: &pb::WatchEvent) -> u64 {
                 bans.unban_from(b.network, BanOrigin::Cluster);
             }
         }
-        // Bindings and policies are used by later parts of the cluster link.
-        Some(_) | None => {}
+        Some(Kind::BindingPut(b)) => {
+            if let Some((aor, ip, expires)) = site_binding(b, site) {
+                state
+                    .bindings
+                    .put_cluster(aor, &b.contact, ip, expires, now_ms);
+            }
+        }
+        Some(Kind::BindingRemoved(k)) => state.bindings.remove_cluster(&k.aor, &k.contact),
+        // Policies are used by a later part of the cluster link.
+        Some(Kind::Policy(_)) | None => {}
     }
     e.revision
 }
@@ -86,37 +133,101 @@ pub fn ban_spec(b: &Ban) -> pb::BanSpec {
     }
 }
 
-/// Proposes the edge's auto-bans to the cluster: batches what `rx` delivers, queues it (bounded,
-/// oldest dropped and counted) while no controller answers, retries on the next endpoint.
+/// The edge as the cluster knows it: who it is, where the controllers are and the credential it
+/// presents. Shared by the watch stream, the uplink and the counter pusher.
+pub struct Link {
+    pub cfg: Controller,
+    pub edge_id: String,
+    pub site: String,
+    bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Link {
+    /// `None` (with a warning) when the secret cannot be sent as a header.
+    pub fn new(
+        cfg: Controller,
+        edge_id: String,
+        site: String,
+        metrics: Arc<Metrics>,
+    ) -> Option<Link> {
+        let Ok(bearer) = format!("Bearer {}", cfg.secret).parse() else {
+            warn!("controller.secret is not a valid header value; staying standalone");
+            return None;
+        };
+        Some(Link {
+            cfg,
+            edge_id,
+            site,
+            bearer,
+            metrics,
+        })
+    }
+
+    /// `msg` as a request carrying the edge's credential.
+    pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.metadata_mut()
+            .insert("authorization", self.bearer.clone());
+        req
+    }
+
+    fn backoff_max(&self) -> Duration {
+        Duration::from_millis(self.cfg.reconnect_max_ms.max(50))
+    }
+}
+
+/// What one round of the uplink sends: the first `BATCH` reports, split by RPC.
+fn batch_of(
+    queue: &VecDeque<Report>,
+) -> (
+    usize,
+    Vec<pb::BanSpec>,
+    Vec<pb::Binding>,
+    Vec<pb::BindingKey>,
+) {
+    let (mut bans, mut put, mut removed) = (Vec::new(), Vec::new(), Vec::new());
+    let n = queue.len().min(BATCH);
+    for r in queue.iter().take(n) {
+        match r {
+            Report::Ban(b) => bans.push(ban_spec(b)),
+            Report::Binding(b) => put.push(pb::Binding::from(b)),
+            Report::Unbind { aor, contact } => removed.push(pb::BindingKey {
+                aor: aor.clone(),
+                contact: contact.clone(),
+            }),
+        }
+    }
+    (n, bans, put, removed)
+}
+
+/// Publishes what the edge learns to the cluster — auto-bans and registrations: batches what `rx`
+/// delivers, queues it (bounded, oldest dropped and counted) while no controller answers, retries
+/// on the next endpoint. Both calls are idempotent, so a batch whose answer was lost is sent again.
 pub async fn uplink(
-    cfg: Controller,
-    edge_id: String,
-    mut rx: tokio::sync::mpsc::Receiver<Ban>,
-    metrics: Arc<Metrics>,
+    link: Arc<Link>,
+    mut rx: tokio::sync::mpsc::Receiver<Report>,
     stop: CancellationToken,
 ) {
-    let Ok(bearer) = format!("Bearer {}", cfg.secret).parse::<tonic::metadata::MetadataValue<_>>()
-    else {
-        return;
-    };
-    let mut queue: std::collections::VecDeque<Ban> = std::collections::VecDeque::new();
-    let mut endpoints = cfg.endpoints.iter().cycle();
+    let metrics = &link.metrics;
+    let mut queue: VecDeque<Report> = VecDeque::new();
+    let mut endpoints = link.cfg.endpoints.iter().cycle();
     let mut endpoint = endpoints.next().cloned().unwrap_or_default();
     let mut client: Option<EdgeControlClient<tonic::transport::Channel>> = None;
     let mut backoff = Duration::from_millis(50);
-    let max = Duration::from_millis(cfg.reconnect_max_ms.max(50));
+    let max = link.backoff_max();
     loop {
         if queue.is_empty() {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                b = rx.recv() => match b {
-                    Some(b) => queue.push_back(b),
+                r = rx.recv() => match r {
+                    Some(r) => queue.push_back(r),
                     None => return,
                 },
             }
         }
-        while let Ok(b) = rx.try_recv() {
-            queue.push_back(b);
+        while let Ok(r) = rx.try_recv() {
+            queue.push_back(r);
         }
         while queue.len() > QUEUE_CAP {
             queue.pop_front();
@@ -129,31 +240,13 @@ pub async fn uplink(
                 Err(_) => None,
             };
         }
-        let batch: Vec<pb::BanSpec> = queue.iter().take(BATCH).map(ban_spec).collect();
+        let (n, bans, put, removed) = batch_of(&queue);
         let sent = match &mut client {
-            Some(c) => {
-                let mut req = tonic::Request::new(pb::ProposeBansRequest {
-                    edge_id: edge_id.clone(),
-                    bans: batch.clone(),
-                });
-                req.metadata_mut().insert("authorization", bearer.clone());
-                match c.propose_bans(req).await {
-                    Ok(_) => true,
-                    Err(s) if s.code() == tonic::Code::InvalidArgument => {
-                        // Not retryable: drop the batch rather than block the queue.
-                        warn!(error = %s, "controller refused auto-bans");
-                        true
-                    }
-                    Err(s) => {
-                        debug!(error = %s, %endpoint, "proposing auto-bans failed; retrying");
-                        false
-                    }
-                }
-            }
+            Some(c) => send(&link, c, bans, put, removed, &endpoint).await,
             None => false,
         };
         if sent {
-            queue.drain(..batch.len());
+            queue.drain(..n);
             metrics.reports_queued.set(queue.len() as i64);
             backoff = Duration::from_millis(50);
             continue;
@@ -168,6 +261,50 @@ pub async fn uplink(
     }
 }
 
+/// Sends one batch; `false` when it must be retried elsewhere.
+async fn send(
+    link: &Link,
+    c: &mut EdgeControlClient<tonic::transport::Channel>,
+    bans: Vec<pb::BanSpec>,
+    put: Vec<pb::Binding>,
+    removed: Vec<pb::BindingKey>,
+    endpoint: &str,
+) -> bool {
+    let settled = |r: Result<(), tonic::Status>, what: &str| match r {
+        Ok(()) => true,
+        Err(s) if s.code() == tonic::Code::InvalidArgument => {
+            // Not retryable: drop the batch rather than block the queue.
+            warn!(error = %s, "controller refused {what}");
+            true
+        }
+        Err(s) => {
+            debug!(error = %s, %endpoint, "publishing {what} failed; retrying");
+            false
+        }
+    };
+    if !bans.is_empty() {
+        let req = link.request(pb::ProposeBansRequest {
+            edge_id: link.edge_id.clone(),
+            bans,
+        });
+        if !settled(c.propose_bans(req).await.map(drop), "auto-bans") {
+            return false;
+        }
+    }
+    if !put.is_empty() || !removed.is_empty() {
+        let req = link.request(pb::PutBindingsRequest {
+            edge_id: link.edge_id.clone(),
+            site: link.site.clone(),
+            put,
+            removed,
+        });
+        if !settled(c.put_bindings(req).await.map(drop), "registrations") {
+            return false;
+        }
+    }
+    true
+}
+
 /// A gRPC endpoint for the controller at `addr` (`host:port`).
 fn channel_to(addr: &str) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
     Ok(
@@ -178,31 +315,18 @@ fn channel_to(addr: &str) -> Result<tonic::transport::Endpoint, tonic::transport
 }
 
 /// Keeps a watch stream open to one of `cfg.endpoints` until `stop`.
-pub async fn run(
-    cfg: Controller,
-    edge_id: String,
-    site: String,
-    bans: Arc<BanStore>,
-    metrics: Arc<Metrics>,
-    stop: CancellationToken,
-) {
+pub async fn run(link: Arc<Link>, state: Arc<State>, clock: Clock, stop: CancellationToken) {
+    let metrics = &link.metrics;
     let mut revision = 0u64;
     let mut backoff = Duration::from_millis(50);
-    let max = Duration::from_millis(cfg.reconnect_max_ms.max(50));
-    let bearer: tonic::metadata::MetadataValue<_> = match format!("Bearer {}", cfg.secret).parse() {
-        Ok(v) => v,
-        Err(_) => {
-            warn!("controller.secret is not a valid header value; staying standalone");
-            return;
-        }
-    };
-    for endpoint in cfg.endpoints.iter().cycle() {
+    let max = link.backoff_max();
+    for endpoint in link.cfg.endpoints.iter().cycle() {
         if stop.is_cancelled() {
             return;
         }
         let result = tokio::select! {
             _ = stop.cancelled() => return,
-            r = watch_once(endpoint, &bearer, &edge_id, &site, &bans, &metrics, &mut revision) => r,
+            r = watch_once(&link, endpoint, &state, &clock, &mut revision) => r,
         };
         metrics.controller_connected.set(0);
         match result {
@@ -222,12 +346,10 @@ pub async fn run(
 }
 
 async fn watch_once(
+    link: &Link,
     endpoint: &str,
-    bearer: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
-    edge_id: &str,
-    site: &str,
-    bans: &BanStore,
-    metrics: &Metrics,
+    state: &State,
+    clock: &Clock,
     revision: &mut u64,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let channel = channel_to(endpoint)?
@@ -236,17 +358,17 @@ async fn watch_once(
         .connect()
         .await?;
     let mut client = EdgeControlClient::new(channel).max_decoding_message_size(256 << 20);
-    let mut req = tonic::Request::new(pb::EdgeHello {
-        edge_id: edge_id.to_string(),
-        site: site.to_string(),
+    let metrics = &link.metrics;
+    let req = link.request(pb::EdgeHello {
+        edge_id: link.edge_id.clone(),
+        site: link.site.clone(),
         revision: *revision,
     });
-    req.metadata_mut().insert("authorization", bearer.clone());
     let mut stream = client.watch(req).await?.into_inner();
     info!(%endpoint, revision = *revision, "watching the controller cluster");
     metrics.controller_connected.set(1);
     while let Some(e) = stream.message().await? {
-        *revision = apply(bans, &e);
+        *revision = apply(state, &link.site, clock.now_ms(), &e);
         metrics.watch_revision.set(*revision as i64);
     }
     Ok(())
@@ -299,7 +421,8 @@ mod tests {
     #[test]
     fn snapshot_then_deltas_reach_the_ban_set() {
         use pb::ban_target::Target;
-        let bans = BanStore::new(None, 100);
+        let state = State::new(Arc::new(crate::bans::BanStore::new(None, 100)));
+        let bans = &state.bans;
         let snap = pb::WatchEvent {
             revision: 5,
             kind: Some(Kind::Snapshot(pb::StateSnapshot {
@@ -311,7 +434,7 @@ mod tests {
                 ..Default::default()
             })),
         };
-        assert_eq!(apply(&bans, &snap), 5);
+        assert_eq!(apply(&state, "s", 0, &snap), 5);
         bans.apply(0);
         assert_eq!(bans.snapshot().len(), 2, "AOR bans are not address bans");
         assert!(bans
@@ -338,10 +461,85 @@ mod tests {
                 0,
             ))),
         };
-        apply(&bans, &put);
-        assert_eq!(apply(&bans, &removed), 7);
+        apply(&state, "s", 0, &put);
+        assert_eq!(apply(&state, "s", 0, &removed), 7);
         bans.apply(0);
         assert!(bans.lookup("203.0.113.9".parse().unwrap(), 0).is_some());
         assert!(bans.lookup("192.0.2.1".parse().unwrap(), 0).is_none());
+    }
+
+    fn pb_binding(aor: &str, contact: &str, source: &str, site: &str) -> pb::Binding {
+        pb::Binding {
+            aor: aor.into(),
+            contact: contact.into(),
+            source: source.into(),
+            transport: "udp".into(),
+            edge_id: "other".into(),
+            flow_token: String::new(),
+            expires_unix_ms: 60_000,
+            user_agent: String::new(),
+            site: site.into(),
+        }
+    }
+
+    #[test]
+    fn bindings_of_the_site_make_their_sources_registered() {
+        let state = State::new(Arc::new(crate::bans::BanStore::new(None, 10)));
+        let ev = |revision, kind| pb::WatchEvent {
+            revision,
+            kind: Some(kind),
+        };
+        let a: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let b: std::net::IpAddr = "192.0.2.2".parse().unwrap();
+        let snap = pb::StateSnapshot {
+            bindings: vec![
+                pb_binding("sip:1001@pbx", "sip:1001@10.0.0.1", "192.0.2.1:5060", "s"),
+                pb_binding(
+                    "sip:1002@pbx",
+                    "sip:1002@10.0.0.2",
+                    "192.0.2.2:5060",
+                    "elsewhere",
+                ),
+            ],
+            ..Default::default()
+        };
+        apply(&state, "s", 0, &ev(1, Kind::Snapshot(snap)));
+        assert!(state.bindings.live(a, 1));
+        assert!(!state.bindings.live(b, 1), "another site's binding");
+        assert!(!state.bindings.live(a, 60_000), "expiry kept");
+        // The phone moved to another address: the old one is no longer registered.
+        apply(
+            &state,
+            "s",
+            0,
+            &ev(
+                2,
+                Kind::BindingPut(pb_binding(
+                    "sip:1001@pbx",
+                    "sip:1001@10.0.0.1",
+                    "192.0.2.2:5060",
+                    "s",
+                )),
+            ),
+        );
+        assert!(!state.bindings.live(a, 1));
+        assert!(state.bindings.live(b, 1));
+        apply(
+            &state,
+            "s",
+            0,
+            &ev(
+                3,
+                Kind::BindingRemoved(pb::BindingKey {
+                    aor: "sip:1001@pbx".into(),
+                    contact: "sip:1001@10.0.0.1".into(),
+                }),
+            ),
+        );
+        assert!(!state.bindings.live(b, 1));
+        // A local registration is not touched by a snapshot replacing the cluster's.
+        state.bindings.set(a, "1003@pbx".into(), 10_000, 0);
+        apply(&state, "s", 0, &ev(4, Kind::Snapshot(Default::default())));
+        assert!(state.bindings.live(a, 1));
     }
 }

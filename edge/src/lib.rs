@@ -149,22 +149,25 @@ impl Edge {
             metrics.clone(),
         )?;
         let firewall = service.firewall.clone();
-        if !cfg.controller.endpoints.is_empty() {
-            let (tx, rx) = tokio::sync::mpsc::channel(4096);
-            firewall.set_uplink(tx);
-            tracker.spawn(cluster::uplink(
-                cfg.controller.clone(),
-                cfg.edge.id.clone(),
-                rx,
-                metrics.clone(),
-                stop.clone(),
-            ));
-            tracker.spawn(cluster::run(
+        let link = if cfg.controller.endpoints.is_empty() {
+            None
+        } else {
+            cluster::Link::new(
                 cfg.controller.clone(),
                 cfg.edge.id.clone(),
                 cfg.edge.site.clone(),
-                bans.clone(),
                 metrics.clone(),
+            )
+            .map(Arc::new)
+        };
+        if let Some(link) = &link {
+            let (tx, rx) = tokio::sync::mpsc::channel(4096);
+            firewall.state.set_uplink(tx);
+            tracker.spawn(cluster::uplink(link.clone(), rx, stop.clone()));
+            tracker.spawn(cluster::run(
+                link.clone(),
+                firewall.state.clone(),
+                clock.clone(),
                 stop.clone(),
             ));
         }

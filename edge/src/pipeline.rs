@@ -65,6 +65,10 @@ pub struct ResponseCx<'a> {
     pub peer_trusted: bool,
     /// The request carried Authorization or Proxy-Authorization (the edge marks its own Via).
     pub had_credentials: bool,
+    /// How the response reaches `peer`.
+    pub peer_transport: crate::sip::Transport,
+    /// For a 200 to REGISTER: the signed flow token of `peer` (what the edge put in Path).
+    pub flow_token: Option<String>,
 }
 
 /// What a filter can decide.
@@ -166,6 +170,8 @@ pub struct State {
     pub enumeration: filters::enumeration::Probes,
     pub flood: filters::flood::Excess,
     pub dialing: filters::tollfraud::Dialing,
+    /// Where auto-bans and registrations go for the cluster, when the edge is connected.
+    uplink: std::sync::OnceLock<tokio::sync::mpsc::Sender<crate::cluster::Report>>,
 }
 
 impl State {
@@ -178,6 +184,20 @@ impl State {
             enumeration: Default::default(),
             flood: Default::default(),
             dialing: Default::default(),
+            uplink: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Sends what the cluster must learn to `tx` from now on (the cluster link publishes it).
+    pub fn set_uplink(&self, tx: tokio::sync::mpsc::Sender<crate::cluster::Report>) {
+        let _ = self.uplink.set(tx);
+    }
+
+    /// Queues `r` for the cluster when the edge has one. A full channel drops the newest; the
+    /// cluster link's own queue counts what it sheds.
+    pub fn report(&self, r: crate::cluster::Report) {
+        if let Some(tx) = self.uplink.get() {
+            let _ = tx.try_send(r);
         }
     }
 
@@ -324,8 +344,6 @@ pub struct Firewall {
     pub state: Arc<State>,
     pub clock: Clock,
     pub events: EventSink,
-    /// Where auto-bans go for the cluster, when the edge is connected.
-    uplink: std::sync::OnceLock<tokio::sync::mpsc::Sender<Ban>>,
 }
 
 impl Firewall {
@@ -336,13 +354,7 @@ impl Firewall {
             state,
             clock,
             events,
-            uplink: std::sync::OnceLock::new(),
         }
-    }
-
-    /// Sends every auto-ban to `tx` as well (the cluster link proposes them to the controllers).
-    pub fn set_uplink(&self, tx: tokio::sync::mpsc::Sender<Ban>) {
-        let _ = self.uplink.set(tx);
     }
 
     /// The pipeline in force.
@@ -473,10 +485,7 @@ impl Firewall {
                     created_unix_ms: meta.now_ms,
                     expires_unix_ms: meta.now_ms.saturating_add(ttl_s.saturating_mul(1000)),
                 };
-                if let Some(tx) = self.uplink.get() {
-                    // A full uplink drops the newest; the cluster link counts what it sheds.
-                    let _ = tx.try_send(ban.clone());
-                }
+                self.state.report(crate::cluster::Report::Ban(ban.clone()));
                 self.state.bans.ban(ban);
                 Some(Verdict::Drop { rule: found.rule })
             }

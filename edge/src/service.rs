@@ -182,11 +182,12 @@ impl Service {
         span: &tracing::Span,
     ) -> Decision {
         let decision = self.proxy.handle_message(m, inb, side);
-        let peer = match &decision.action {
+        let (peer, peer_transport) = match &decision.action {
             Action::Forward {
                 dest: Dest::Addr(a),
+                transport,
                 ..
-            } => *a,
+            } => (*a, *transport),
             _ => {
                 span.record("verdict", decision.outcome.label());
                 return decision;
@@ -194,18 +195,31 @@ impl Service {
         };
         // Our Via is on top (the proxy verified its branch) and says whether the request carried
         // credentials.
-        let had_credentials = m
+        let top_via = m
             .elements(HeaderName::Via)
             .first()
-            .and_then(|(_, r)| header_param(m.text(r.clone()), via::CREDENTIALS_PARAM))
-            .is_some();
+            .map(|(_, r)| m.text(r.clone()))
+            .unwrap_or("");
+        let had_credentials = header_param(top_via, via::CREDENTIALS_PARAM).is_some();
+        let status = m.status().unwrap_or(0);
+        let register = m.cseq().is_some_and(|(_, method)| method == "REGISTER");
+        // The flow token the edge put in Path for this phone, for the binding the cluster keeps.
+        let flow_token = (register && status == 200 && side == Side::Pbx).then(|| {
+            self.proxy.keys.sign(&crate::flow::FlowToken {
+                transport: peer_transport,
+                addr: peer,
+                edge: self.proxy.edge_id.clone(),
+            })
+        });
         let cx = ResponseCx {
             meta,
             sip: SipView::new(m),
-            status: m.status().unwrap_or(0),
+            status,
             peer,
             peer_trusted: self.proxy.is_pbx_addr(peer) || self.firewall.pipeline().allowed(peer),
             had_credentials,
+            peer_transport,
+            flow_token,
         };
         let decision = match self.firewall.response(&cx) {
             Verdict::Allow => decision,

@@ -160,6 +160,55 @@ pub struct Binding {
     pub flow_token: String,
     pub expires_unix_ms: u64,
     pub user_agent: String,
+    /// The site of the edge that holds the binding.
+    #[serde(default)]
+    pub site: String,
+}
+
+impl Binding {
+    /// Checks what an edge published, so one bad edge cannot store garbage the others trust.
+    /// Errors name the field (`put[i].` is added by the caller). The AOR is normalised as an AOR
+    /// ban target is (lower-cased host).
+    pub fn validate(mut self) -> Result<Binding, InvalidField> {
+        self.aor = match BanTarget::parse("aor", &self.aor) {
+            Ok(BanTarget::Aor(a)) => a,
+            _ => return Err(invalid("aor", "must be sip:user@domain")),
+        };
+        let bounded = |field: &'static str, v: &str, max: usize| {
+            if v.len() > max || v.chars().any(|c| c.is_control()) {
+                Err(invalid(
+                    field,
+                    format!("at most {max} characters, no control characters"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        if self.contact.is_empty() {
+            return Err(invalid("contact", "must not be empty"));
+        }
+        bounded("contact", &self.contact, 512)?;
+        if self.source.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "source",
+                format!("{:?} is not ip:port", self.source),
+            ));
+        }
+        if !matches!(
+            self.transport.as_str(),
+            "udp" | "tcp" | "tls" | "ws" | "wss"
+        ) {
+            return Err(invalid("transport", "one of udp, tcp, tls, ws, wss"));
+        }
+        bounded("flow_token", &self.flow_token, 256)?;
+        bounded("user_agent", &self.user_agent, 256)?;
+        bounded("edge_id", &self.edge_id, 64)?;
+        bounded("site", &self.site, 64)?;
+        if self.expires_unix_ms == 0 {
+            return Err(invalid("expires_unix_ms", "must be set"));
+        }
+        Ok(self)
+    }
 }
 
 fn ms_to_pb(ms: u64) -> i64 {
@@ -226,6 +275,7 @@ impl From<&Binding> for pb::Binding {
             flow_token: b.flow_token.clone(),
             expires_unix_ms: ms_to_pb(b.expires_unix_ms),
             user_agent: b.user_agent.clone(),
+            site: b.site.clone(),
         }
     }
 }
@@ -241,6 +291,7 @@ impl From<&pb::Binding> for Binding {
             flow_token: b.flow_token.clone(),
             expires_unix_ms: u64::try_from(b.expires_unix_ms).unwrap_or(0),
             user_agent: b.user_agent.clone(),
+            site: b.site.clone(),
         }
     }
 }
@@ -296,7 +347,67 @@ mod tests {
             flow_token: "sw1abc".into(),
             expires_unix_ms: 5,
             user_agent: "ua".into(),
+            site: "s".into(),
         };
         assert_eq!(Binding::from(&pb::Binding::from(&b)), b);
+    }
+
+    #[test]
+    fn bindings_are_validated_naming_the_field() {
+        let good = Binding {
+            aor: "sip:1001@PBX.example".into(),
+            contact: "sip:1001@10.0.0.5:5060".into(),
+            source: "192.0.2.1:5060".into(),
+            transport: "udp".into(),
+            edge_id: "e1".into(),
+            flow_token: "sw1abc".into(),
+            expires_unix_ms: 5,
+            user_agent: "ua".into(),
+            site: "s".into(),
+        };
+        assert_eq!(good.clone().validate().unwrap().aor, "sip:1001@pbx.example");
+        let field = |b: Binding| b.validate().unwrap_err().field;
+        assert_eq!(
+            field(Binding {
+                aor: "1001".into(),
+                ..good.clone()
+            }),
+            "aor"
+        );
+        assert_eq!(
+            field(Binding {
+                contact: String::new(),
+                ..good.clone()
+            }),
+            "contact"
+        );
+        assert_eq!(
+            field(Binding {
+                source: "x".into(),
+                ..good.clone()
+            }),
+            "source"
+        );
+        assert_eq!(
+            field(Binding {
+                transport: "sctp".into(),
+                ..good.clone()
+            }),
+            "transport"
+        );
+        assert_eq!(
+            field(Binding {
+                user_agent: "a\nb".into(),
+                ..good.clone()
+            }),
+            "user_agent"
+        );
+        assert_eq!(
+            field(Binding {
+                expires_unix_ms: 0,
+                ..good
+            }),
+            "expires_unix_ms"
+        );
     }
 }

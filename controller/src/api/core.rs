@@ -200,6 +200,46 @@ impl Api {
         }
     }
 
+    /// Stores what an edge published: bindings to add or refresh and `(aor, contact)` pairs to
+    /// remove. Each binding is validated (the error names `put[i].field`).
+    pub async fn put_bindings(
+        &self,
+        who: &Caller,
+        put: Vec<Binding>,
+        removed: Vec<(String, String)>,
+    ) -> Result<(), ApiError> {
+        if put.len() + removed.len() > MAX_BULK {
+            return Err(ApiError::Invalid(format!(
+                "put, removed: at most {MAX_BULK} bindings per request"
+            )));
+        }
+        let put = put
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| {
+                b.validate()
+                    .map_err(|e| ApiError::Invalid(format!("put[{i}].{e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(i) = removed
+            .iter()
+            .position(|(a, c)| a.is_empty() || c.is_empty())
+        {
+            return Err(ApiError::Invalid(format!(
+                "removed[{i}]: aor and contact are required"
+            )));
+        }
+        // Removals first: a de-registration and a new registration of the same contact in one
+        // batch leave the new one.
+        if !removed.is_empty() {
+            self.propose(who, Op::RemoveBindings(removed)).await?;
+        }
+        if !put.is_empty() {
+            self.propose(who, Op::PutBindings(put)).await?;
+        }
+        Ok(())
+    }
+
     pub async fn remove_bans(
         &self,
         who: &Caller,

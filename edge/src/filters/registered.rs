@@ -5,76 +5,200 @@
 //! Contact ends it). Keyed by source IP: phones behind one NAT share their public address.
 
 use super::action_of;
+use crate::cluster::Report;
 use crate::netset::NetSet;
 use crate::pipeline::{Filter, Finding, RequestCx, ResponseCx, State};
 use crate::policy;
 use crate::proxy::Side;
-use crate::sip::{header_param, split_list, HeaderName, Message};
+use crate::sip::{addr_uri, header_param, split_list, HeaderName, Message};
+use sipwarden_shared::ban::Binding;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Live registrations per source address: AOR → expiry (Unix ms).
+/// Live registrations per source address: the edge's own (AOR → expiry, learned from the PBX's
+/// answers) and the cluster's (bindings other edges of the site published, and this edge's own
+/// from before a restart), plus the REGISTERs in flight whose answer will say which contacts the
+/// phone holds.
 #[derive(Default)]
 pub struct Bindings {
-    map: Mutex<HashMap<IpAddr, HashMap<String, u64>>>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Source address → key → expiry (Unix ms). Local keys are AORs; cluster keys are
+    /// `"\0" aor "\0" contact`, which no AOR can be.
+    by_ip: HashMap<IpAddr, HashMap<String, u64>>,
+    /// Cluster binding `(aor, contact)` → the address it is filed under.
+    cluster: HashMap<(String, String), IpAddr>,
+    /// `(Call-ID, CSeq)` of a REGISTER in flight → what its 200 needs.
+    pending: HashMap<(String, u32), Pending>,
+}
+
+/// What a REGISTER asked for, kept until its answer (or `PENDING_MS`).
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// Contact URIs (no parameters).
+    pub contacts: Vec<String>,
+    /// The REGISTER removes its contacts (`expires=0` or `Expires: 0`).
+    pub removing: bool,
+    pub user_agent: String,
+    pub at_ms: u64,
+}
+
+fn cluster_key(aor: &str, contact: &str) -> String {
+    format!("\0{aor}\0{contact}")
 }
 
 impl Bindings {
     /// Upper bound on addresses tracked; a registration flood cannot grow it further.
     pub const MAX_SOURCES: usize = 200_000;
+    /// Upper bound on REGISTERs awaiting their answer.
+    pub const MAX_PENDING: usize = 50_000;
+    /// How long a REGISTER waits for its answer (SIP transaction timeout, 64 × T1).
+    pub const PENDING_MS: u64 = 32_000;
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, HashMap<String, u64>>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn put(inner: &mut Inner, ip: IpAddr, key: String, expires_ms: u64, now_ms: u64) -> bool {
+        if !inner.by_ip.contains_key(&ip) && inner.by_ip.len() >= Self::MAX_SOURCES {
+            inner
+                .by_ip
+                .retain(|_, keys| keys.values().any(|&e| e > now_ms));
+            if inner.by_ip.len() >= Self::MAX_SOURCES {
+                return false;
+            }
+        }
+        inner.by_ip.entry(ip).or_default().insert(key, expires_ms);
+        true
+    }
+
+    fn remove(inner: &mut Inner, ip: IpAddr, key: &str) {
+        if let Some(keys) = inner.by_ip.get_mut(&ip) {
+            keys.remove(key);
+            if keys.is_empty() {
+                inner.by_ip.remove(&ip);
+            }
+        }
     }
 
     /// Records (or, with `expires_ms <= now_ms`, removes) the binding of `aor` from `ip`.
     pub fn set(&self, ip: IpAddr, aor: String, expires_ms: u64, now_ms: u64) {
-        let mut map = self.lock();
+        let mut inner = self.lock();
         if expires_ms <= now_ms {
-            if let Some(aors) = map.get_mut(&ip) {
-                aors.remove(&aor);
-                if aors.is_empty() {
-                    map.remove(&ip);
-                }
-            }
-            return;
+            Self::remove(&mut inner, ip, &aor);
+        } else {
+            Self::put(&mut inner, ip, aor, expires_ms, now_ms);
         }
-        if !map.contains_key(&ip) && map.len() >= Self::MAX_SOURCES {
-            map.retain(|_, aors| aors.values().any(|&e| e > now_ms));
-            if map.len() >= Self::MAX_SOURCES {
+    }
+
+    /// Files a cluster binding of `contact` under `aor` at `ip` (moving it if it was elsewhere).
+    pub fn put_cluster(&self, aor: &str, contact: &str, ip: IpAddr, expires_ms: u64, now_ms: u64) {
+        let mut inner = self.lock();
+        let id = (aor.to_string(), contact.to_string());
+        let key = cluster_key(aor, contact);
+        if let Some(old) = inner.cluster.get(&id).copied() {
+            if old != ip {
+                Self::remove(&mut inner, old, &key);
+            }
+        }
+        if Self::put(&mut inner, ip, key, expires_ms, now_ms) {
+            inner.cluster.insert(id, ip);
+        }
+    }
+
+    /// Forgets the cluster binding of `contact` under `aor`.
+    pub fn remove_cluster(&self, aor: &str, contact: &str) {
+        let mut inner = self.lock();
+        if let Some(ip) = inner
+            .cluster
+            .remove(&(aor.to_string(), contact.to_string()))
+        {
+            Self::remove(&mut inner, ip, &cluster_key(aor, contact));
+        }
+    }
+
+    /// Forgets every cluster binding (before a snapshot is applied).
+    pub fn clear_cluster(&self) {
+        let mut inner = self.lock();
+        let all: Vec<_> = inner.cluster.drain().collect();
+        for ((aor, contact), ip) in all {
+            Self::remove(&mut inner, ip, &cluster_key(&aor, &contact));
+        }
+    }
+
+    /// Remembers what the REGISTER `(call_id, cseq)` asked for until its answer.
+    pub fn pending(&self, call_id: &str, cseq: u32, p: Pending) {
+        let mut inner = self.lock();
+        if inner.pending.len() >= Self::MAX_PENDING {
+            let now = p.at_ms;
+            inner
+                .pending
+                .retain(|_, q| q.at_ms + Self::PENDING_MS > now);
+            if inner.pending.len() >= Self::MAX_PENDING {
                 return;
             }
         }
-        map.entry(ip).or_default().insert(aor, expires_ms);
+        inner.pending.insert((call_id.to_string(), cseq), p);
+    }
+
+    /// What the REGISTER `(call_id, cseq)` asked for, once.
+    pub fn answered(&self, call_id: &str, cseq: u32) -> Option<Pending> {
+        self.lock().pending.remove(&(call_id.to_string(), cseq))
     }
 
     /// Whether `ip` holds a registration live at `now_ms`.
     pub fn live(&self, ip: IpAddr, now_ms: u64) -> bool {
         self.lock()
+            .by_ip
             .get(&ip)
-            .is_some_and(|aors| aors.values().any(|&e| e > now_ms))
+            .is_some_and(|keys| keys.values().any(|&e| e > now_ms))
     }
 
-    /// Forgets expired bindings; returns how many addresses remain registered.
+    /// Forgets expired bindings and REGISTERs never answered; returns how many addresses remain
+    /// registered.
     pub fn expire(&self, now_ms: u64) -> usize {
-        let mut map = self.lock();
-        map.retain(|_, aors| {
-            aors.retain(|_, e| *e > now_ms);
-            !aors.is_empty()
+        let mut inner = self.lock();
+        inner.by_ip.retain(|_, keys| {
+            keys.retain(|_, e| *e > now_ms);
+            !keys.is_empty()
         });
-        map.len()
+        let Inner {
+            by_ip,
+            cluster,
+            pending,
+        } = &mut *inner;
+        cluster.retain(|(aor, contact), ip| {
+            by_ip
+                .get(ip)
+                .is_some_and(|k| k.contains_key(&cluster_key(aor, contact)))
+        });
+        pending.retain(|_, p| p.at_ms + Self::PENDING_MS > now_ms);
+        by_ip.len()
     }
 }
 
-/// The binding lifetime a `200` to REGISTER grants, in seconds: the largest Contact `expires`, else
-/// the `Expires` header, else `default_s`; 0 when it lists no Contact (all bindings removed).
-pub fn granted_expiry_s(m: &Message<'_>, default_s: u64) -> u64 {
+/// A Contact URI without its parameters, lower-cased: what a registrar's answer is matched on
+/// (registrars echo the URI but may reorder or drop parameters).
+pub fn contact_uri(contact: &str) -> String {
+    let uri = addr_uri(contact);
+    uri.split(';')
+        .next()
+        .unwrap_or(uri)
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// The Contacts of a `200` to REGISTER with the lifetime each was granted, in seconds: its
+/// `expires` parameter, else the `Expires` header, else `default_s`.
+pub fn granted_contacts(m: &Message<'_>, default_s: u64) -> Vec<(String, u64)> {
     let header = m
         .header(HeaderName::Expires)
         .and_then(|v| v.trim().parse::<u64>().ok());
-    let mut any = false;
-    let mut best: Option<u64> = None;
+    let mut out = Vec::new();
     for h in m.all(HeaderName::Contact) {
         let v = m.text(h.value.clone());
         for r in split_list(v) {
@@ -82,18 +206,24 @@ pub fn granted_expiry_s(m: &Message<'_>, default_s: u64) -> u64 {
             if c.trim() == "*" {
                 continue;
             }
-            any = true;
             let e = header_param(c, "expires")
                 .and_then(|e| e.trim().parse().ok())
                 .or(header)
                 .unwrap_or(default_s);
-            best = Some(best.map_or(e, |b: u64| b.max(e)));
+            out.push((contact_uri(c), e));
         }
     }
-    if !any {
-        return 0;
-    }
-    best.unwrap_or(default_s)
+    out
+}
+
+/// The binding lifetime a `200` to REGISTER grants, in seconds: the largest Contact `expires`, else
+/// the `Expires` header, else `default_s`; 0 when it lists no Contact (all bindings removed).
+pub fn granted_expiry_s(m: &Message<'_>, default_s: u64) -> u64 {
+    granted_contacts(m, default_s)
+        .iter()
+        .map(|(_, e)| *e)
+        .max()
+        .unwrap_or(0)
 }
 
 /// The registered-source rule (or only its learning half, when the rule is off).
@@ -135,6 +265,10 @@ impl Filter for Registered {
 
     fn request(&self, cx: &RequestCx<'_>) -> Option<Finding> {
         let m = &cx.meta;
+        if m.side == Side::Internet && cx.sip.method() == "REGISTER" {
+            self.remember(cx);
+            return None;
+        }
         if self.observe_only
             || m.side != Side::Internet
             || m.trusted
@@ -153,18 +287,119 @@ impl Filter for Registered {
     }
 
     fn response(&self, cx: &ResponseCx<'_>) -> Option<Finding> {
-        if cx.meta.side != Side::Pbx || cx.status != 200 || cx.sip.method() != "REGISTER" {
+        if cx.meta.side != Side::Pbx || cx.sip.method() != "REGISTER" {
             return None;
         }
-        let expires_s = granted_expiry_s(cx.sip.m, self.cfg.default_expires_s);
+        let (cseq, _) = cx.sip.m.cseq()?;
+        if cx.status < 200 {
+            return None;
+        }
+        let asked = self.state.bindings.answered(cx.sip.call_id(), cseq);
+        if cx.status != 200 {
+            return None;
+        }
+        let now = cx.meta.now_ms;
+        let granted = granted_contacts(cx.sip.m, self.cfg.default_expires_s);
         let aor = crate::pipeline::sipview::uri_aor(cx.sip.to_uri());
-        self.state.bindings.set(
-            cx.peer.ip(),
-            aor,
-            cx.meta.now_ms + expires_s * 1000,
-            cx.meta.now_ms,
-        );
+        let Some(asked) = asked.filter(|a| !a.contacts.is_empty()) else {
+            // A query (no Contact) or an answer to a REGISTER this edge no longer remembers: the
+            // source holds the AOR while any binding does.
+            let expires_s = granted.iter().map(|(_, e)| *e).max().unwrap_or(0);
+            self.state
+                .bindings
+                .set(cx.peer.ip(), aor, now + expires_s * 1000, now);
+            return None;
+        };
+        // The contacts this phone asked for: granted (listed with a lifetime) or ended. A
+        // registrar that rewrote the one contact it was given still answers with one contact.
+        let mut mine: Vec<(String, u64)> = asked
+            .contacts
+            .iter()
+            .map(|c| {
+                let e = granted.iter().find(|(g, _)| g == c).map_or(0, |(_, e)| *e);
+                (c.clone(), e)
+            })
+            .collect();
+        if mine.iter().all(|(_, e)| *e == 0)
+            && !asked.removing
+            && granted.len() == 1
+            && asked.contacts.len() == 1
+        {
+            mine = granted.clone();
+        } else if mine.iter().all(|(_, e)| *e == 0) && granted.len() > 1 {
+            // Contacts the edge cannot tell apart: the source holds the AOR, nothing published.
+            mine.clear();
+            let expires_s = granted.iter().map(|(_, e)| *e).max().unwrap_or(0);
+            self.state
+                .bindings
+                .set(cx.peer.ip(), aor, now + expires_s * 1000, now);
+            return None;
+        }
+        let mut longest = 0;
+        for (contact, expires_s) in mine {
+            longest = longest.max(expires_s);
+            let report = if expires_s == 0 {
+                Report::Unbind {
+                    aor: format!("sip:{aor}"),
+                    contact,
+                }
+            } else {
+                Report::Binding(Binding {
+                    aor: format!("sip:{aor}"),
+                    contact,
+                    source: cx.peer.to_string(),
+                    transport: cx.peer_transport.as_str().to_string(),
+                    edge_id: String::new(),
+                    flow_token: cx.flow_token.clone().unwrap_or_default(),
+                    expires_unix_ms: now + expires_s * 1000,
+                    user_agent: asked.user_agent.clone(),
+                    site: String::new(),
+                })
+            };
+            self.state.report(report);
+        }
+        self.state
+            .bindings
+            .set(cx.peer.ip(), aor, now + longest * 1000, now);
         None
+    }
+}
+
+impl Registered {
+    /// Notes what a REGISTER asks for, so its 200 can tell which contacts this phone holds.
+    fn remember(&self, cx: &RequestCx<'_>) {
+        let Some((cseq, _)) = cx.sip.m.cseq() else {
+            return;
+        };
+        let header = cx
+            .sip
+            .m
+            .header(HeaderName::Expires)
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let mut contacts = Vec::new();
+        let mut removing = header == Some(0);
+        for h in cx.sip.m.all(HeaderName::Contact) {
+            let v = cx.sip.m.text(h.value.clone());
+            for r in split_list(v) {
+                let c = &v[r];
+                if c.trim() != "*" && contacts.len() < 8 {
+                    contacts.push(contact_uri(c));
+                    let e = header_param(c, "expires").and_then(|e| e.trim().parse::<u64>().ok());
+                    removing |= e == Some(0);
+                }
+            }
+        }
+        let user_agent: String = cx.sip.user_agent().chars().take(256).collect();
+        self.state.bindings.pending(
+            cx.sip.call_id(),
+            cseq,
+            Pending {
+                contacts,
+                removing,
+                user_agent,
+                at_ms: cx.meta.now_ms,
+            },
+        );
     }
 }
 
@@ -250,5 +485,85 @@ mod tests {
         );
         assert_eq!(state.bindings.expire(T0 + 15_000), 1);
         assert_eq!(state.bindings.expire(T0 + 20_000), 0);
+    }
+
+    #[test]
+    fn the_phones_own_contact_is_published_and_its_end_too() {
+        let (f, state) = setup(policy::Registered::default());
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        state.set_uplink(tx);
+        let reg = request(
+            "REGISTER",
+            "1001",
+            "1001",
+            "Contact: <sip:1001@10.0.0.5:5060;ob>;expires=600\r\nUser-Agent: Yealink T46\r\n",
+        );
+        let m = parse(&reg);
+        let phone = meta(T0, "192.0.2.1:40000", Side::Internet);
+        assert!(f.request(&req_cx(&phone, &m)).is_none());
+        // The registrar lists every binding of the AOR; only this phone's is published.
+        let ok = response(
+            200,
+            "REGISTER",
+            "1001",
+            "1001",
+            "call-1001-1001",
+            "Contact: <sip:1001@10.9.9.9>;expires=100, <sip:1001@10.0.0.5:5060>;expires=300\r\n",
+        );
+        let m = parse(&ok);
+        let pbx = meta(T0, "127.0.0.1:5080", Side::Pbx);
+        let mut cx = resp_cx(&pbx, &m, "192.0.2.1:40000", false);
+        cx.flow_token = Some("sw1tok".into());
+        assert!(f.response(&cx).is_none());
+        match rx.try_recv().unwrap() {
+            Report::Binding(b) => {
+                assert_eq!(b.aor, "sip:1001@pbx.example");
+                assert_eq!(b.contact, "sip:1001@10.0.0.5:5060");
+                assert_eq!(b.source, "192.0.2.1:40000");
+                assert_eq!(b.transport, "udp");
+                assert_eq!(b.flow_token, "sw1tok");
+                assert_eq!(b.user_agent, "Yealink T46");
+                assert_eq!(b.expires_unix_ms, T0 + 300_000);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(rx.try_recv().is_err(), "one report");
+        assert!(state.bindings.live(addr("192.0.2.1:1").ip(), T0 + 299_000));
+        assert!(!state.bindings.live(addr("192.0.2.1:1").ip(), T0 + 300_000));
+        // A retransmitted 200 finds nothing pending and publishes nothing more.
+        assert!(f.response(&cx).is_none());
+        assert!(rx.try_recv().is_err());
+
+        // De-registration: the answer no longer lists the phone's contact.
+        let unreg = request(
+            "REGISTER",
+            "1001",
+            "1001",
+            "Contact: <sip:1001@10.0.0.5:5060>;expires=0\r\n",
+        )
+        .replace("CSeq: 1 REGISTER", "CSeq: 2 REGISTER");
+        let m = parse(&unreg);
+        f.request(&req_cx(&phone, &m));
+        let ok = response(
+            200,
+            "REGISTER",
+            "1001",
+            "1001",
+            "call-1001-1001",
+            "Contact: <sip:1001@10.9.9.9>;expires=90\r\n",
+        )
+        .replace("CSeq: 1 REGISTER", "CSeq: 2 REGISTER");
+        let m = parse(&ok);
+        assert!(f
+            .response(&resp_cx(&pbx, &m, "192.0.2.1:40000", false))
+            .is_none());
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            Report::Unbind {
+                aor: "sip:1001@pbx.example".into(),
+                contact: "sip:1001@10.0.0.5:5060".into()
+            }
+        );
+        assert!(!state.bindings.live(addr("192.0.2.1:1").ip(), T0 + 1));
     }
 }

@@ -81,5 +81,7 @@ pub fn resp_cx<'a>(
         peer: addr(peer),
         peer_trusted: false,
         had_credentials,
+        peer_transport: crate::sip::Transport::Udp,
+        flow_token: None,
     }
 }
