@@ -62,6 +62,18 @@ impl ControllerProc {
         join: bool,
         snapshot_every: u64,
     ) -> ControllerProc {
+        Self::start_with(root, seat, peers, join, snapshot_every, "")
+    }
+
+    /// As [`ControllerProc::start`], with `extra` TOML appended (`[counters]`, …).
+    pub fn start_with(
+        root: &Path,
+        seat: &Seat,
+        peers: &[Seat],
+        join: bool,
+        snapshot_every: u64,
+        extra: &str,
+    ) -> ControllerProc {
         let dir = root.join(format!("n{}", seat.id));
         std::fs::create_dir_all(&dir).expect("dir");
         let peers: Vec<String> = peers.iter().map(|p| format!("\"{}\"", p.peer())).collect();
@@ -102,6 +114,8 @@ sha256 = "{o}"
 name = "admin"
 role = "admin"
 sha256 = "{a}"
+
+{extra}
 "#,
             id = seat.id,
             data = dir.join("data").display(),
@@ -201,6 +215,18 @@ sha256 = "{a}"
         (s == 200).then(|| serde_json::from_str(&b).ok()).flatten()
     }
 
+    /// Every registration this node holds, as `sipwardenctl reg list --json` prints them.
+    pub fn registrations(&self) -> Vec<serde_json::Value> {
+        let out = self.ctl(VIEWER, &["--json", "reg", "list"]);
+        if !out.status.success() {
+            return Vec::new();
+        }
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    }
+
     /// Every ban this node holds (a linearizable read when `consistent`).
     pub fn bans(&self, consistent: bool) -> Option<Vec<serde_json::Value>> {
         let mut out = Vec::new();
@@ -223,6 +249,27 @@ sha256 = "{a}"
         }
         None
     }
+}
+
+/// `n` controllers (ids 1..=n) in `root`, each with `extra` TOML, once they agree on a leader.
+pub fn cluster(root: &Path, n: u64, extra: &str) -> (Vec<Seat>, Vec<ControllerProc>) {
+    let seats: Vec<Seat> = (1..=n).map(Seat::new).collect();
+    let ctls: Vec<ControllerProc> = seats
+        .iter()
+        .map(|s| ControllerProc::start_with(root, s, &seats, false, 10_000, extra))
+        .collect();
+    let refs: Vec<&ControllerProc> = ctls.iter().collect();
+    agreed_leader(&refs, Duration::from_secs(15)).expect("a leader");
+    (seats, ctls)
+}
+
+/// The `[controller]` TOML of an edge using every seat's gRPC address.
+pub fn edge_link(seats: &[Seat]) -> String {
+    let endpoints: Vec<String> = seats.iter().map(|s| format!("\"{}\"", s.grpc)).collect();
+    format!(
+        "[controller]\nendpoints = [{}]\nsecret = \"{EDGE_SECRET}\"\nreconnect_max_ms = 500\n",
+        endpoints.join(", ")
+    )
 }
 
 /// The leader all `nodes` report, within `limit` — one of `nodes` (not a killed node they still

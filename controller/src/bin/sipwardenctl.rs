@@ -445,7 +445,9 @@ fn print_bindings(v: &Value) {
         "AOR".into(),
         "CONTACT".into(),
         "SOURCE".into(),
+        "TRANSPORT".into(),
         "EDGE".into(),
+        "SITE".into(),
         "EXPIRES (unix ms)".into(),
         "USER-AGENT".into(),
     ]];
@@ -454,7 +456,9 @@ fn print_bindings(v: &Value) {
             s(&b["aor"]),
             s(&b["contact"]),
             s(&b["source"]),
+            s(&b["transport"]),
             s(&b["edge_id"]),
+            s(&b["site"]),
             s(&b["expires_unix_ms"]),
             s(&b["user_agent"]),
         ]);

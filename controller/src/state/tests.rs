@@ -171,14 +171,7 @@ fn bindings_policies_and_audit() {
     ));
     let audit: Vec<&str> = s.audit().map(|a| a.action.as_str()).collect();
     // Registrations change with every refresh: they are listed, not audited.
-    assert_eq!(
-        audit,
-        [
-            "policy.put",
-            "policy.put",
-            "member.add"
-        ]
-    );
+    assert_eq!(audit, ["policy.put", "policy.put", "member.add"]);
     assert!(s.audit().all(|a| a.who == "alice"));
     assert_eq!(s.revision(), 5);
 }

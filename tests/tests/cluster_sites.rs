@@ -1,0 +1,238 @@
+//! Three controllers and edges at two sites as one system: registrations made through one edge
+//! are listed by the cluster and honoured by the other edges of the site; killing the leader
+//! loses no ban and no registration; edges follow the new leader and catch up after restarts.
+
+use sipwarden_tests::controller::*;
+use sipwarden_tests::*;
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
+
+const PBX_IP: &str = "127.0.0.61";
+const PHONE_IP: &str = "127.0.0.62";
+const PHONE2_IP: &str = "127.0.0.63";
+const BANNED_IP: &str = "127.0.0.64";
+
+/// An edge `id` of `site` on `ip`, linked to every controller.
+fn edge(ip: &str, id: &str, site: &str, pbx: &str, seats: &[Seat]) -> EdgeProc {
+    let extra = format!("[[backends]]\naddress = \"{pbx}\"\n\n{}", edge_link(seats));
+    let e = EdgeProc::start_with_env(
+        ip,
+        &extra,
+        &[("SIPWARDEN_EDGE__ID", id), ("SIPWARDEN_EDGE__SITE", site)],
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || connected(&e)),
+        "edge {id} connected"
+    );
+    e
+}
+
+fn connected(e: &EdgeProc) -> bool {
+    metric(&e.metrics(), "sipwarden_edge_controller_connected") == Some(1.0)
+}
+
+/// Sends an initial INVITE from `sock` to `edge` and returns the first final status it gets
+/// back within 3 s (the PBX answers 200 to anything the edge forwards).
+fn invite_status(sock: &UdpSocket, edge: &EdgeProc, n: &mut u32) -> Option<u16> {
+    *n += 1;
+    let local = sock.local_addr().unwrap();
+    let msg = format!(
+        "INVITE sip:2000@{addr} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bKcs{n};rport\r\n\
+Max-Forwards: 70\r\nFrom: <sip:1001@{addr}>;tag=cs{n}\r\nTo: <sip:2000@{addr}>\r\n\
+Call-ID: cluster-sites-{n}-{local}\r\nCSeq: 1 INVITE\r\nContact: <sip:1001@{local}>\r\n\
+Content-Length: 0\r\n\r\n",
+        addr = edge.addr()
+    );
+    sock.send_to(msg.as_bytes(), edge.addr()).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        let Ok((len, _)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&buf[..len]);
+        if !text.contains(&format!("cluster-sites-{n}-")) {
+            continue;
+        }
+        let code: u16 = text.get(8..11)?.parse().ok()?;
+        if code >= 200 {
+            return Some(code);
+        }
+    }
+    None
+}
+
+/// Registers `user` from `ip` through `edge` with a SIPp phone.
+fn register(dir: &std::path::Path, ip: &str, user: &str, edge: &EdgeProc) {
+    let run = sipp_client(
+        dir,
+        "phone_register.xml",
+        ip,
+        free_port(ip),
+        "udp",
+        &edge.addr(),
+        user,
+        1,
+        Duration::from_secs(10),
+    );
+    assert!(run.success, "{} registers: {}", user, run.errors);
+}
+
+/// The binding of `aor` as `node` lists it, once it is there (5 s).
+fn binding_of(node: &ControllerProc, aor: &str) -> Option<serde_json::Value> {
+    let mut found = None;
+    wait_until(Duration::from_secs(5), || {
+        found = node.registrations().into_iter().find(|b| b["aor"] == aor);
+        found.is_some()
+    });
+    found
+}
+
+/// Whether `edge` drops a datagram from `sock` at its gate within `limit`.
+fn banned_at(edge: &EdgeProc, sock: &UdpSocket, n: &mut u32, limit: Duration) -> bool {
+    wait_until(limit, || {
+        let before = edge.events("ban", "drop");
+        *n += 1;
+        let msg = format!(
+            "OPTIONS sip:x@{a} SIP/2.0\r\nVia: SIP/2.0/UDP {l};branch=z9hG4bKbn{n}\r\nMax-Forwards: 70\r\n\
+From: <sip:x@{a}>;tag={n}\r\nTo: <sip:x@{a}>\r\nCall-ID: bn{n}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+            a = edge.addr(),
+            l = sock.local_addr().unwrap()
+        );
+        sock.send_to(msg.as_bytes(), edge.addr()).unwrap();
+        wait_until(Duration::from_millis(300), || {
+            edge.events("ban", "drop") > before
+        })
+    })
+}
+
+#[test]
+fn registrations_and_bans_survive_the_leader_and_reach_every_edge_of_the_site() {
+    let root = tempfile::tempdir().unwrap();
+    let (seats, mut ctls) = cluster(root.path(), 3, "");
+    let pbx_port = free_port(PBX_IP);
+    let _pbx = SippServer::start(root.path(), "pbx.xml", PBX_IP, pbx_port, "udp");
+    let pbx = format!("{PBX_IP}:{pbx_port}");
+    // Site A has two edges; site B one.
+    let a1 = edge("127.0.0.2", "a1", "site-a", &pbx, &seats);
+    let a2 = edge("127.0.0.4", "a2", "site-a", &pbx, &seats);
+    let mut b = edge("127.0.0.3", "b1", "site-b", &pbx, &seats);
+
+    let phone = UdpSocket::bind(format!("{PHONE_IP}:0")).unwrap();
+    let mut n = 0;
+    assert_eq!(
+        invite_status(&phone, &a2, &mut n),
+        Some(403),
+        "no registration yet: the registered-source rule refuses the call"
+    );
+
+    // The phone registers through a1; the cluster lists the binding a1 published.
+    register(root.path(), PHONE_IP, "1001", &a1);
+    let aor = "sip:1001@127.0.0.2";
+    let bnd = binding_of(&ctls[0], aor).expect("the registration reached the cluster");
+    assert_eq!(bnd["edge_id"], "a1");
+    assert_eq!(bnd["site"], "site-a");
+    assert_eq!(bnd["transport"], "udp");
+    assert_eq!(bnd["user_agent"], "sipwarden-test-phone");
+    assert!(bnd["source"]
+        .as_str()
+        .is_some_and(|s| s.starts_with(PHONE_IP)));
+    assert!(bnd["contact"]
+        .as_str()
+        .is_some_and(|c| c.starts_with(&format!("sip:1001@{PHONE_IP}:"))));
+    assert!(bnd["flow_token"]
+        .as_str()
+        .is_some_and(|t| t.starts_with("sw1")));
+    let table = ctls[0].ctl(VIEWER, &["reg", "list"]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("site-a"));
+
+    // The other edge of site A lets the registered phone call; site B's edge does not.
+    assert!(
+        wait_until(Duration::from_secs(5), || invite_status(
+            &phone, &a2, &mut n
+        ) == Some(200)),
+        "a2 honours the registration a1 saw"
+    );
+    assert_eq!(
+        invite_status(&phone, &b, &mut n),
+        Some(403),
+        "registrations are per site"
+    );
+
+    // A ban from the API, then the leader dies.
+    let banned = UdpSocket::bind(format!("{BANNED_IP}:0")).unwrap();
+    let out = ctls[1].ctl(OPERATOR, &["ban", "add", "ip", BANNED_IP]);
+    assert!(out.status.success());
+    for e in [&a1, &a2, &b] {
+        assert!(banned_at(e, &banned, &mut n, Duration::from_secs(5)));
+    }
+    let refs: Vec<&ControllerProc> = ctls.iter().collect();
+    let leader = agreed_leader(&refs, Duration::from_secs(5)).unwrap();
+    let li = ctls.iter().position(|c| c.id == leader).unwrap();
+    ctls[li].kill();
+    let survivors: Vec<&ControllerProc> = ctls.iter().filter(|c| c.id != leader).collect();
+    let new_leader = agreed_leader(&survivors, Duration::from_secs(15)).expect("a new leader");
+    println!("leader {leader} killed; {new_leader} leads");
+
+    // Nothing acknowledged is lost, and the edges still enforce both.
+    for s in &survivors {
+        assert!(
+            binding_of(s, aor).is_some(),
+            "node {} kept the binding",
+            s.id
+        );
+        assert!(s
+            .bans(true)
+            .unwrap()
+            .iter()
+            .any(|x| x["target"]["value"] == BANNED_IP));
+    }
+    for e in [&a1, &a2, &b] {
+        assert!(banned_at(e, &banned, &mut n, Duration::from_secs(2)));
+    }
+    assert_eq!(invite_status(&phone, &a2, &mut n), Some(200));
+
+    // After the failover a second phone registers at site B; site B's edge restarts and gets
+    // it back from the cluster (its own registration, learned before the restart).
+    register(root.path(), PHONE2_IP, "1002", &b);
+    let survivor = survivors[0];
+    assert!(binding_of(survivor, "sip:1002@127.0.0.3").is_some());
+    b.restart();
+    assert!(wait_until(Duration::from_secs(10), || connected(&b)));
+    let phone2 = UdpSocket::bind(format!("{PHONE2_IP}:0")).unwrap();
+    assert_eq!(
+        invite_status(&phone2, &b, &mut n),
+        Some(200),
+        "the restarted edge knows the registration from the cluster"
+    );
+    assert!(banned_at(&b, &banned, &mut n, Duration::from_secs(2)));
+
+    // Every controller down: the edges keep enforcing the ban and the registrations.
+    for c in ctls.iter_mut() {
+        c.kill();
+    }
+    assert!(wait_until(Duration::from_secs(10), || !connected(&a2)));
+    assert!(banned_at(&a2, &banned, &mut n, Duration::from_secs(2)));
+    assert_eq!(invite_status(&phone, &a2, &mut n), Some(200));
+    // They come back and the edges catch up with a ban made since.
+    for c in ctls.iter_mut() {
+        c.restart();
+    }
+    let refs: Vec<&ControllerProc> = ctls.iter().collect();
+    agreed_leader(&refs, Duration::from_secs(15)).expect("a leader after the restart");
+    let late = UdpSocket::bind("127.0.0.65:0").unwrap();
+    assert!(ctls[0]
+        .ctl(OPERATOR, &["ban", "add", "ip", "127.0.0.65"])
+        .status
+        .success());
+    for e in [&a1, &a2, &b] {
+        assert!(
+            banned_at(e, &late, &mut n, Duration::from_secs(10)),
+            "edge {} caught up",
+            e.ip
+        );
+    }
+    assert!(binding_of(&ctls[0], aor).is_some());
+}
