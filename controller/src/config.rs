@@ -18,7 +18,57 @@ pub struct ControllerConfig {
     pub http: HttpListen,
     pub auth: Auth,
     pub edges: Edges,
+    pub counters: Counters,
     pub log: Log,
+}
+
+/// Cluster-wide rate limits and where their counts live.
+#[derive(Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Counters {
+    /// `redis://host:port/db` (or `rediss://`, `redis+unix://`): counts in Redis, shared by
+    /// every controller, so they survive a leader change. Empty: in the leader's memory.
+    pub redis_url: String,
+    pub limits: Vec<Limit>,
+}
+
+impl std::fmt::Debug for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A Redis URL may carry a password.
+        f.debug_struct("Counters")
+            .field("redis", &!self.redis_url.is_empty())
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+/// One cluster-wide limit: at most `max` requests of `methods` per `key` in each `window_s`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limit {
+    pub name: String,
+    /// `source`, `aor`, `account` or `site`.
+    pub key: String,
+    pub methods: Vec<String>,
+    pub max: u64,
+    pub window_s: u64,
+    /// `reject`, `drop` or `ban` (source limits only).
+    pub action: String,
+    pub ban_ttl_s: u64,
+}
+
+impl Default for Limit {
+    fn default() -> Self {
+        Limit {
+            name: String::new(),
+            key: "source".into(),
+            methods: vec!["INVITE".into()],
+            max: 0,
+            window_s: 60,
+            action: "reject".into(),
+            ban_ttl_s: 3600,
+        }
+    }
 }
 
 /// How edges authenticate to the controller.
@@ -233,6 +283,64 @@ impl ControllerConfig {
         if !self.edges.secret.is_empty() && self.edges.secret.len() < 16 {
             return bad("edges.secret must be at least 16 characters".into());
         }
+        let url = &self.counters.redis_url;
+        if !url.is_empty()
+            && !["redis://", "rediss://", "redis+unix://", "unix://"]
+                .iter()
+                .any(|p| url.starts_with(p))
+        {
+            return bad(
+                "counters.redis_url must start with redis://, rediss:// or redis+unix://".into(),
+            );
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, l) in self.counters.limits.iter().enumerate() {
+            let at = |field: &str| format!("counters.limits[{i}].{field}");
+            if l.name.is_empty()
+                || l.name.len() > 64
+                || !l
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return bad(format!("{}: 1 to 64 of a-z, 0-9, - and _", at("name")));
+            }
+            if !names.insert(&l.name) {
+                return bad(format!("{}: {:?} is defined twice", at("name"), l.name));
+            }
+            if !matches!(l.key.as_str(), "source" | "aor" | "account" | "site") {
+                return bad(format!(
+                    "{} must be source, aor, account or site",
+                    at("key")
+                ));
+            }
+            if l.methods.is_empty()
+                || l.methods
+                    .iter()
+                    .any(|m| m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()))
+            {
+                return bad(format!(
+                    "{}: upper-case SIP methods, at least one",
+                    at("methods")
+                ));
+            }
+            if l.max == 0 {
+                return bad(format!("{} must be at least 1", at("max")));
+            }
+            if l.window_s == 0 || l.window_s > 86_400 {
+                return bad(format!("{}: 1 to 86400 seconds", at("window_s")));
+            }
+            match l.action.as_str() {
+                "reject" | "drop" => {}
+                "ban" if l.key == "source" => {
+                    if l.ban_ttl_s == 0 {
+                        return bad(format!("{} must be at least 1", at("ban_ttl_s")));
+                    }
+                }
+                "ban" => return bad(format!("{}: ban is for source limits only", at("action"))),
+                _ => return bad(format!("{} must be reject, drop or ban", at("action"))),
+            }
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format must be `text` or `json`".into());
         }
@@ -261,6 +369,11 @@ mod tests {
             ("[cluster]\npeers = [\"2=127.0.0.1:7400\", \"3=127.0.0.1:7401\"]\npeer_secret = \"0123456789abcdef\"", "include this node"),
             ("[cluster]\npeers = [\"1=127.0.0.1:7400\", \"2=127.0.0.1:7401\"]", "peer_secret"),
             ("[[auth.tokens]]\nname = \"a\"\nrole = \"root\"\nsha256 = \"00\"", "auth.tokens[0].role"),
+            ("[counters]\nredis_url = \"localhost:6379\"", "counters.redis_url"),
+            ("[[counters.limits]]\nname = \"x\"\nmax = 0", "counters.limits[0].max"),
+            ("[[counters.limits]]\nname = \"x\"\nmax = 1\nkey = \"aor\"\naction = \"ban\"", "counters.limits[0].action"),
+            ("[[counters.limits]]\nname = \"x\"\nmax = 1\n[[counters.limits]]\nname = \"x\"\nmax = 2", "counters.limits[1].name"),
+            ("[[counters.limits]]\nname = \"x\"\nmax = 1\nmethods = [\"invite\"]", "counters.limits[0].methods"),
         ];
         for (toml, key) in cases {
             let e = ControllerConfig::load(Some(("c.toml", toml)), &BTreeMap::new())

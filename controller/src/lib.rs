@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod config;
+pub mod counters;
 pub mod raft;
 pub mod server;
 pub mod state;

@@ -34,6 +34,8 @@ pub enum StartError {
     Store(#[from] crate::raft::storage::StoreError),
     #[error("raft: {0}")]
     Raft(#[from] crate::raft::node::RaftError),
+    #[error("counter store: {0}")]
+    Counters(#[from] crate::counters::StoreError),
     #[error("admin token in {path}: {source}")]
     Token {
         path: String,
@@ -173,10 +175,21 @@ impl Controller {
         .max_decoding_message_size(CHUNK * 2);
         let admin =
             AdminServer::new(AdminService { api: api.clone() }).max_decoding_message_size(64 << 20);
+        let store = crate::counters::Store::open(&cfg.counters).await?;
+        info!(
+            store = store.kind(),
+            limits = cfg.counters.limits.len(),
+            "cluster rate counters"
+        );
+        let counters = Arc::new(crate::counters::Counters::new(
+            cfg.counters.limits.clone(),
+            store,
+        ));
         let edges = EdgeControlServer::new(EdgeService {
             handle: handle.clone(),
             secret: cfg.edges.secret.as_str().into(),
             api: api.clone(),
+            counters,
         })
         .max_encoding_message_size(256 << 20);
         let grpc_stop = stop.clone();

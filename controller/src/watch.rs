@@ -4,8 +4,9 @@
 //! the edge secret.
 
 use crate::api::auth::{Caller, Role};
-use crate::api::core::Api;
+use crate::api::core::{Api, BanIn, TargetIn};
 use crate::api::grpc::ban_in;
+use crate::counters::Counters;
 use crate::raft::grpc::authorized;
 use crate::raft::node::Handle;
 use crate::state::{Change, StateMachine};
@@ -28,7 +29,12 @@ pub struct EdgeService {
     pub secret: Arc<str>,
     /// Where edges' auto-bans are validated and proposed.
     pub api: Api,
+    /// Cluster-wide rate limits and their counts.
+    pub counters: Arc<Counters>,
 }
+
+/// The metadata key a follower names the leader's gRPC address in.
+pub const LEADER_HINT: &str = "x-sipwarden-leader";
 
 /// Most bans one edge may propose in one call.
 const MAX_PROPOSED: usize = 1000;
@@ -172,6 +178,62 @@ impl EdgeControl for EdgeService {
         self.api.put_bindings(&who, put, removed).await?;
         Ok(tonic::Response::new(pb::PutBindingsResponse {
             revision: self.handle.read(|s| s.revision()),
+        }))
+    }
+
+    async fn push_counters(
+        &self,
+        req: tonic::Request<pb::PushCountersRequest>,
+    ) -> Result<tonic::Response<pb::PushCountersResponse>, tonic::Status> {
+        let r = self.check(req)?;
+        check_edge_id(&r.edge_id)?;
+        // Counts are summed in one place: the leader (whose store may be Redis, shared by all).
+        let st = self.handle.status.borrow().clone();
+        if st.leader != st.id {
+            let mut s = tonic::Status::failed_precondition("not the leader");
+            if let Some((_, addr)) = st.addresses.iter().find(|(id, _)| *id == st.leader) {
+                if let Ok(v) = addr.parse() {
+                    s.metadata_mut().insert(LEADER_HINT, v);
+                }
+            }
+            return Err(s);
+        }
+        let c = &self.counters;
+        let out = c.push(&r.deltas, (self.api.clock)()).await?;
+        if !out.to_ban.is_empty() {
+            // The push is answered now; the ban goes through Raft behind it.
+            let api = self.api.clone();
+            let who = Caller {
+                name: format!("edge:{}", r.edge_id),
+                role: Role::Operator,
+            };
+            let bans: Vec<BanIn> = out
+                .to_ban
+                .iter()
+                .map(|(limit, ip, ttl)| BanIn {
+                    target: Some(TargetIn {
+                        kind: "ip".into(),
+                        value: ip.clone(),
+                    }),
+                    reason: format!("over the cluster-wide limit {limit}"),
+                    ttl_s: i64::try_from(*ttl).ok(),
+                    source: Some(format!("auto:limit-{limit}")),
+                    ..Default::default()
+                })
+                .collect();
+            tokio::spawn(async move {
+                if let Err(e) = api.add_bans(&who, &bans, true).await {
+                    tracing::warn!(error = %e, "banning sources over a cluster limit failed");
+                }
+            });
+        }
+        let changed = r.limits_version != c.version;
+        Ok(tonic::Response::new(pb::PushCountersResponse {
+            limits_version: c.version,
+            limits: if changed { c.defs() } else { Vec::new() },
+            limits_changed: changed,
+            sums: out.sums,
+            over: c.over(),
         }))
     }
 
