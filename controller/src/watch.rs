@@ -260,9 +260,19 @@ impl EdgeControl for EdgeService {
         let handle = self.handle.clone();
         tokio::spawn(async move {
             let mut have = hello.revision;
+            let mut first = true;
             let mut status = handle.status.clone();
             loop {
-                let events = handle.read(|s| catch_up(s, have));
+                // After the first answer, an edge at the current revision needs nothing (even at
+                // revision 0, which would otherwise ask for a snapshot again).
+                let events = handle.read(|s| {
+                    if !first && have == s.revision() {
+                        Vec::new()
+                    } else {
+                        catch_up(s, have)
+                    }
+                });
+                first = false;
                 for e in events {
                     have = e.revision;
                     if tx.send(Ok(e)).await.is_err() {

@@ -305,6 +305,114 @@ async fn send(
     true
 }
 
+/// Pushes this edge's counts for the cluster-wide limits every `counters_ms` (every 2 s while
+/// no limit is defined, to learn when one is) to the leader, following the leader hint a follower
+/// answers with; learns the limits, the cluster totals and the keys over their limit. A failed
+/// push keeps its counts for the next one.
+pub async fn push_counters(
+    link: Arc<Link>,
+    state: Arc<State>,
+    clock: Clock,
+    stop: CancellationToken,
+) {
+    let counters = &state.counters;
+    counters.set_site(&link.site);
+    let interval = Duration::from_millis(link.cfg.counters_ms.max(50));
+    let idle_every = (2000 / interval.as_millis().max(1)).max(1) as u64;
+    let mut endpoints = link.cfg.endpoints.iter().cycle();
+    let mut target = endpoints.next().cloned().unwrap_or_default();
+    let mut client: Option<EdgeControlClient<tonic::transport::Channel>> = None;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        n += 1;
+        let idle = counters.limits().defs.is_empty();
+        if idle && counters.limits().version != 0 && n % idle_every != 0 {
+            continue;
+        }
+        if client.is_none() {
+            client = match channel_to(&target) {
+                Ok(e) => e.connect().await.ok().map(EdgeControlClient::new),
+                Err(_) => None,
+            };
+        }
+        let Some(c) = &mut client else {
+            target = endpoints.next().cloned().unwrap_or_default();
+            continue;
+        };
+        let deltas = counters.take();
+        let req = link.request(pb::PushCountersRequest {
+            edge_id: link.edge_id.clone(),
+            site: link.site.clone(),
+            deltas,
+            limits_version: counters.limits().version,
+        });
+        match c.push_counters(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                pushed(&link.metrics, "ok");
+                if r.limits_changed {
+                    info!(
+                        limits = r.limits.len(),
+                        version = r.limits_version,
+                        "cluster limits"
+                    );
+                    link.metrics.cluster_limits.set(r.limits.len() as i64);
+                    counters.set_limits(r.limits_version, r.limits);
+                }
+                counters.learned(&r.sums, &r.over, clock.now_ms());
+            }
+            Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                // Counts for a limit the controllers no longer have: forget them.
+                warn!(error = %s, "controller refused counter increments");
+                pushed(&link.metrics, "refused");
+                counters.learned(&[], &[], clock.now_ms());
+            }
+            Err(s) => {
+                counters.failed();
+                client = None;
+                let hint = s
+                    .metadata()
+                    .get(LEADER_HINT)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                pushed(
+                    &link.metrics,
+                    if hint.is_some() {
+                        "redirected"
+                    } else {
+                        "error"
+                    },
+                );
+                target = match hint {
+                    Some(leader) => {
+                        debug!(%leader, "following the leader hint");
+                        leader
+                    }
+                    None => {
+                        debug!(error = %s, endpoint = %target, "pushing counters failed");
+                        endpoints.next().cloned().unwrap_or_default()
+                    }
+                };
+            }
+        }
+    }
+}
+
+fn pushed(m: &Metrics, reason: &'static str) {
+    m.counter_pushes
+        .get_or_create(&crate::metrics::ReasonLabels { reason })
+        .inc();
+}
+
+/// The metadata key a follower names the leader's gRPC address in.
+pub const LEADER_HINT: &str = "x-sipwarden-leader";
+
 /// A gRPC endpoint for the controller at `addr` (`host:port`).
 fn channel_to(addr: &str) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
     Ok(

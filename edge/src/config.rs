@@ -53,6 +53,8 @@ pub struct Controller {
     pub secret: String,
     /// Longest wait between reconnection attempts.
     pub reconnect_max_ms: u64,
+    /// How often counter increments for cluster-wide limits are pushed (50 to 5000 ms).
+    pub counters_ms: u64,
 }
 
 impl Default for Controller {
@@ -61,6 +63,7 @@ impl Default for Controller {
             endpoints: Vec::new(),
             secret: String::new(),
             reconnect_max_ms: 2000,
+            counters_ms: 250,
         }
     }
 }
@@ -71,6 +74,7 @@ impl std::fmt::Debug for Controller {
             .field("endpoints", &self.endpoints)
             .field("secret", &"[redacted]")
             .field("reconnect_max_ms", &self.reconnect_max_ms)
+            .field("counters_ms", &self.counters_ms)
             .finish()
     }
 }
@@ -391,6 +395,9 @@ impl EdgeConfig {
             if !ok {
                 return bad(format!("controller.endpoints[{i}]: {e:?} is not host:port"));
             }
+        }
+        if !(50..=5000).contains(&self.controller.counters_ms) {
+            return bad("controller.counters_ms must be 50 to 5000".into());
         }
         if !self.controller.endpoints.is_empty() && self.controller.secret.len() < 16 {
             return bad(

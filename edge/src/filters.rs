@@ -9,6 +9,7 @@
 //! | [`methods`] | request | methods accepted per direction |
 //! | [`geoip`] | request | country allow/deny from a MaxMind database |
 //! | [`rate`] | request | REGISTER/INVITE/OPTIONS per source and per AOR |
+//! | [`limits`] | request | cluster-wide limits per source, AOR, account or site, summed by the controllers |
 //! | [`registered`] | request, response | INVITE only from registered sources or trunks |
 //! | [`tollfraud`] | request, response, completion | destination prefixes, calls per minute, concurrent calls, sequential dialling |
 //! | [`bruteforce`] | response | 401/407/403 scores per source and per AOR |
@@ -22,6 +23,7 @@ pub mod bruteforce;
 pub mod enumeration;
 pub mod flood;
 pub mod geoip;
+pub mod limits;
 pub mod methods;
 pub mod rate;
 pub mod registered;

@@ -170,6 +170,12 @@ impl Edge {
                 clock.clone(),
                 stop.clone(),
             ));
+            tracker.spawn(cluster::push_counters(
+                link.clone(),
+                firewall.state.clone(),
+                clock.clone(),
+                stop.clone(),
+            ));
         }
         bans.apply(clock.now_ms());
         tracker.spawn(bans.clone().run(clock.clone(), stop.clone()));

@@ -56,6 +56,8 @@ pub struct Metrics {
     pub policy_reloads: Family<ReasonLabels, Counter>,
     pub controller_connected: Gauge,
     pub watch_revision: Gauge,
+    pub cluster_limits: Gauge,
+    pub counter_pushes: Family<ReasonLabels, Counter>,
     pub reports_queued: Gauge,
     pub reports_dropped: Counter,
 }
@@ -129,6 +131,18 @@ impl Default for Metrics {
             "The cluster revision this edge has applied",
             watch_revision.clone(),
         );
+        let cluster_limits = Gauge::default();
+        registry.register(
+            "cluster_limits",
+            "Cluster-wide rate limits in force (as the controllers last said)",
+            cluster_limits.clone(),
+        );
+        let counter_pushes = Family::default();
+        registry.register(
+            "counter_pushes",
+            "Pushes of counter increments to the controllers, by result (`ok`, `redirected`, `error`)",
+            counter_pushes.clone(),
+        );
         let reports_queued = Gauge::default();
         registry.register(
             "reports_queued",
@@ -147,6 +161,8 @@ impl Default for Metrics {
             reports_dropped,
             controller_connected,
             watch_revision,
+            cluster_limits,
+            counter_pushes,
             security_events,
             bans_active,
             registrations_active,

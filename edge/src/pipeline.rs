@@ -170,6 +170,8 @@ pub struct State {
     pub enumeration: filters::enumeration::Probes,
     pub flood: filters::flood::Excess,
     pub dialing: filters::tollfraud::Dialing,
+    /// Cluster-wide rate limits and this edge's share of their counts.
+    pub counters: filters::limits::ClusterCounters,
     /// Where auto-bans and registrations go for the cluster, when the edge is connected.
     uplink: std::sync::OnceLock<tokio::sync::mpsc::Sender<crate::cluster::Report>>,
 }
@@ -184,6 +186,7 @@ impl State {
             enumeration: Default::default(),
             flood: Default::default(),
             dialing: Default::default(),
+            counters: Default::default(),
             uplink: std::sync::OnceLock::new(),
         }
     }
@@ -292,6 +295,8 @@ impl Pipeline {
                 clock.clone(),
             )));
         }
+        // Cluster-wide limits: idle until the controllers define some.
+        f.push(Box::new(filters::limits::ClusterLimits::new(state)));
         if policy.registered.enabled {
             f.push(Box::new(filters::registered::Registered::new(
                 &policy.registered,

@@ -10,6 +10,7 @@
 pub mod controller;
 pub mod kamailio;
 pub mod mmdb;
+pub mod redis;
 pub mod sipvicious;
 
 use std::io::{Read, Write};
@@ -549,4 +550,43 @@ pub fn sipp_client_args(
         errors: std::fs::read_to_string(&err).unwrap_or_default(),
         messages: std::fs::read_to_string(&msg).unwrap_or_default(),
     }
+}
+
+/// Sends an initial `method` request (user `from` to `2000`, Call-ID with `tag` and `n`) from `sock`
+/// to `target` and returns the first final status answered within 3 s.
+pub fn sip_status(
+    sock: &std::net::UdpSocket,
+    target: &str,
+    method: &str,
+    from: &str,
+    tag: &str,
+    n: u32,
+) -> Option<u16> {
+    let local = sock.local_addr().ok()?;
+    let call_id = format!("{tag}-{n}-{local}");
+    let msg = format!(
+        "{method} sip:2000@{target} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK{tag}{n};rport\r\n\
+Max-Forwards: 70\r\nFrom: <sip:{from}@{target}>;tag={tag}{n}\r\nTo: <sip:2000@{target}>\r\n\
+Call-ID: {call_id}\r\nCSeq: 1 {method}\r\nContact: <sip:{from}@{local}>\r\n\
+Content-Length: 0\r\n\r\n"
+    );
+    sock.send_to(msg.as_bytes(), target).ok()?;
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .ok()?;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        let Ok((len, _)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&buf[..len]);
+        if !text.contains(&call_id) {
+            continue;
+        }
+        let code: u16 = text.get(8..11)?.parse().ok()?;
+        if code >= 200 {
+            return Some(code);
+        }
+    }
+    None
 }

@@ -5,7 +5,7 @@
 use sipwarden_tests::controller::*;
 use sipwarden_tests::*;
 use std::net::UdpSocket;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const PBX_IP: &str = "127.0.0.61";
 const PHONE_IP: &str = "127.0.0.62";
@@ -31,37 +31,11 @@ fn connected(e: &EdgeProc) -> bool {
     metric(&e.metrics(), "sipwarden_edge_controller_connected") == Some(1.0)
 }
 
-/// Sends an initial INVITE from `sock` to `edge` and returns the first final status it gets
-/// back within 3 s (the PBX answers 200 to anything the edge forwards).
+/// Sends an initial INVITE from `sock` to `edge` and returns the first final status (the PBX
+/// answers 200 to anything the edge forwards).
 fn invite_status(sock: &UdpSocket, edge: &EdgeProc, n: &mut u32) -> Option<u16> {
     *n += 1;
-    let local = sock.local_addr().unwrap();
-    let msg = format!(
-        "INVITE sip:2000@{addr} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bKcs{n};rport\r\n\
-Max-Forwards: 70\r\nFrom: <sip:1001@{addr}>;tag=cs{n}\r\nTo: <sip:2000@{addr}>\r\n\
-Call-ID: cluster-sites-{n}-{local}\r\nCSeq: 1 INVITE\r\nContact: <sip:1001@{local}>\r\n\
-Content-Length: 0\r\n\r\n",
-        addr = edge.addr()
-    );
-    sock.send_to(msg.as_bytes(), edge.addr()).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let mut buf = [0u8; 4096];
-    while Instant::now() < deadline {
-        let Ok((len, _)) = sock.recv_from(&mut buf) else {
-            continue;
-        };
-        let text = String::from_utf8_lossy(&buf[..len]);
-        if !text.contains(&format!("cluster-sites-{n}-")) {
-            continue;
-        }
-        let code: u16 = text.get(8..11)?.parse().ok()?;
-        if code >= 200 {
-            return Some(code);
-        }
-    }
-    None
+    sip_status(sock, &edge.addr(), "INVITE", "1001", "cs", *n)
 }
 
 /// Registers `user` from `ip` through `edge` with a SIPp phone.
