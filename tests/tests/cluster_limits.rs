@@ -54,7 +54,7 @@ impl Rig {
                         &e.metrics(),
                         "sipwarden_edge_cluster_limits"
                     ) == Some(1.0)),
-                    "edge {site} learned the cluster limit
+                    "edge {site} learned the cluster limit"
                 );
                 e
             })
@@ -89,7 +89,10 @@ impl Rig {
 /// Waits, if needed, until at least `need` seconds of the current minute remain, so one run of
 /// the test stays inside one counting window.
 fn inside_one_window(need: u64) {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let left = 60 - now % 60;
     if left < need {
         std::thread::sleep(Duration::from_secs(left + 1));
@@ -97,7 +100,11 @@ fn inside_one_window(need: u64) {
 }
 
 fn window_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() / 60
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 60
 }
 
 #[test]
@@ -118,7 +125,11 @@ fn a_limit_holds_when_the_load_is_split_across_two_edges() {
         N + BATCH
     );
     assert!(total >= N, "the limit refused early: {total} < {N}");
-    assert!(total <= N + BATCH, "the limit leaked: {total} > {}", N + BATCH);
+    assert!(
+        total <= N + BATCH,
+        "the limit leaked: {total} > {}",
+        N + BATCH
+    );
     assert!(
         refused[0] > 0 && refused[1] > 0,
         "both edges enforce it: {refused:?}"
@@ -185,7 +196,10 @@ fn with_redis_the_count_survives_the_leader_being_killed() {
     );
     // The edges found the new leader (a follower's answer names it).
     assert!(rig.edges.iter().all(|e| {
-        metric(&e.metrics(), "sipwarden_edge_counter_pushes_total{reason=\"ok\"}")
-            .is_some_and(|v| v > 0.0)
+        metric(
+            &e.metrics(),
+            "sipwarden_edge_counter_pushes_total{reason=\"ok\"}",
+        )
+        .is_some_and(|v| v > 0.0)
     }));
 }
