@@ -332,7 +332,7 @@ pub async fn push_counters(
         }
         n += 1;
         let idle = counters.limits().defs.is_empty();
-        if idle && counters.limits().version != 0 && n % idle_every != 0 {
+        if idle && counters.limits().version != 0 && !n.is_multiple_of(idle_every) {
             continue;
         }
         if client.is_none() {
