@@ -2,11 +2,14 @@
 //! pre-parse gate, replaced atomically (`arc-swap`) by the [`BanStore`] writer.
 //!
 //! New bans are queued and applied in batches: copying a 100,000-entry snapshot per ban would let a
-//! storm of auto-bans eat a core, so the writer task applies everything queued at most once every
-//! [`BanStore::MIN_APPLY_INTERVAL`] — the next message of a just-banned source is still stopped by
+//! storm of auto-bans eat a core, so the writer task applies everything queued at once when the last
+//! batch is older than [`BanStore::MIN_APPLY_INTERVAL`], else when it is — the next message of a just-banned source is still stopped by
 //! the rule that banned it, so nothing slips through meanwhile. Expired bans are ignored at lookup
 //! and purged by the writer. Bans made on this edge (not those from config) are kept in a JSON file
-//! written atomically after each batch, so a restart keeps them.
+//! written atomically at most once every [`BanStore::SAVE_INTERVAL`] (and at shutdown), so a
+//! restart keeps them: writing 100,000 bans after every batch of a cluster sync cost more than the
+//! sync itself. A crash loses at most that second of bans on disk; cluster bans come back with the
+//! next snapshot and auto-bans were proposed to the cluster as they were made.
 
 use crate::netset::NetSet;
 use arc_swap::ArcSwap;
@@ -117,6 +120,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl BanStore {
     /// Shortest time between two applied batches.
     pub const MIN_APPLY_INTERVAL: Duration = Duration::from_millis(5);
+    /// Longest time a changed ban set waits to be written to the ban file.
+    pub const SAVE_INTERVAL: Duration = Duration::from_secs(1);
     /// How often expired bans are purged when nothing else happens.
     pub const PURGE_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -344,17 +349,27 @@ impl BanStore {
 
     /// The writer task: applies queued changes in batches, purges expired bans, keeps the file.
     pub async fn run(self: Arc<Self>, clock: crate::clock::Clock, stop: CancellationToken) {
+        let mut next_save = tokio::time::Instant::now();
+        let mut last_apply = tokio::time::Instant::now();
         loop {
+            let dirty = self.dirty.load(Ordering::Acquire);
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = self.wake.notified() => {
-                    tokio::time::sleep(Self::MIN_APPLY_INTERVAL).await;
+                    // A lone ban applies at once; a storm is applied in batches at most once
+                    // every MIN_APPLY_INTERVAL.
+                    tokio::time::sleep_until(last_apply + Self::MIN_APPLY_INTERVAL).await;
                 }
+                _ = tokio::time::sleep_until(next_save), if dirty => {}
                 _ = tokio::time::sleep(Self::PURGE_INTERVAL) => {}
             }
             self.apply(clock.now_ms());
-            if let Err(e) = self.save_if_dirty() {
-                warn!(error = %e, "cannot write the ban file; will retry");
+            last_apply = tokio::time::Instant::now();
+            if tokio::time::Instant::now() >= next_save && self.dirty.load(Ordering::Acquire) {
+                if let Err(e) = self.save_if_dirty() {
+                    warn!(error = %e, "cannot write the ban file; will retry");
+                }
+                next_save = tokio::time::Instant::now() + Self::SAVE_INTERVAL;
             }
         }
         self.apply(clock.now_ms());
