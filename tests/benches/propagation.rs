@@ -68,7 +68,7 @@ fn main() {
     let api = &ctls[0];
 
     // 1. One ban at a time: acknowledgement → first gate drop at each edge.
-    let mut lat: Vec<Vec<Duration>> = vec![Vec::with_capacity(BANS); 2];
+    let mut lat: Vec<Vec<Duration>> = (0..2).map(|_| Vec::with_capacity(BANS)).collect();
     let mut n = 0u32;
     let started = Instant::now();
     for i in 0..BANS {
