@@ -9,6 +9,7 @@
 use crate::bans::{Ban, BanOrigin, NEVER};
 use crate::clock::Clock;
 use crate::config::Controller;
+use crate::filters::ban::{aor_key, IdentitySet};
 use crate::metrics::Metrics;
 use crate::pipeline::State;
 use sipwarden_proto::v1 as pb;
@@ -56,21 +57,45 @@ fn site_binding<'a>(b: &'a pb::Binding, site: &str) -> Option<(&'a str, std::net
     Some((&b.aor, ip, u64::try_from(b.expires_unix_ms).ok()?))
 }
 
+/// Whether a cluster ban applies at `site` (global, or scoped to it).
+fn in_scope(b: &pb::Ban, site: &str) -> bool {
+    b.scope_site.is_empty() || b.scope_site == site
+}
+
+/// Files an AOR or User-Agent ban in `set` (address bans are the ban store's).
+fn put_identity(set: &mut IdentitySet, b: &pb::Ban) {
+    match b.target.as_ref().and_then(|t| BanTarget::try_from(t).ok()) {
+        Some(BanTarget::Aor(a)) => {
+            set.aors.insert(aor_key(&a), b.id.clone());
+        }
+        Some(BanTarget::UserAgent(u)) => {
+            set.user_agents.retain(|(_, id)| *id != b.id);
+            set.user_agents.push((u.to_ascii_lowercase(), b.id.clone()));
+        }
+        _ => {}
+    }
+}
+
 /// Applies one watch event to the edge of `site`; returns the revision the edge now has.
 /// Bindings of other sites are not this edge's to enforce (the registered-source rule is per
-/// site) and are skipped.
+/// site), nor are bans scoped to another site.
 pub fn apply(state: &State, site: &str, now_ms: u64, e: &pb::WatchEvent) -> u64 {
     let bans = &state.bans;
     match &e.kind {
         Some(Kind::Snapshot(s)) => {
-            let list: Vec<Ban> = s.bans.iter().filter_map(edge_ban).collect();
+            let scoped = || s.bans.iter().filter(|b| in_scope(b, site));
+            let list: Vec<Ban> = scoped().filter_map(edge_ban).collect();
+            let mut identity = IdentitySet::default();
+            scoped().for_each(|b| put_identity(&mut identity, b));
             info!(
                 bans = list.len(),
+                identity = identity.aors.len() + identity.user_agents.len(),
                 bindings = s.bindings.len(),
                 revision = e.revision,
                 "cluster snapshot"
             );
             bans.replace(BanOrigin::Cluster, list);
+            state.identity.replace(identity);
             state.bindings.clear_cluster();
             for b in &s.bindings {
                 if let Some((aor, ip, expires)) = site_binding(b, site) {
@@ -80,16 +105,17 @@ pub fn apply(state: &State, site: &str, now_ms: u64, e: &pb::WatchEvent) -> u64 
                 }
             }
         }
-        Some(Kind::BanPut(b)) => {
-            if let Some(b) = edge_ban(b) {
-                bans.ban(b);
-            }
-        }
-        Some(Kind::BanRemoved(b)) => {
-            if let Some(b) = edge_ban(b) {
-                bans.unban_from(b.network, BanOrigin::Cluster);
-            }
-        }
+        Some(Kind::BanPut(b)) if in_scope(b, site) => match edge_ban(b) {
+            Some(ban) => bans.ban(ban),
+            None => state.identity.update(|set| put_identity(set, b)),
+        },
+        Some(Kind::BanRemoved(b)) => match edge_ban(b) {
+            Some(ban) => bans.unban_from(ban.network, BanOrigin::Cluster),
+            None => state.identity.update(|set| {
+                set.aors.retain(|_, id| *id != b.id);
+                set.user_agents.retain(|(_, id)| *id != b.id);
+            }),
+        },
         Some(Kind::BindingPut(b)) => {
             if let Some((aor, ip, expires)) = site_binding(b, site) {
                 state
@@ -98,8 +124,8 @@ pub fn apply(state: &State, site: &str, now_ms: u64, e: &pb::WatchEvent) -> u64 
             }
         }
         Some(Kind::BindingRemoved(k)) => state.bindings.remove_cluster(&k.aor, &k.contact),
-        // Policies are used by a later part of the cluster link.
-        Some(Kind::Policy(_)) | None => {}
+        // Policies are used by a later part of the cluster link; bans of other sites are not ours.
+        Some(Kind::Policy(_)) | Some(Kind::BanPut(_)) | None => {}
     }
     e.revision
 }
@@ -545,6 +571,16 @@ mod tests {
         assert_eq!(apply(&state, "s", 0, &snap), 5);
         bans.apply(0);
         assert_eq!(bans.snapshot().len(), 2, "AOR bans are not address bans");
+        assert_eq!(
+            state
+                .identity
+                .load()
+                .aors
+                .get("1001@pbx")
+                .map(String::as_str),
+            Some("b3"),
+            "they are identity bans"
+        );
         assert!(bans
             .lookup("198.51.100.7".parse().unwrap(), 9_999)
             .is_some());
@@ -574,6 +610,30 @@ mod tests {
         bans.apply(0);
         assert!(bans.lookup("203.0.113.9".parse().unwrap(), 0).is_some());
         assert!(bans.lookup("192.0.2.1".parse().unwrap(), 0).is_none());
+        // A ban scoped to another site is not enforced here; the AOR ban's removal lifts it.
+        let mut other = pb_ban("b5", Target::Ip("203.0.113.50".into()), 0);
+        other.scope_site = "elsewhere".into();
+        apply(
+            &state,
+            "s",
+            0,
+            &pb::WatchEvent {
+                revision: 8,
+                kind: Some(Kind::BanPut(other)),
+            },
+        );
+        let aor_gone = pb::WatchEvent {
+            revision: 9,
+            kind: Some(Kind::BanRemoved(pb_ban(
+                "b3",
+                Target::Aor("sip:1001@pbx".into()),
+                0,
+            ))),
+        };
+        apply(&state, "s", 0, &aor_gone);
+        bans.apply(0);
+        assert!(bans.lookup("203.0.113.50".parse().unwrap(), 0).is_none());
+        assert!(state.identity.load().aors.is_empty());
     }
 
     fn pb_binding(aor: &str, contact: &str, source: &str, site: &str) -> pb::Binding {

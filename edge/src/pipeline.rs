@@ -170,6 +170,8 @@ pub struct State {
     pub enumeration: filters::enumeration::Probes,
     pub flood: filters::flood::Excess,
     pub dialing: filters::tollfraud::Dialing,
+    /// Cluster bans of accounts and User-Agents.
+    pub identity: filters::ban::IdentityBans,
     /// Cluster-wide rate limits and this edge's share of their counts.
     pub counters: filters::limits::ClusterCounters,
     /// Where auto-bans and registrations go for the cluster, when the edge is connected.
@@ -187,6 +189,7 @@ impl State {
             flood: Default::default(),
             dialing: Default::default(),
             counters: Default::default(),
+            identity: Default::default(),
             uplink: std::sync::OnceLock::new(),
         }
     }
@@ -274,6 +277,12 @@ impl Pipeline {
             )));
         }
         let mut f: Vec<Box<dyn Filter>> = Vec::new();
+        if policy.bans.enabled {
+            f.push(Box::new(filters::ban::IdentityGate::new(
+                &policy.bans,
+                state,
+            )));
+        }
         if policy.sanity.enabled {
             f.push(Box::new(filters::sanity::Sanity::new(
                 &policy.sanity,

@@ -135,6 +135,29 @@ fn registrations_and_bans_survive_the_leader_and_reach_every_edge_of_the_site() 
         "registrations are per site"
     );
 
+    // An account ban (AOR) reaches the edges too: the registered phone's calls are refused
+    // until it is lifted.
+    let account = "sip:1001@127.0.0.4";
+    assert!(ctls[0]
+        .ctl(OPERATOR, &["ban", "add", "aor", account])
+        .status
+        .success());
+    assert!(
+        wait_until(Duration::from_secs(5), || invite_status(&phone, &a2, &mut n)
+            == Some(403)
+            && a2.events("ban.aor", "reject") >= 1.0),
+        "the account ban is enforced"
+    );
+    assert!(ctls[0]
+        .ctl(OPERATOR, &["ban", "rm", "--target", &format!("aor:{account}")])
+        .status
+        .success());
+    assert!(
+        wait_until(Duration::from_secs(5), || invite_status(&phone, &a2, &mut n)
+            == Some(200)),
+        "lifted"
+    );
+
     // A ban from the API, then the leader dies.
     let banned = UdpSocket::bind(format!("{BANNED_IP}:0")).unwrap();
     let out = ctls[1].ctl(OPERATOR, &["ban", "add", "ip", BANNED_IP]);
