@@ -143,18 +143,23 @@ fn registrations_and_bans_survive_the_leader_and_reach_every_edge_of_the_site() 
         .status
         .success());
     assert!(
-        wait_until(Duration::from_secs(5), || invite_status(&phone, &a2, &mut n)
-            == Some(403)
+        wait_until(Duration::from_secs(5), || invite_status(
+            &phone, &a2, &mut n
+        ) == Some(403)
             && a2.events("ban.aor", "reject") >= 1.0),
         "the account ban is enforced"
     );
     assert!(ctls[0]
-        .ctl(OPERATOR, &["ban", "rm", "--target", &format!("aor:{account}")])
+        .ctl(
+            OPERATOR,
+            &["ban", "rm", "--target", &format!("aor:{account}")]
+        )
         .status
         .success());
     assert!(
-        wait_until(Duration::from_secs(5), || invite_status(&phone, &a2, &mut n)
-            == Some(200)),
+        wait_until(Duration::from_secs(5), || invite_status(
+            &phone, &a2, &mut n
+        ) == Some(200)),
         "lifted"
     );
 
