@@ -42,6 +42,8 @@ pub enum Op {
         name: String,
         body: String,
     },
+    /// Records where an edge relays requests for the phones it holds (sent when it changes).
+    PutEdge(EdgeInfo),
     /// Removes bans and bindings expired at the command's time (proposed by the leader).
     Expire,
     /// An audit record only (membership changes and the like).
@@ -102,6 +104,15 @@ pub enum Change {
     BindingPut(Binding),
     BindingRemoved { aor: String, contact: String },
     PolicyPut { name: String, version: u64 },
+    EdgePut(EdgeInfo),
+}
+
+/// An edge: its site and the address other edges relay PBX requests to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeInfo {
+    pub id: String,
+    pub site: String,
+    pub relay: String,
 }
 
 /// A versioned policy document.
@@ -135,6 +146,9 @@ pub struct StateMachine {
     /// AOR → contact → binding.
     bindings: BTreeMap<String, BTreeMap<String, Binding>>,
     policies: BTreeMap<String, PolicyDoc>,
+    /// Edge id → where it relays.
+    #[serde(default)]
+    edges: BTreeMap<String, EdgeInfo>,
     audit: VecDeque<AuditEntry>,
     /// `(revision, change)`, oldest first; not part of snapshots.
     #[serde(skip)]
@@ -164,6 +178,14 @@ impl StateMachine {
 
     pub fn ban(&self, id: &str) -> Option<&Ban> {
         self.bans.get(id)
+    }
+
+    pub fn edges(&self) -> impl Iterator<Item = &EdgeInfo> {
+        self.edges.values()
+    }
+
+    pub fn edge(&self, id: &str) -> Option<&EdgeInfo> {
+        self.edges.get(id)
     }
 
     pub fn bindings(&self) -> impl Iterator<Item = &Binding> {
@@ -388,6 +410,14 @@ impl StateMachine {
             }
             Op::Note { action, detail } => {
                 self.record(cmd, action, detail.clone(), Vec::new());
+                Applied::Noted
+            }
+            Op::PutEdge(e) => {
+                if self.edges.get(&e.id) != Some(e) {
+                    self.edges.insert(e.id.clone(), e.clone());
+                    let detail = format!("edge {} of site {} relays at {}", e.id, e.site, e.relay);
+                    self.record(cmd, "edge.put", detail, vec![Change::EdgePut(e.clone())]);
+                }
                 Applied::Noted
             }
         }

@@ -9,7 +9,7 @@ use crate::api::grpc::ban_in;
 use crate::counters::Counters;
 use crate::raft::grpc::authorized;
 use crate::raft::node::Handle;
-use crate::state::{Change, StateMachine};
+use crate::state::{Change, EdgeInfo, Op, StateMachine};
 use sipwarden_proto::v1 as pb;
 use sipwarden_proto::v1::edge_control_server::EdgeControl;
 use sipwarden_shared::ban::Binding;
@@ -54,10 +54,19 @@ fn ban_event(revision: u64, c: &Change) -> pb::WatchEvent {
             version: *version,
             body: String::new(),
         }),
+        Change::EdgePut(e) => Kind::EdgePut(edge_info(e)),
     };
     pb::WatchEvent {
         revision,
         kind: Some(kind),
+    }
+}
+
+fn edge_info(e: &EdgeInfo) -> pb::EdgeInfo {
+    pb::EdgeInfo {
+        id: e.id.clone(),
+        site: e.site.clone(),
+        relay: e.relay.clone(),
     }
 }
 
@@ -77,6 +86,7 @@ pub fn snapshot_event(s: &StateMachine) -> pb::WatchEvent {
             bans: s.bans().map(pb::Ban::from).collect(),
             bindings: s.bindings().map(pb::Binding::from).collect(),
             policies,
+            edges: s.edges().map(edge_info).collect(),
         })),
     }
 }
@@ -255,7 +265,37 @@ impl EdgeControl for EdgeService {
         req: tonic::Request<pb::EdgeHello>,
     ) -> Result<tonic::Response<WatchStream>, tonic::Status> {
         let hello = self.check(req)?;
-        info!(edge = %hello.edge_id, site = %hello.site, revision = hello.revision, "edge watching");
+        check_edge_id(&hello.edge_id)?;
+        if hello.site.len() > 64 {
+            return Err(tonic::Status::invalid_argument(
+                "site: at most 64 characters",
+            ));
+        }
+        if !hello.relay.is_empty() && hello.relay.parse::<std::net::SocketAddr>().is_err() {
+            return Err(tonic::Status::invalid_argument(format!(
+                "relay: {:?} is not ip:port",
+                hello.relay
+            )));
+        }
+        info!(edge = %hello.edge_id, site = %hello.site, revision = hello.revision, relay = %hello.relay, "edge watching");
+        // Where the edge relays is recorded (through Raft) when it is new or changed.
+        let me = EdgeInfo {
+            id: hello.edge_id.clone(),
+            site: hello.site.clone(),
+            relay: hello.relay.clone(),
+        };
+        if !me.relay.is_empty() && self.handle.read(|s| s.edge(&me.id) != Some(&me)) {
+            let api = self.api.clone();
+            tokio::spawn(async move {
+                let who = Caller {
+                    name: format!("edge:{}", me.id),
+                    role: Role::Operator,
+                };
+                if let Err(e) = api.propose_op(&who, Op::PutEdge(me)).await {
+                    tracing::warn!(error = %e, "recording an edge's relay address failed");
+                }
+            });
+        }
         let (tx, rx) = mpsc::channel(BUFFER);
         let handle = self.handle.clone();
         tokio::spawn(async move {

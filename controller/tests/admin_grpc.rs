@@ -407,6 +407,7 @@ async fn edges_watch_bans_from_a_snapshot_then_deltas() {
         edge_id: "e1".into(),
         site: "s1".into(),
         revision,
+        relay: String::new(),
     };
     let e = edges
         .watch(req(hello(0), Some("wrong-secret")))

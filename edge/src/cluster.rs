@@ -12,6 +12,7 @@ use crate::config::Controller;
 use crate::filters::ban::{aor_key, IdentitySet};
 use crate::metrics::Metrics;
 use crate::pipeline::State;
+use crate::proxy::Peers;
 use sipwarden_proto::v1 as pb;
 use sipwarden_proto::v1::edge_control_client::EdgeControlClient;
 use sipwarden_proto::v1::watch_event::Kind;
@@ -124,10 +125,25 @@ pub fn apply(state: &State, site: &str, now_ms: u64, e: &pb::WatchEvent) -> u64 
             }
         }
         Some(Kind::BindingRemoved(k)) => state.bindings.remove_cluster(&k.aor, &k.contact),
-        // Policies are used by a later part of the cluster link; bans of other sites are not ours.
-        Some(Kind::Policy(_)) | Some(Kind::BanPut(_)) | None => {}
+        // Policies are used by a later part of the cluster link; bans of other sites are not ours;
+        // edges go to the proxy's peer list (`apply_peers`).
+        Some(Kind::Policy(_)) | Some(Kind::BanPut(_)) | Some(Kind::EdgePut(_)) | None => {}
     }
     e.revision
+}
+
+/// Applies the edges a watch event names to the proxy's peers (every edge but `me`).
+pub fn apply_peers(peers: &Peers, me: &str, e: &pb::WatchEvent) {
+    let parse = |x: &pb::EdgeInfo| {
+        (x.id != me)
+            .then(|| x.relay.parse().ok().map(|a| (x.id.clone(), a)))
+            .flatten()
+    };
+    match &e.kind {
+        Some(Kind::Snapshot(s)) => peers.update(true, s.edges.iter().filter_map(parse)),
+        Some(Kind::EdgePut(x)) => peers.update(false, parse(x)),
+        _ => {}
+    }
 }
 
 /// Most auto-bans queued while no controller takes them; past this the oldest are dropped.
@@ -165,6 +181,12 @@ pub struct Link {
     pub cfg: Controller,
     pub edge_id: String,
     pub site: String,
+    /// Where other edges relay to this one (`ip:port`, empty: nowhere).
+    pub relay: String,
+    /// Other edges, for the proxy.
+    pub peers: Arc<Peers>,
+    /// Set when the first snapshot is applied (readiness).
+    pub synced: Arc<std::sync::atomic::AtomicBool>,
     bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
     pub metrics: Arc<Metrics>,
 }
@@ -175,6 +197,8 @@ impl Link {
         cfg: Controller,
         edge_id: String,
         site: String,
+        relay: String,
+        peers: Arc<Peers>,
         metrics: Arc<Metrics>,
     ) -> Option<Link> {
         let Ok(bearer) = format!("Bearer {}", cfg.secret).parse() else {
@@ -185,6 +209,9 @@ impl Link {
             cfg,
             edge_id,
             site,
+            relay,
+            peers,
+            synced: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             bearer,
             metrics,
         })
@@ -497,12 +524,19 @@ async fn watch_once(
         edge_id: link.edge_id.clone(),
         site: link.site.clone(),
         revision: *revision,
+        relay: link.relay.clone(),
     });
     let mut stream = client.watch(req).await?.into_inner();
     info!(%endpoint, revision = *revision, "watching the controller cluster");
     metrics.controller_connected.set(1);
     while let Some(e) = stream.message().await? {
+        apply_peers(&link.peers, &link.edge_id, &e);
+        metrics.peer_edges.set(link.peers.len() as i64);
         *revision = apply(state, &link.site, clock.now_ms(), &e);
+        if matches!(e.kind, Some(Kind::Snapshot(_))) {
+            link.synced
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         metrics.watch_revision.set(*revision as i64);
     }
     Ok(())

@@ -55,6 +55,9 @@ pub struct Controller {
     pub reconnect_max_ms: u64,
     /// How often counter increments for cluster-wide limits are pushed (50 to 5000 ms).
     pub counters_ms: u64,
+    /// `ip:port` where other edges relay PBX requests for phones connected here. Empty: the first
+    /// UDP listener facing the PBX.
+    pub relay: String,
 }
 
 impl Default for Controller {
@@ -64,6 +67,7 @@ impl Default for Controller {
             secret: String::new(),
             reconnect_max_ms: 2000,
             counters_ms: 250,
+            relay: String::new(),
         }
     }
 }
@@ -75,6 +79,7 @@ impl std::fmt::Debug for Controller {
             .field("secret", &"[redacted]")
             .field("reconnect_max_ms", &self.reconnect_max_ms)
             .field("counters_ms", &self.counters_ms)
+            .field("relay", &self.relay)
             .finish()
     }
 }
@@ -395,6 +400,15 @@ impl EdgeConfig {
             if !ok {
                 return bad(format!("controller.endpoints[{i}]: {e:?} is not host:port"));
             }
+        }
+        if !self.controller.relay.is_empty()
+            && self
+                .controller
+                .relay
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+        {
+            return bad("controller.relay must be ip:port".into());
         }
         if !(50..=5000).contains(&self.controller.counters_ms) {
             return bad("controller.counters_ms must be 50 to 5000".into());

@@ -1,5 +1,6 @@
 //! The edge's HTTP endpoint: `/healthz` (the process is alive), `/readyz` (listeners bound, a PBX
-//! backend healthy, not draining) and `/metrics` (Prometheus / OpenMetrics text).
+//! backend healthy, not draining, and — for an edge of a cluster — the cluster's state applied or
+//! the sync grace over) and `/metrics` (Prometheus / OpenMetrics text).
 
 use crate::backend::Backends;
 use crate::metrics::Metrics;
@@ -18,6 +19,10 @@ pub struct HttpState {
     pub backends: Arc<Backends>,
     /// Cleared when shutdown starts, so load balancers stop sending before the drain.
     pub accepting: Arc<AtomicBool>,
+    /// Set once the first cluster snapshot is applied (or the sync grace ended; at once without
+    /// controllers), so traffic is not sent to an edge that does not yet know the bans and
+    /// registrations.
+    pub synced: Arc<AtomicBool>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -31,6 +36,11 @@ pub fn router(state: HttpState) -> Router {
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
     if !s.accepting.load(Ordering::Relaxed) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else if !s.synced.load(Ordering::Relaxed) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the cluster's bans and registrations\n",
+        )
     } else if !s.backends.any_up() {
         (StatusCode::SERVICE_UNAVAILABLE, "no healthy PBX backend\n")
     } else {

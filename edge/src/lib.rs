@@ -16,6 +16,9 @@
 //! [`Edge::start`] binds everything and returns the bound addresses; [`Edge::run_until`] serves
 //! until a cancellation token fires and then drains within the configured grace period.
 
+/// How long a connected edge stays unready waiting for its first cluster snapshot.
+pub const SYNC_GRACE: Duration = Duration::from_secs(5);
+
 pub mod backend;
 pub mod bans;
 pub mod clock;
@@ -152,15 +155,36 @@ impl Edge {
         let link = if cfg.controller.endpoints.is_empty() {
             None
         } else {
+            let relay = proxy
+                .relay_address(&cfg.controller.relay)
+                .map(|a| a.to_string())
+                .unwrap_or_default();
             cluster::Link::new(
                 cfg.controller.clone(),
                 cfg.edge.id.clone(),
                 cfg.edge.site.clone(),
+                relay,
+                proxy.peers.clone(),
                 metrics.clone(),
             )
             .map(Arc::new)
         };
         if let Some(link) = &link {
+            // Fail-static: with no controller answering within the grace, serve on what the ban
+            // file holds.
+            let (synced, grace, done) = (link.synced.clone(), SYNC_GRACE, stop.clone());
+            tracker.spawn(async move {
+                tokio::select! {
+                    _ = done.cancelled() => return,
+                    _ = tokio::time::sleep(grace) => {}
+                }
+                if !synced.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                    warn!(
+                        grace_ms = grace.as_millis() as u64,
+                        "no controller answered: ready on the local ban file"
+                    );
+                }
+            });
             let (tx, rx) = tokio::sync::mpsc::channel(4096);
             firewall.state.set_uplink(tx);
             tracker.spawn(cluster::uplink(link.clone(), rx, stop.clone()));
@@ -260,6 +284,10 @@ impl Edge {
             metrics,
             backends,
             accepting: accepting.clone(),
+            synced: match &link {
+                Some(l) => l.synced.clone(),
+                None => Arc::new(AtomicBool::new(true)),
+            },
         };
         // The HTTP server outlives the SIP drain so /readyz can say "draining"; it stops last.
         let http_stop = CancellationToken::new();

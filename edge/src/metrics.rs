@@ -57,6 +57,7 @@ pub struct Metrics {
     pub controller_connected: Gauge,
     pub watch_revision: Gauge,
     pub cluster_limits: Gauge,
+    pub peer_edges: Gauge,
     pub counter_pushes: Family<ReasonLabels, Counter>,
     pub reports_queued: Gauge,
     pub reports_dropped: Counter,
@@ -137,6 +138,12 @@ impl Default for Metrics {
             "Cluster-wide rate limits in force (as the controllers last said)",
             cluster_limits.clone(),
         );
+        let peer_edges = Gauge::default();
+        registry.register(
+            "peer_edges",
+            "Other edges known from the controllers (relay targets, PBX side)",
+            peer_edges.clone(),
+        );
         let counter_pushes = Family::default();
         registry.register(
             "counter_pushes",
@@ -162,6 +169,7 @@ impl Default for Metrics {
             controller_connected,
             watch_revision,
             cluster_limits,
+            peer_edges,
             counter_pushes,
             security_events,
             bans_active,

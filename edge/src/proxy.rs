@@ -16,6 +16,7 @@ use crate::config::{EdgeConfig, ListenerSide};
 use crate::flow::FlowKeys;
 use crate::sip::{reply, Message, Transport};
 use ipnet::IpNet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -182,6 +183,52 @@ pub struct ListenerInfo {
     pub advertise: HostPort,
 }
 
+/// The other edges of the cluster (from the controllers): where each relays PBX requests for the
+/// phones whose connection it holds. Their traffic is PBX side. Swapped whole on change.
+#[derive(Debug, Default)]
+pub struct Peers {
+    inner: arc_swap::ArcSwap<PeerMap>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct PeerMap {
+    pub by_id: HashMap<String, SocketAddr>,
+    ips: HashSet<IpAddr>,
+}
+
+impl Peers {
+    /// The relay address of edge `id`.
+    pub fn get(&self, id: &str) -> Option<SocketAddr> {
+        self.inner.load().by_id.get(id).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.load().by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether `ip` is a peer edge's.
+    pub fn contains_ip(&self, ip: IpAddr) -> bool {
+        let m = self.inner.load();
+        !m.ips.is_empty() && m.ips.contains(&ip)
+    }
+
+    /// Replaces every peer (`None` clears) or adds one.
+    pub fn update(&self, replace: bool, peers: impl IntoIterator<Item = (String, SocketAddr)>) {
+        let mut next = if replace {
+            PeerMap::default()
+        } else {
+            (**self.inner.load()).clone()
+        };
+        next.by_id.extend(peers);
+        next.ips = next.by_id.values().map(|a| a.ip()).collect();
+        self.inner.store(Arc::new(next));
+    }
+}
+
 /// The proxy: identity, keys, listeners and backends. Shared by every transport task.
 #[derive(Debug)]
 pub struct Proxy {
@@ -190,6 +237,8 @@ pub struct Proxy {
     pub listeners: Vec<ListenerInfo>,
     pub backends: Arc<Backends>,
     pub trusted_pbx: Vec<IpNet>,
+    /// Other edges, learned from the controllers.
+    pub peers: Arc<Peers>,
 }
 
 impl Proxy {
@@ -230,6 +279,7 @@ impl Proxy {
             listeners,
             backends,
             trusted_pbx: cfg.trusted_pbx.clone(),
+            peers: Arc::new(Peers::default()),
         }
     }
 
@@ -253,7 +303,29 @@ impl Proxy {
 
     /// Whether `addr` is a backend or in a trusted-PBX network.
     pub fn is_pbx_addr(&self, addr: SocketAddr) -> bool {
-        self.backends.is_backend(addr) || self.trusted_pbx.iter().any(|n| n.contains(&addr.ip()))
+        self.backends.is_backend(addr)
+            || self.trusted_pbx.iter().any(|n| n.contains(&addr.ip()))
+            || self.peers.contains_ip(addr.ip())
+    }
+
+    /// The address other edges should relay to: `controller.relay`, else the first UDP listener
+    /// facing the PBX (its bound address, or its advertised one when bound to a wildcard).
+    pub fn relay_address(&self, configured: &str) -> Option<SocketAddr> {
+        if !configured.is_empty() {
+            return configured.parse().ok();
+        }
+        let l = &self.listeners[self.listener_toward(Side::Pbx, Transport::Udp)];
+        if l.transport != Transport::Udp {
+            return None;
+        }
+        if !l.bind.ip().is_unspecified() {
+            return Some(l.bind);
+        }
+        let ip: IpAddr = l.advertise.host.parse().ok()?;
+        Some(SocketAddr::new(
+            ip,
+            l.advertise.port.unwrap_or(l.bind.port()),
+        ))
     }
 
     /// The side `inb` came from: the listener's side, else a backend address and port or a trusted

@@ -238,3 +238,153 @@ fn registrations_and_bans_survive_the_leader_and_reach_every_edge_of_the_site() 
     }
     assert!(binding_of(&ctls[0], aor).is_some());
 }
+
+/// Reads SIP messages on `sock` until one satisfies `want` (3 s).
+fn recv_until(sock: &UdpSocket, want: impl Fn(&str) -> bool) -> Option<String> {
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let mut buf = [0u8; 8192];
+    while std::time::Instant::now() < deadline {
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).to_string();
+            if want(&text) {
+                return Some(text);
+            }
+        }
+    }
+    None
+}
+
+/// Two edges share one advertised address (as behind a load balancer) and one flow key. A TCP
+/// phone registers through a1; the PBX's call reaches b1, which does not hold the phone's
+/// connection: b1 relays it to a1 (learned from the controllers), a1 delivers it over the phone's
+/// own connection, and the answers come back the same way.
+#[test]
+fn a_pbx_request_reaching_another_edge_is_relayed_to_the_one_holding_the_phone() {
+    const VIP: &str = "127.0.0.99:5999";
+    let root = tempfile::tempdir().unwrap();
+    let (seats, _ctls) = cluster(root.path(), 1, "");
+    let pbx_port = free_port(PBX_IP);
+    let registrar = SippServer::start(root.path(), "pbx.xml", PBX_IP, pbx_port, "udp");
+    let extra = format!(
+        "[[backends]]\naddress = \"{PBX_IP}:{pbx_port}\"\n\n{}",
+        edge_link(&seats)
+    );
+    let trusted = format!("[\"{PBX_IP}/32\"]");
+    let start = |ip: &str, id: &str| {
+        let e = EdgeProc::start_with_env(
+            ip,
+            &extra,
+            &[
+                ("SIPWARDEN_EDGE__ID", id),
+                ("SIPWARDEN_EDGE__SITE", "hq"),
+                ("SIPWARDEN_FLOW__KEYS", "[\"shared-cluster-flow-key-0001\"]"),
+                ("SIPWARDEN_LISTENERS__0__ADVERTISE", VIP),
+                ("SIPWARDEN_LISTENERS__1__ADVERTISE", VIP),
+                ("SIPWARDEN_TRUSTED_PBX", &trusted),
+            ],
+        );
+        assert!(wait_until(Duration::from_secs(10), || connected(&e)));
+        e
+    };
+    let a1 = start("127.0.0.2", "a1");
+    let b1 = start("127.0.0.3", "b1");
+    assert!(
+        wait_until(Duration::from_secs(5), || metric(
+            &b1.metrics(),
+            "sipwarden_edge_peer_edges"
+        ) == Some(1.0)),
+        "b1 knows a1"
+    );
+
+    // The phone registers over TCP through a1 and waits for a call.
+    let phone_port = free_port(PHONE_IP);
+    let dir = root.path().to_path_buf();
+    let a1_addr = a1.addr();
+    let phone = std::thread::spawn(move || {
+        sipp_client(
+            &dir,
+            "phone_register_answer.xml",
+            PHONE_IP,
+            phone_port,
+            "tcp",
+            &a1_addr,
+            "alice",
+            1,
+            Duration::from_secs(15),
+        )
+    });
+    let token = {
+        let mut t = None;
+        wait_until(Duration::from_secs(5), || {
+            t = _ctls[0]
+                .registrations()
+                .into_iter()
+                .find(|b| b["aor"] == format!("sip:alice@{}", a1.ip))
+                .and_then(|b| b["flow_token"].as_str().map(str::to_string));
+            t.is_some()
+        });
+        t.expect("the phone's registration is in the cluster")
+    };
+
+    // The PBX calls the phone through b1 (on the REGISTER's Call-ID: the SIPp phone maps what it
+    // receives to its one call by Call-ID).
+    let call_id = registrar
+        .received_messages()
+        .iter()
+        .find(|m| m.starts_with("REGISTER "))
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.to_ascii_lowercase().starts_with("call-id:"))
+                .map(|l| l[8..].trim().to_string())
+        })
+        .expect("the registrar saw the REGISTER");
+    let pbx = UdpSocket::bind(format!("{PBX_IP}:0")).unwrap();
+    let local = pbx.local_addr().unwrap();
+    let target = format!("sip:alice@{PHONE_IP}:{phone_port};transport=tcp");
+    let request = |method: &str, cseq: u32, to_tag: &str, branch: &str| {
+        format!(
+            "{method} {target} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK{branch}\r\n\
+Route: <sip:{token}@{VIP};lr>\r\nMax-Forwards: 70\r\nFrom: <sip:pbx@{PBX_IP}>;tag=pbx1\r\n\
+To: <sip:alice@{PHONE_IP}>{to_tag}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\
+Contact: <sip:pbx@{local}>\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    pbx.send_to(request("INVITE", 1, "", "inv1").as_bytes(), b1.addr())
+        .unwrap();
+    let ok = recv_until(&pbx, |m| {
+        m.starts_with("SIP/2.0 200") && m.contains("INVITE")
+    });
+    let Some(ok) = ok else {
+        let run = phone.join().unwrap();
+        panic!("no 200 to the INVITE came back: {}", run.errors);
+    };
+    let tag = ok
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("to:"))
+        .and_then(|l| l.split(";tag=").nth(1))
+        .expect("To tag")
+        .trim()
+        .to_string();
+    let to_tag = format!(";tag={tag}");
+    pbx.send_to(request("ACK", 1, &to_tag, "ack1").as_bytes(), b1.addr())
+        .unwrap();
+    pbx.send_to(request("BYE", 2, &to_tag, "bye1").as_bytes(), b1.addr())
+        .unwrap();
+    assert!(
+        recv_until(&pbx, |m| m.starts_with("SIP/2.0 200") && m.contains("BYE")).is_some(),
+        "the BYE was answered"
+    );
+    let run = phone.join().unwrap();
+    assert!(run.success, "the phone's call completed: {}", run.errors);
+    // a1 delivered it (a PBX-side INVITE forwarded there).
+    assert_eq!(
+        metric(
+            &a1.metrics(),
+            "sipwarden_edge_messages_total{kind=\"request\",method=\"INVITE\",direction=\"from_pbx\",outcome=\"forwarded\"}"
+        ),
+        Some(1.0),
+        "a1 carried the call to the phone"
+    );
+}

@@ -36,6 +36,11 @@ impl Api {
         self.tokens.check(authorization, need)
     }
 
+    /// Proposes `op` as `who` (for operations with no admin route: edges' records).
+    pub async fn propose_op(&self, who: &Caller, op: Op) -> Result<Applied, ApiError> {
+        self.propose(who, op).await
+    }
+
     async fn propose(&self, who: &Caller, op: Op) -> Result<Applied, ApiError> {
         let cmd = Command {
             at_unix_ms: (self.clock)(),

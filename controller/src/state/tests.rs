@@ -239,3 +239,25 @@ fn snapshot_round_trip_and_determinism() {
     };
     assert_eq!(again[0].id, b[0].id);
 }
+
+#[test]
+fn an_edge_is_recorded_once_until_it_changes() {
+    let mut s = StateMachine::new();
+    let edge = EdgeInfo {
+        id: "a1".into(),
+        site: "hq".into(),
+        relay: "10.0.0.1:5060".into(),
+    };
+    s.apply(&cmd(T0, Op::PutEdge(edge.clone())));
+    s.apply(&cmd(T0, Op::PutEdge(edge.clone())));
+    assert_eq!(s.revision(), 1, "the same again changes nothing");
+    let moved = EdgeInfo {
+        relay: "10.0.0.2:5060".into(),
+        ..edge
+    };
+    s.apply(&cmd(T0, Op::PutEdge(moved.clone())));
+    assert_eq!(s.revision(), 2);
+    assert_eq!(s.edge("a1"), Some(&moved));
+    let r = StateMachine::restore(&s.snapshot()).unwrap();
+    assert_eq!(r.edges().count(), 1, "kept in snapshots");
+}

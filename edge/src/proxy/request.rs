@@ -94,6 +94,7 @@ fn route(p: &Proxy, m: &Message<'_>, inb: &Inbound<'_>, side: Side) -> Result<De
         addr: inb.source,
         edge: p.edge_id.clone(),
     };
+    let mut relay: Option<(SocketAddr, String)> = None;
     let (out_transport, dest, phone_flow) = match side {
         Side::Internet => {
             let hint = next_route
@@ -114,6 +115,13 @@ fn route(p: &Proxy, m: &Message<'_>, inb: &Inbound<'_>, side: Side) -> Result<De
             (b.transport, Dest::Addr(b.address), Some(in_flow.clone()))
         }
         Side::Pbx => match token {
+            // Another edge holds this phone's flow (its TCP/TLS connection, its NAT binding):
+            // relay there over UDP with the token in a Route the owner will pop.
+            Some(t) if t.edge != p.edge_id && p.peers.get(&t.edge).is_some() => {
+                let to = p.peers.get(&t.edge).unwrap_or(t.addr);
+                relay = Some((to, p.keys.sign(&t)));
+                (Transport::Udp, Dest::Addr(to), Some(t))
+            }
             Some(t) => (t.transport, Dest::Addr(t.addr), Some(t)),
             None => {
                 let target = next_route.unwrap_or(ruri);
@@ -156,6 +164,11 @@ fn route(p: &Proxy, m: &Message<'_>, inb: &Inbound<'_>, side: Side) -> Result<De
     {
         top_lines.push(';');
         top_lines.push_str(via::CREDENTIALS_PARAM);
+    }
+    if let Some((to, token)) = &relay {
+        // The peer answers to where this came from, whatever the Via's sent-by says (several
+        // edges may advertise one shared address).
+        let _ = write!(top_lines, ";rport\r\nRoute: <sip:{token}@{to};lr>");
     }
     top_lines.push_str("\r\n");
 

@@ -395,3 +395,48 @@ fn source_decides_the_side_on_a_shared_listener() {
     );
     assert_eq!(side(PHONE), Side::Internet);
 }
+
+#[test]
+fn a_phone_held_by_another_edge_is_reached_through_that_edge() {
+    let p = proxy();
+    let relay: SocketAddr = "192.0.2.20:5060".parse().unwrap();
+    let token = p.keys.sign(&FlowToken {
+        transport: Transport::Tcp,
+        addr: PHONE.parse().unwrap(),
+        edge: "edge-2".into(),
+    });
+    let req = pbx_invite_via(&format!("<sip:{token}@192.0.2.10:5060;lr>"));
+    let inb = Inbound {
+        bytes: req.as_bytes(),
+        source: PBX.parse().unwrap(),
+        transport: Transport::Udp,
+        listener: 0,
+    };
+    // Unknown edge: straight to the phone's address (UDP phones behind a shared address work).
+    let (t, dest, _) = forwarded(p.handle(&inb));
+    assert_eq!(
+        (t, dest),
+        (Transport::Tcp, Dest::Addr(PHONE.parse().unwrap()))
+    );
+
+    p.peers.update(true, [("edge-2".to_string(), relay)]);
+    let (t, dest, out) = forwarded(p.handle(&inb));
+    assert_eq!((t, dest), (Transport::Udp, Dest::Addr(relay)));
+    let routes = values(&out, HeaderName::Route);
+    assert_eq!(routes.len(), 1, "{routes:?}");
+    let owner = routes[0]
+        .trim_start_matches("<sip:")
+        .split('@')
+        .next()
+        .unwrap();
+    let flow = p.keys.verify(owner).unwrap();
+    assert_eq!(
+        (flow.edge.as_str(), flow.addr),
+        ("edge-2", PHONE.parse().unwrap()),
+        "the owner finds the flow in the Route"
+    );
+    assert!(routes[0].ends_with("@192.0.2.20:5060;lr>"));
+    assert!(values(&out, HeaderName::Via)[0].contains(";rport"));
+    // The owner's traffic is PBX side from now on.
+    assert!(p.is_pbx_addr("192.0.2.20:40000".parse().unwrap()));
+}
