@@ -460,4 +460,91 @@ async fn edges_watch_bans_from_a_snapshot_then_deltas() {
         matches!(&missed.kind, Some(Kind::BanRemoved(b)) if b.id == "b1"),
         "{missed:?}"
     );
+
+    // Every edge call needs the secret; bad input is refused naming the field.
+    let binding = |source: &str| pb::Binding {
+        aor: "sip:1001@pbx.example".into(),
+        contact: "sip:1001@10.0.0.5".into(),
+        source: source.into(),
+        transport: "udp".into(),
+        expires_unix_ms: 4_102_444_800_000,
+        ..Default::default()
+    };
+    let put = |source: &str| pb::PutBindingsRequest {
+        edge_id: "e1".into(),
+        site: "s1".into(),
+        put: vec![binding(source)],
+        removed: vec![],
+    };
+    let e = edges
+        .put_bindings(req(put("192.0.2.9:5060"), Some("wrong-secret")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let e = edges
+        .put_bindings(req(put("nowhere"), Some("edge-secret-0000001")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("put[0].source"), "{}", e.message());
+    edges
+        .put_bindings(req(put("192.0.2.9:5060"), Some("edge-secret-0000001")))
+        .await
+        .unwrap();
+    let listed = admin
+        .list_registrations(req(pb::ListRegistrationsRequest::default(), Some(OPERATOR)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.bindings.len(), 1);
+    assert_eq!(
+        (
+            listed.bindings[0].edge_id.as_str(),
+            listed.bindings[0].site.as_str()
+        ),
+        ("e1", "s1"),
+        "the edge's identity is forced onto what it publishes"
+    );
+
+    let push = |limit: &str| pb::PushCountersRequest {
+        edge_id: "e1".into(),
+        site: "s1".into(),
+        deltas: vec![pb::CounterDelta {
+            limit: limit.into(),
+            key: "192.0.2.9".into(),
+            window: 1,
+            count: 1,
+        }],
+        limits_version: 0,
+    };
+    let e = edges
+        .push_counters(req(push("x"), Some("wrong-secret")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let e = edges
+        .push_counters(req(push("no-such-limit"), Some("edge-secret-0000001")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().starts_with("deltas[0].limit"),
+        "{}",
+        e.message()
+    );
+    let r = edges
+        .push_counters(req(
+            pb::PushCountersRequest {
+                deltas: vec![],
+                ..push("x")
+            },
+            Some("edge-secret-0000001"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        r.limits_changed && r.limits.is_empty(),
+        "no limits configured"
+    );
 }
