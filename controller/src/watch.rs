@@ -102,6 +102,15 @@ pub fn catch_up(s: &StateMachine, revision: u64) -> Vec<pb::WatchEvent> {
     }
 }
 
+/// An edge as the author of what it proposes (audit trail: `edge:<id>`), with an operator's
+/// rights over what the edge service lets it propose.
+fn edge_caller(id: &str) -> Caller {
+    Caller {
+        name: format!("edge:{id}"),
+        role: Role::Operator,
+    }
+}
+
 fn check_edge_id(id: &str) -> Result<(), tonic::Status> {
     if id.is_empty() || id.len() > 64 {
         return Err(tonic::Status::invalid_argument(
@@ -154,10 +163,7 @@ impl EdgeControl for EdgeService {
                 "bans[{i}].source: edges propose auto:<rule> bans only"
             )));
         }
-        let who = Caller {
-            name: format!("edge:{}", r.edge_id),
-            role: Role::Operator,
-        };
+        let who = edge_caller(&r.edge_id);
         self.api.add_bans(&who, &input, true).await?;
         Ok(tonic::Response::new(pb::ProposeBansResponse {
             revision: self.handle.read(|s| s.revision()),
@@ -181,10 +187,7 @@ impl EdgeControl for EdgeService {
             })
             .collect();
         let removed = r.removed.into_iter().map(|k| (k.aor, k.contact)).collect();
-        let who = Caller {
-            name: format!("edge:{}", r.edge_id),
-            role: Role::Operator,
-        };
+        let who = edge_caller(&r.edge_id);
         self.api.put_bindings(&who, put, removed).await?;
         Ok(tonic::Response::new(pb::PutBindingsResponse {
             revision: self.handle.read(|s| s.revision()),
@@ -213,10 +216,7 @@ impl EdgeControl for EdgeService {
         if !out.to_ban.is_empty() {
             // The push is answered now; the ban goes through Raft behind it.
             let api = self.api.clone();
-            let who = Caller {
-                name: format!("edge:{}", r.edge_id),
-                role: Role::Operator,
-            };
+            let who = edge_caller(&r.edge_id);
             let bans: Vec<BanIn> = out
                 .to_ban
                 .iter()
@@ -287,10 +287,7 @@ impl EdgeControl for EdgeService {
         if !me.relay.is_empty() && self.handle.read(|s| s.edge(&me.id) != Some(&me)) {
             let api = self.api.clone();
             tokio::spawn(async move {
-                let who = Caller {
-                    name: format!("edge:{}", me.id),
-                    role: Role::Operator,
-                };
+                let who = edge_caller(&me.id);
                 if let Err(e) = api.propose_op(&who, Op::PutEdge(me)).await {
                     tracing::warn!(error = %e, "recording an edge's relay address failed");
                 }

@@ -288,10 +288,7 @@ pub async fn uplink(
         }
         metrics.reports_queued.set(queue.len() as i64);
         if client.is_none() {
-            client = match channel_to(&endpoint) {
-                Ok(e) => e.connect().await.ok().map(EdgeControlClient::new),
-                Err(_) => None,
-            };
+            client = connect(&endpoint).await;
         }
         let (n, bans, put, removed) = batch_of(&queue);
         let sent = match &mut client {
@@ -389,10 +386,7 @@ pub async fn push_counters(
             continue;
         }
         if client.is_none() {
-            client = match channel_to(&target) {
-                Ok(e) => e.connect().await.ok().map(EdgeControlClient::new),
-                Err(_) => None,
-            };
+            client = connect(&target).await;
         }
         let Some(c) = &mut client else {
             target = endpoints.next().cloned().unwrap_or_default();
@@ -465,6 +459,12 @@ fn pushed(m: &Metrics, reason: &'static str) {
 
 /// The metadata key a follower names the leader's gRPC address in.
 pub const LEADER_HINT: &str = "x-sipwarden-leader";
+
+/// A client of the controller at `addr`, if it can be reached now.
+async fn connect(addr: &str) -> Option<EdgeControlClient<tonic::transport::Channel>> {
+    let channel = channel_to(addr).ok()?.connect().await.ok()?;
+    Some(EdgeControlClient::new(channel))
+}
 
 /// A gRPC endpoint for the controller at `addr` (`host:port`).
 fn channel_to(addr: &str) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {

@@ -192,28 +192,36 @@ pub fn contact_uri(contact: &str) -> String {
         .to_ascii_lowercase()
 }
 
-/// The Contacts of a `200` to REGISTER with the lifetime each was granted, in seconds: its
-/// `expires` parameter, else the `Expires` header, else `default_s`.
-pub fn granted_contacts(m: &Message<'_>, default_s: u64) -> Vec<(String, u64)> {
-    let header = m
-        .header(HeaderName::Expires)
-        .and_then(|v| v.trim().parse::<u64>().ok());
+/// The `Expires` header of `m`, when it is a number.
+fn expires_header(m: &Message<'_>) -> Option<u64> {
+    m.header(HeaderName::Expires)
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+/// Each Contact of `m` but `*`: its URI ([`contact_uri`]) and its `expires` parameter.
+fn contacts(m: &Message<'_>) -> Vec<(String, Option<u64>)> {
     let mut out = Vec::new();
     for h in m.all(HeaderName::Contact) {
         let v = m.text(h.value.clone());
         for r in split_list(v) {
             let c = &v[r];
-            if c.trim() == "*" {
-                continue;
+            if c.trim() != "*" {
+                let e = header_param(c, "expires").and_then(|e| e.trim().parse().ok());
+                out.push((contact_uri(c), e));
             }
-            let e = header_param(c, "expires")
-                .and_then(|e| e.trim().parse().ok())
-                .or(header)
-                .unwrap_or(default_s);
-            out.push((contact_uri(c), e));
         }
     }
     out
+}
+
+/// The Contacts of a `200` to REGISTER with the lifetime each was granted, in seconds: its
+/// `expires` parameter, else the `Expires` header, else `default_s`.
+pub fn granted_contacts(m: &Message<'_>, default_s: u64) -> Vec<(String, u64)> {
+    let header = expires_header(m);
+    contacts(m)
+        .into_iter()
+        .map(|(c, e)| (c, e.or(header).unwrap_or(default_s)))
+        .collect()
 }
 
 /// The binding lifetime a `200` to REGISTER grants, in seconds: the largest Contact `expires`, else
@@ -371,24 +379,10 @@ impl Registered {
         let Some((cseq, _)) = cx.sip.m.cseq() else {
             return;
         };
-        let header = cx
-            .sip
-            .m
-            .header(HeaderName::Expires)
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        let mut contacts = Vec::new();
-        let mut removing = header == Some(0);
-        for h in cx.sip.m.all(HeaderName::Contact) {
-            let v = cx.sip.m.text(h.value.clone());
-            for r in split_list(v) {
-                let c = &v[r];
-                if c.trim() != "*" && contacts.len() < 8 {
-                    contacts.push(contact_uri(c));
-                    let e = header_param(c, "expires").and_then(|e| e.trim().parse::<u64>().ok());
-                    removing |= e == Some(0);
-                }
-            }
-        }
+        let asked = contacts(cx.sip.m);
+        let removing =
+            expires_header(cx.sip.m) == Some(0) || asked.iter().any(|(_, e)| *e == Some(0));
+        let contacts = asked.into_iter().take(8).map(|(c, _)| c).collect();
         let user_agent: String = cx.sip.user_agent().chars().take(256).collect();
         self.state.bindings.pending(
             cx.sip.call_id(),
