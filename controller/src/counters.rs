@@ -125,6 +125,9 @@ pub struct Counters {
     banned: Mutex<HashSet<CounterKey>>,
 }
 
+/// Most keys over their limit one answer carries.
+pub const MAX_OVER: usize = 10_000;
+
 /// Most deltas one push may carry.
 pub const MAX_DELTAS: usize = 10_000;
 
@@ -244,10 +247,13 @@ impl Counters {
         Ok(out)
     }
 
-    /// Every key over its limit in a window that has not ended.
+    /// Keys over their limit in a window that has not ended (at most [`MAX_OVER`] per answer;
+    /// sources over a `ban` limit are banned besides, and an edge refuses a key it pushed as soon
+    /// as its own total says so).
     pub fn over(&self) -> Vec<pb::CounterSum> {
         let over = self.over.lock().unwrap_or_else(|p| p.into_inner());
         over.iter()
+            .take(MAX_OVER)
             .map(|((limit, key, window), total)| pb::CounterSum {
                 limit: limit.clone(),
                 key: key.clone(),
