@@ -7,7 +7,7 @@ use clap::Parser;
 use sipwarden_controller::config::ControllerConfig;
 use sipwarden_controller::server::Controller;
 use sipwarden_shared::config::{self, ProcessEnv};
-use sipwarden_shared::telemetry::{self, LogFormat};
+use sipwarden_shared::telemetry::{self, Identity, LogFormat};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
@@ -91,11 +91,24 @@ fn main() -> anyhow::Result<()> {
     } else {
         LogFormat::Text
     };
-    telemetry::init(format, "info");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let telemetry = {
+        let _rt = rt.enter();
+        telemetry::init(
+            format,
+            "info",
+            &Identity {
+                service: "sipwarden-controller",
+                attributes: vec![
+                    ("service.instance.id", format!("node-{}", cfg.node.id)),
+                    ("sipwarden.node.id", cfg.node.id.to_string()),
+                ],
+            },
+        )
+    };
+    let result = rt.block_on(async move {
         let c = Controller::start(cfg)
             .await
             .context("starting the controller")?;
@@ -103,7 +116,12 @@ fn main() -> anyhow::Result<()> {
         tokio::spawn(signals(shutdown.clone()));
         c.run_until(shutdown).await;
         Ok(())
-    })
+    });
+    {
+        let _rt = rt.enter();
+        telemetry.shutdown();
+    }
+    result
 }
 
 /// SIGTERM or SIGINT stops the controller.

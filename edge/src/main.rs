@@ -6,7 +6,7 @@ use sipwarden_edge::config::EdgeConfig;
 use sipwarden_edge::reload::Reloader;
 use sipwarden_edge::Edge;
 use sipwarden_shared::config::{self, ProcessEnv};
-use sipwarden_shared::telemetry::{self, LogFormat};
+use sipwarden_shared::telemetry::{self, Identity, LogFormat};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -53,12 +53,25 @@ fn main() -> anyhow::Result<()> {
     } else {
         LogFormat::Text
     };
-    telemetry::init(format, "info");
-
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let telemetry = {
+        let _rt = rt.enter();
+        telemetry::init(
+            format,
+            "info",
+            &Identity {
+                service: "sipwarden-edge",
+                attributes: vec![
+                    ("service.instance.id", cfg.edge.id.clone()),
+                    ("sipwarden.edge.id", cfg.edge.id.clone()),
+                    ("sipwarden.site", cfg.edge.site.clone()),
+                ],
+            },
+        )
+    };
+    let result = rt.block_on(async move {
         let edge = Edge::start_from(cfg, args.config.clone())
             .await
             .context("starting the edge")?;
@@ -66,7 +79,12 @@ fn main() -> anyhow::Result<()> {
         tokio::spawn(signals(shutdown.clone(), edge.reloader()));
         edge.run_until(shutdown).await;
         Ok(())
-    })
+    });
+    {
+        let _rt = rt.enter();
+        telemetry.shutdown();
+    }
+    result
 }
 
 /// The one place signals are read: SIGTERM or SIGINT starts the drain, SIGHUP reloads the policy.

@@ -68,8 +68,11 @@ impl Service {
         };
         let state = Arc::new(State::new(bans));
         let pipeline = Pipeline::build(&cfg.policy, &env, &state, &clock)?;
-        let events = EventSink::new(&cfg.edge.id, &cfg.edge.site, metrics)
-            .with_json_fields(cfg.log.format == "json");
+        let events = EventSink::new(&cfg.edge.id, &cfg.edge.site, metrics).with_json_fields(
+            // Structured fields for JSON logs, and for traces: an exported security event
+            // carries its fields as span-event attributes.
+            cfg.log.format == "json" || sipwarden_shared::telemetry::otlp_endpoint().is_some(),
+        );
         let firewall = Arc::new(Firewall::new(pipeline, state, clock, events));
         Ok((Service { proxy, firewall }, env))
     }

@@ -10,6 +10,7 @@
 pub mod controller;
 pub mod kamailio;
 pub mod mmdb;
+pub mod otlp;
 pub mod redis;
 pub mod sipvicious;
 

@@ -21,8 +21,9 @@ pub struct EventSink {
     budget: AtomicU64,
     suppressed: AtomicU64,
     per_second: u64,
-    /// Log format is JSON: write the event's fields as the line's own fields (a flat JSON object
-    /// a shipper can index) instead of a JSON text in the message.
+    /// Log format is JSON, or traces are exported: write the event's fields as the event's own
+    /// fields (a flat JSON object a shipper can index; span-event attributes) instead of a JSON
+    /// text in the message.
     json_fields: bool,
 }
 

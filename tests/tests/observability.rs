@@ -1,0 +1,106 @@
+//! Traces from real processes: an edge exporting over OTLP/gRPC to an in-process receiver — one
+//! span per SIP message with its method, Call-ID, source, transport, verdict and rule, the
+//! security event as a span event, the edge's identity in the resource.
+
+use sipwarden_tests::otlp::OtlpReceiver;
+use sipwarden_tests::*;
+use std::net::UdpSocket;
+use std::time::Duration;
+
+const PBX_IP: &str = "127.0.0.91";
+const PHONE_IP: &str = "127.0.0.92";
+const SCANNER_IP: &str = "127.0.0.93";
+
+#[test]
+fn each_sip_message_is_a_span_with_its_verdict() {
+    let root = tempfile::tempdir().unwrap();
+    let otlp = OtlpReceiver::start();
+    let pbx_port = free_port(PBX_IP);
+    let _pbx = SippServer::start(root.path(), "pbx.xml", PBX_IP, pbx_port, "udp");
+    let endpoint = otlp.endpoint();
+    let edge = EdgeProc::start_with_env(
+        "127.0.0.2",
+        &format!("[[backends]]\naddress = \"{PBX_IP}:{pbx_port}\"\n"),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test"),
+            ("SIPWARDEN_EDGE__ID", "edge-otel"),
+            ("SIPWARDEN_EDGE__SITE", "lab"),
+        ],
+    );
+
+    // A clean OPTIONS is forwarded and answered by the PBX.
+    let phone = UdpSocket::bind(format!("{PHONE_IP}:0")).unwrap();
+    assert_eq!(
+        sip_status(&phone, &edge.addr(), "OPTIONS", "1001", "otel", 1),
+        Some(200)
+    );
+    let call_id = format!("otel-1-{}", phone.local_addr().unwrap());
+    let span = otlp
+        .wait_for(Duration::from_secs(10), |s| {
+            s.name == "sip" && s.attributes.get("call_id") == Some(&call_id)
+        })
+        .unwrap_or_else(|| panic!("no span for the OPTIONS; got {:?}", otlp.spans()));
+    let a = &span.attributes;
+    assert_eq!(a.get("method").map(String::as_str), Some("OPTIONS"));
+    assert_eq!(a.get("transport").map(String::as_str), Some("udp"));
+    assert!(
+        a.get("source").is_some_and(|s| s.starts_with(PHONE_IP)),
+        "{a:?}"
+    );
+    assert_eq!(a.get("verdict").map(String::as_str), Some("forwarded"));
+    let r = &span.resource;
+    assert_eq!(
+        r.get("service.name").map(String::as_str),
+        Some("sipwarden-edge")
+    );
+    assert_eq!(
+        r.get("sipwarden.edge.id").map(String::as_str),
+        Some("edge-otel")
+    );
+    assert_eq!(r.get("sipwarden.site").map(String::as_str), Some("lab"));
+    assert_eq!(
+        r.get("deployment.environment").map(String::as_str),
+        Some("test"),
+        "OTEL_RESOURCE_ATTRIBUTES is honoured"
+    );
+
+    // A scanner is dropped and banned: the span says so and carries the security event.
+    let scanner = UdpSocket::bind(format!("{SCANNER_IP}:0")).unwrap();
+    let local = scanner.local_addr().unwrap();
+    let scan = format!(
+        "OPTIONS sip:100@{e} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bKscan1\r\n\
+Max-Forwards: 70\r\nFrom: <sip:100@{e}>;tag=s1\r\nTo: <sip:100@{e}>\r\nCall-ID: otel-scan-1\r\n\
+CSeq: 1 OPTIONS\r\nUser-Agent: friendly-scanner\r\nContent-Length: 0\r\n\r\n",
+        e = edge.addr()
+    );
+    scanner.send_to(scan.as_bytes(), edge.addr()).unwrap();
+    let span = otlp
+        .wait_for(Duration::from_secs(10), |s| {
+            s.name == "sip"
+                && s.attributes.get("call_id").map(String::as_str) == Some("otel-scan-1")
+        })
+        .expect("a span for the scanner's message");
+    assert_eq!(
+        span.attributes.get("verdict").map(String::as_str),
+        Some("dropped")
+    );
+    assert_eq!(
+        span.attributes.get("rule").map(String::as_str),
+        Some("scanner")
+    );
+    let (_, ev) = span
+        .events
+        .iter()
+        .find(|(name, _)| name == "security event")
+        .unwrap_or_else(|| {
+            panic!(
+                "the security event is an event of the span: {:?}",
+                span.events
+            )
+        });
+    assert_eq!(ev.get("rule").map(String::as_str), Some("scanner"));
+    assert_eq!(ev.get("action").map(String::as_str), Some("ban"));
+    assert!(ev.get("source").is_some_and(|s| s.starts_with(SCANNER_IP)));
+}
