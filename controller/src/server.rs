@@ -196,6 +196,7 @@ impl Controller {
         tracker.spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
             if let Err(e) = tonic::transport::Server::builder()
+                .trace_fn(sipwarden_shared::telemetry::grpc_span)
                 .add_service(peer)
                 .add_service(admin)
                 .add_service(edges)

@@ -53,6 +53,22 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// The operation's name, for spans and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::AddBans(_) => "add_bans",
+            Op::RemoveBans(_) => "remove_bans",
+            Op::PutBindings(_) => "put_bindings",
+            Op::RemoveBindings(_) => "remove_bindings",
+            Op::PutPolicy { .. } => "put_policy",
+            Op::PutEdge(_) => "put_edge",
+            Op::Expire => "expire",
+            Op::Note { .. } => "note",
+        }
+    }
+}
+
 /// One entry of the replicated log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Command {

@@ -17,6 +17,7 @@ use sipwarden_proto::v1 as pb;
 use sipwarden_proto::v1::edge_control_client::EdgeControlClient;
 use sipwarden_proto::v1::watch_event::Kind;
 use sipwarden_shared::ban::{BanTarget, Binding};
+use sipwarden_shared::telemetry;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,10 +25,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 /// What an edge tells the cluster.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Report {
-    /// An auto-ban one of its rules made.
-    Ban(Ban),
+    /// An auto-ban one of its rules made, with the trace of the message that caused it (so the
+    /// trace runs on through the controllers to the Raft commit).
+    Ban {
+        ban: Ban,
+        trace: opentelemetry::Context,
+    },
     /// A registration the PBX accepted (`edge_id` and `site` are filled in by the uplink).
     Binding(Binding),
     /// A registration that ended (de-registration or a refresh that dropped the contact).
@@ -231,27 +236,33 @@ impl Link {
 }
 
 /// What one round of the uplink sends: the first `BATCH` reports, split by RPC.
-fn batch_of(
-    queue: &VecDeque<Report>,
-) -> (
-    usize,
-    Vec<pb::BanSpec>,
-    Vec<pb::Binding>,
-    Vec<pb::BindingKey>,
-) {
-    let (mut bans, mut put, mut removed) = (Vec::new(), Vec::new(), Vec::new());
+fn batch_of(queue: &VecDeque<Report>) -> (usize, Batch) {
+    let mut b = Batch::default();
     let n = queue.len().min(BATCH);
     for r in queue.iter().take(n) {
         match r {
-            Report::Ban(b) => bans.push(ban_spec(b)),
-            Report::Binding(b) => put.push(pb::Binding::from(b)),
-            Report::Unbind { aor, contact } => removed.push(pb::BindingKey {
+            Report::Ban { ban, trace } => {
+                b.bans.push(ban_spec(ban));
+                b.traces.push(trace.clone());
+            }
+            Report::Binding(x) => b.put.push(pb::Binding::from(x)),
+            Report::Unbind { aor, contact } => b.removed.push(pb::BindingKey {
                 aor: aor.clone(),
                 contact: contact.clone(),
             }),
         }
     }
-    (n, bans, put, removed)
+    (n, b)
+}
+
+/// One round of the uplink.
+#[derive(Default)]
+struct Batch {
+    bans: Vec<pb::BanSpec>,
+    /// The trace of each ban's message.
+    traces: Vec<opentelemetry::Context>,
+    put: Vec<pb::Binding>,
+    removed: Vec<pb::BindingKey>,
 }
 
 /// Publishes what the edge learns to the cluster — auto-bans and registrations: batches what `rx`
@@ -290,9 +301,9 @@ pub async fn uplink(
         if client.is_none() {
             client = connect(&endpoint).await;
         }
-        let (n, bans, put, removed) = batch_of(&queue);
+        let (n, batch) = batch_of(&queue);
         let sent = match &mut client {
-            Some(c) => send(&link, c, bans, put, removed, &endpoint).await,
+            Some(c) => send(&link, c, batch, &endpoint).await,
             None => false,
         };
         if sent {
@@ -315,11 +326,16 @@ pub async fn uplink(
 async fn send(
     link: &Link,
     c: &mut EdgeControlClient<tonic::transport::Channel>,
-    bans: Vec<pb::BanSpec>,
-    put: Vec<pb::Binding>,
-    removed: Vec<pb::BindingKey>,
+    batch: Batch,
     endpoint: &str,
 ) -> bool {
+    use tracing::Instrument;
+    let Batch {
+        bans,
+        traces,
+        put,
+        removed,
+    } = batch;
     let settled = |r: Result<(), tonic::Status>, what: &str| match r {
         Ok(()) => true,
         Err(s) if s.code() == tonic::Code::InvalidArgument => {
@@ -333,11 +349,21 @@ async fn send(
         }
     };
     if !bans.is_empty() {
-        let req = link.request(pb::ProposeBansRequest {
+        // The call continues the trace of the first ban's message; the others are linked.
+        let span = tracing::info_span!("cluster.propose_bans", bans = bans.len(), %endpoint);
+        if let Some((first, rest)) = traces.split_first() {
+            telemetry::set_parent(&span, first.clone());
+            for t in rest.iter().take(32) {
+                telemetry::add_link(&span, t);
+            }
+        }
+        let mut req = link.request(pb::ProposeBansRequest {
             edge_id: link.edge_id.clone(),
             bans,
         });
-        if !settled(c.propose_bans(req).await.map(drop), "auto-bans") {
+        telemetry::inject(&span, req.metadata_mut());
+        let r = c.propose_bans(req).instrument(span).await;
+        if !settled(r.map(drop), "auto-bans") {
             return false;
         }
     }

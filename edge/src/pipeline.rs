@@ -499,7 +499,10 @@ impl Firewall {
                     created_unix_ms: meta.now_ms,
                     expires_unix_ms: meta.now_ms.saturating_add(ttl_s.saturating_mul(1000)),
                 };
-                self.state.report(crate::cluster::Report::Ban(ban.clone()));
+                self.state.report(crate::cluster::Report::Ban {
+                    ban: ban.clone(),
+                    trace: sipwarden_shared::telemetry::current_context(),
+                });
                 self.state.bans.ban(ban);
                 Some(Verdict::Drop { rule: found.rule })
             }

@@ -4,6 +4,7 @@
 //! variables apply: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` and
 //! `OTEL_TRACES_SAMPLER_ARG`. Without an endpoint no OpenTelemetry code runs on any path.
 
+use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -145,4 +146,99 @@ pub fn init(format: LogFormat, default_filter: &str, id: &Identity) -> Telemetry
     Telemetry {
         provider: Some(provider),
     }
+}
+
+/// The OpenTelemetry context of the current tracing span (empty when not exporting), to carry a
+/// trace across a queue or a process.
+pub fn current_context() -> opentelemetry::Context {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    tracing::Span::current().context()
+}
+
+/// Makes `span` a child of `parent` (a context from [`current_context`] or [`extract`]).
+pub fn set_parent(span: &tracing::Span, parent: opentelemetry::Context) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let _ = span.set_parent(parent);
+}
+
+/// Links `span` to the span of `other` (a further cause, e.g. the other bans of one batch).
+pub fn add_link(span: &tracing::Span, other: &opentelemetry::Context) {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let sc = other.span().span_context().clone();
+    if sc.is_valid() {
+        span.add_link(sc);
+    }
+}
+
+struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (
+            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+            tonic::metadata::MetadataValue::try_from(value.as_str()),
+        ) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+struct MetadataExtractor<'a>(&'a tonic::metadata::MetadataMap);
+
+impl Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// Writes `span`'s trace context into gRPC metadata (W3C `traceparent`), when exporting.
+pub fn inject(span: &tracing::Span, md: &mut tonic::metadata::MetadataMap) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = span.context();
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&cx, &mut MetadataInjector(md))
+    });
+}
+
+/// The trace context a caller sent in gRPC metadata (empty when none).
+pub fn extract(md: &tonic::metadata::MetadataMap) -> opentelemetry::Context {
+    opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(md)))
+}
+
+struct HeaderExtractor<'a>(&'a tonic::codegen::http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// A span for one gRPC request, child of the trace context the caller sent (W3C `traceparent`);
+/// none for the Raft peer stream, whose messages are not requests anyone waits on.
+pub fn grpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let path = req.uri().path();
+    if path.starts_with("/sipwarden.v1.Peer/") {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(target: "sipwarden_shared", "grpc", rpc = %path);
+    let parent = opentelemetry::global::get_text_map_propagator(|p| {
+        p.extract(&HeaderExtractor(req.headers()))
+    });
+    set_parent(&span, parent);
+    span
 }

@@ -27,6 +27,7 @@ pub struct ControllerProc {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub dir: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 /// A node's place in a cluster: id and addresses, chosen before anything starts.
@@ -73,6 +74,19 @@ impl ControllerProc {
         join: bool,
         snapshot_every: u64,
         extra: &str,
+    ) -> ControllerProc {
+        Self::start_env(root, seat, peers, join, snapshot_every, extra, &[])
+    }
+
+    /// As [`ControllerProc::start_with`], with variables in the process environment.
+    pub fn start_env(
+        root: &Path,
+        seat: &Seat,
+        peers: &[Seat],
+        join: bool,
+        snapshot_every: u64,
+        extra: &str,
+        env: &[(&str, &str)],
     ) -> ControllerProc {
         let dir = root.join(format!("n{}", seat.id));
         std::fs::create_dir_all(&dir).expect("dir");
@@ -133,6 +147,10 @@ sha256 = "{a}"
             grpc: seat.grpc,
             http: seat.http,
             dir,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         c.spawn();
         c
@@ -166,6 +184,7 @@ sha256 = "{a}"
                 .arg("--config")
                 .arg(self.dir.join("controller.toml"))
                 .env("RUST_LOG", "info")
+                .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
                 .stdout(log.try_clone().expect("dup"))
                 .stderr(log),
         ));
@@ -253,10 +272,20 @@ sha256 = "{a}"
 
 /// `n` controllers (ids 1..=n) in `root`, each with `extra` TOML, once they agree on a leader.
 pub fn cluster(root: &Path, n: u64, extra: &str) -> (Vec<Seat>, Vec<ControllerProc>) {
+    cluster_env(root, n, extra, &[])
+}
+
+/// As [`cluster`], with variables in each controller's environment.
+pub fn cluster_env(
+    root: &Path,
+    n: u64,
+    extra: &str,
+    env: &[(&str, &str)],
+) -> (Vec<Seat>, Vec<ControllerProc>) {
     let seats: Vec<Seat> = (1..=n).map(Seat::new).collect();
     let ctls: Vec<ControllerProc> = seats
         .iter()
-        .map(|s| ControllerProc::start_with(root, s, &seats, false, 10_000, extra))
+        .map(|s| ControllerProc::start_env(root, s, &seats, false, 10_000, extra, env))
         .collect();
     let refs: Vec<&ControllerProc> = ctls.iter().collect();
     agreed_leader(&refs, Duration::from_secs(15)).expect("a leader");

@@ -104,3 +104,100 @@ CSeq: 1 OPTIONS\r\nUser-Agent: friendly-scanner\r\nContent-Length: 0\r\n\r\n",
     assert_eq!(ev.get("action").map(String::as_str), Some("ban"));
     assert!(ev.get("source").is_some_and(|s| s.starts_with(SCANNER_IP)));
 }
+
+/// An auto-ban's trace runs from the offending SIP message at the edge, through the edge's call
+/// to the controller (W3C trace context in gRPC metadata), to the controller's Raft proposal
+/// being committed.
+#[test]
+fn an_auto_ban_is_one_trace_from_the_sip_message_to_the_raft_commit() {
+    use sipwarden_tests::controller::*;
+    let root = tempfile::tempdir().unwrap();
+    let otlp = OtlpReceiver::start();
+    let endpoint = otlp.endpoint();
+    let (seats, _ctls) = cluster_env(
+        root.path(),
+        1,
+        "",
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    let pbx_port = free_port(PBX_IP);
+    let _pbx = SippServer::start(root.path(), "pbx.xml", PBX_IP, pbx_port, "udp");
+    let edge = EdgeProc::start_with_env(
+        "127.0.0.3",
+        &format!(
+            "[[backends]]\naddress = \"{PBX_IP}:{pbx_port}\"\n\n{}",
+            edge_link(&seats)
+        ),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+
+    let scanner = UdpSocket::bind("127.0.0.94:0").unwrap();
+    let local = scanner.local_addr().unwrap();
+    let scan = format!(
+        "OPTIONS sip:100@{e} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bKscan2\r\n\
+Max-Forwards: 70\r\nFrom: <sip:100@{e}>;tag=s2\r\nTo: <sip:100@{e}>\r\nCall-ID: otel-scan-2\r\n\
+CSeq: 1 OPTIONS\r\nUser-Agent: friendly-scanner\r\nContent-Length: 0\r\n\r\n",
+        e = edge.addr()
+    );
+    scanner.send_to(scan.as_bytes(), edge.addr()).unwrap();
+    let sip = otlp
+        .wait_for(Duration::from_secs(10), |s| {
+            s.name == "sip"
+                && s.attributes.get("call_id").map(String::as_str) == Some("otel-scan-2")
+        })
+        .expect("the scanner's message span");
+    let trace = sip.trace_id.clone();
+    let in_trace = |name: &'static str, service: &'static str| {
+        let trace = trace.clone();
+        move |s: &sipwarden_tests::otlp::ReceivedSpan| {
+            s.trace_id == trace
+                && s.name == name
+                && s.resource.get("service.name").map(String::as_str) == Some(service)
+        }
+    };
+    let call = otlp
+        .wait_for(
+            Duration::from_secs(10),
+            in_trace("cluster.propose_bans", "sipwarden-edge"),
+        )
+        .expect("the edge's call to the controller continues the message's trace");
+    let rpc = otlp
+        .wait_for(
+            Duration::from_secs(10),
+            in_trace("grpc", "sipwarden-controller"),
+        )
+        .unwrap_or_else(|| {
+            panic!(
+                "the controller's RPC span is in the trace: {:?}",
+                otlp.spans()
+            )
+        });
+    assert_eq!(
+        rpc.attributes.get("rpc").map(String::as_str),
+        Some("/sipwarden.v1.EdgeControl/ProposeBans")
+    );
+    assert_eq!(
+        rpc.parent_span_id, call.span_id,
+        "the RPC is the edge call's child"
+    );
+    let commit = otlp
+        .wait_for(
+            Duration::from_secs(10),
+            in_trace("raft.propose", "sipwarden-controller"),
+        )
+        .expect("the Raft proposal is in the trace");
+    assert_eq!(
+        commit.attributes.get("op").map(String::as_str),
+        Some("add_bans")
+    );
+    assert_eq!(
+        commit.attributes.get("who").map(String::as_str),
+        Some("edge:edge-test")
+    );
+}

@@ -42,12 +42,15 @@ impl Api {
     }
 
     async fn propose(&self, who: &Caller, op: Op) -> Result<Applied, ApiError> {
+        use tracing::Instrument;
+        let span = tracing::info_span!("raft.propose", who = %who.name, op = op.kind());
         let cmd = Command {
             at_unix_ms: (self.clock)(),
             who: who.name.clone(),
             op,
         };
-        Ok(self.handle.propose(cmd).await?)
+        // The span ends when the command is committed and applied (or the proposal fails).
+        Ok(self.handle.propose(cmd).instrument(span).await?)
     }
 }
 

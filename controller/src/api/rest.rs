@@ -281,7 +281,29 @@ pub fn router(api: Api) -> Router {
         .route("/api/v1/cluster/members/{id}", delete(remove_member))
         .route("/api/v1/audit", get(audit))
         .fallback(fallback)
+        .layer(axum::middleware::from_fn(admin_span))
         .with_state(api)
+}
+
+/// One span per admin request (`/api/…`), with the route and the answer's status; probes are not
+/// traced.
+async fn admin_span(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tracing::Instrument;
+    if !req.uri().path().starts_with("/api/") {
+        return next.run(req).await;
+    }
+    let span = tracing::info_span!(
+        "admin.http",
+        method = %req.method(),
+        path = %req.uri().path(),
+        status = tracing::field::Empty
+    );
+    let resp = next.run(req).instrument(span.clone()).await;
+    span.record("status", resp.status().as_u16());
+    resp
 }
 
 #[cfg(test)]
