@@ -13,6 +13,7 @@
 pub mod api;
 pub mod config;
 pub mod counters;
+pub mod metrics;
 pub mod raft;
 pub mod server;
 pub mod state;

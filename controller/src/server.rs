@@ -154,6 +154,7 @@ impl Controller {
             tokens: Arc::new(tokens),
             clock: unix_ms,
             on_member,
+            metrics: Arc::new(crate::metrics::Metrics::default()),
         };
 
         let grpc = tokio::net::TcpListener::bind(cfg.grpc.listen)

@@ -7,6 +7,7 @@ use crate::api::auth::{Caller, Role};
 use crate::api::core::{Api, BanIn, TargetIn};
 use crate::api::grpc::ban_in;
 use crate::counters::Counters;
+use crate::metrics::{EdgeLabels, Metrics};
 use crate::raft::grpc::authorized;
 use crate::raft::node::Handle;
 use crate::state::{Change, EdgeInfo, Op, StateMachine};
@@ -133,6 +134,37 @@ impl EdgeService {
     }
 }
 
+/// One open watch stream, in the metrics while it lasts.
+struct Watching {
+    metrics: Arc<Metrics>,
+    edge: String,
+}
+
+impl Watching {
+    fn new(metrics: Arc<Metrics>, edge: String) -> Watching {
+        metrics.edges_watching.inc();
+        Watching { metrics, edge }
+    }
+
+    fn lag(&self, revisions: u64) {
+        self.metrics
+            .watch_lag
+            .get_or_create(&EdgeLabels {
+                edge: self.edge.clone(),
+            })
+            .set(i64::try_from(revisions).unwrap_or(i64::MAX));
+    }
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.metrics.edges_watching.dec();
+        self.metrics.watch_lag.remove(&EdgeLabels {
+            edge: self.edge.clone(),
+        });
+    }
+}
+
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, tonic::Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -141,121 +173,150 @@ impl EdgeControl for EdgeService {
         &self,
         req: tonic::Request<pb::ProposeBansRequest>,
     ) -> Result<tonic::Response<pb::ProposeBansResponse>, tonic::Status> {
-        let r = self.check(req)?;
-        check_edge_id(&r.edge_id)?;
-        if r.bans.len() > MAX_PROPOSED {
-            return Err(tonic::Status::invalid_argument(format!(
-                "bans: at most {MAX_PROPOSED} per call"
-            )));
+        let r = async move {
+            let r = self.check(req)?;
+            check_edge_id(&r.edge_id)?;
+            if r.bans.len() > MAX_PROPOSED {
+                return Err(tonic::Status::invalid_argument(format!(
+                    "bans: at most {MAX_PROPOSED} per call"
+                )));
+            }
+            let input = r
+                .bans
+                .iter()
+                .enumerate()
+                .map(|(i, s)| ban_in(s, i))
+                .collect::<Result<Vec<_>, _>>()?;
+            // Edges may only propose what their rules decide: auto bans with an expiry.
+            if let Some(i) = input
+                .iter()
+                .position(|b| !b.source.as_deref().is_some_and(|s| s.starts_with("auto:")))
+            {
+                return Err(tonic::Status::invalid_argument(format!(
+                    "bans[{i}].source: edges propose auto:<rule> bans only"
+                )));
+            }
+            let who = edge_caller(&r.edge_id);
+            self.api.add_bans(&who, &input, true).await?;
+            Ok(tonic::Response::new(pb::ProposeBansResponse {
+                revision: self.handle.read(|s| s.revision()),
+            }))
         }
-        let input = r
-            .bans
-            .iter()
-            .enumerate()
-            .map(|(i, s)| ban_in(s, i))
-            .collect::<Result<Vec<_>, _>>()?;
-        // Edges may only propose what their rules decide: auto bans with an expiry.
-        if let Some(i) = input
-            .iter()
-            .position(|b| !b.source.as_deref().is_some_and(|s| s.starts_with("auto:")))
-        {
-            return Err(tonic::Status::invalid_argument(format!(
-                "bans[{i}].source: edges propose auto:<rule> bans only"
-            )));
-        }
-        let who = edge_caller(&r.edge_id);
-        self.api.add_bans(&who, &input, true).await?;
-        Ok(tonic::Response::new(pb::ProposeBansResponse {
-            revision: self.handle.read(|s| s.revision()),
-        }))
+        .await;
+        self.api.metrics.rpc("ProposeBans", &r);
+        r
     }
 
     async fn put_bindings(
         &self,
         req: tonic::Request<pb::PutBindingsRequest>,
     ) -> Result<tonic::Response<pb::PutBindingsResponse>, tonic::Status> {
-        let r = self.check(req)?;
-        check_edge_id(&r.edge_id)?;
-        // What an edge says about itself is forced onto its bindings.
-        let put = r
-            .put
-            .iter()
-            .map(|b| Binding {
-                edge_id: r.edge_id.clone(),
-                site: r.site.clone(),
-                ..Binding::from(b)
-            })
-            .collect();
-        let removed = r.removed.into_iter().map(|k| (k.aor, k.contact)).collect();
-        let who = edge_caller(&r.edge_id);
-        self.api.put_bindings(&who, put, removed).await?;
-        Ok(tonic::Response::new(pb::PutBindingsResponse {
-            revision: self.handle.read(|s| s.revision()),
-        }))
+        let r = async move {
+            let r = self.check(req)?;
+            check_edge_id(&r.edge_id)?;
+            // What an edge says about itself is forced onto its bindings.
+            let put = r
+                .put
+                .iter()
+                .map(|b| Binding {
+                    edge_id: r.edge_id.clone(),
+                    site: r.site.clone(),
+                    ..Binding::from(b)
+                })
+                .collect();
+            let removed = r.removed.into_iter().map(|k| (k.aor, k.contact)).collect();
+            let who = edge_caller(&r.edge_id);
+            self.api.put_bindings(&who, put, removed).await?;
+            Ok(tonic::Response::new(pb::PutBindingsResponse {
+                revision: self.handle.read(|s| s.revision()),
+            }))
+        }
+        .await;
+        self.api.metrics.rpc("PutBindings", &r);
+        r
     }
 
     async fn push_counters(
         &self,
         req: tonic::Request<pb::PushCountersRequest>,
     ) -> Result<tonic::Response<pb::PushCountersResponse>, tonic::Status> {
-        let r = self.check(req)?;
-        check_edge_id(&r.edge_id)?;
-        // Counts are summed in one place: the leader (whose store may be Redis, shared by all).
-        let st = self.handle.status.borrow().clone();
-        if st.leader != st.id {
-            let mut s = tonic::Status::failed_precondition("not the leader");
-            if let Some((_, addr)) = st.addresses.iter().find(|(id, _)| *id == st.leader) {
-                if let Ok(v) = addr.parse() {
-                    s.metadata_mut().insert(LEADER_HINT, v);
+        let r = async move {
+            let r = self.check(req)?;
+            check_edge_id(&r.edge_id)?;
+            // Counts are summed in one place: the leader (whose store may be Redis, shared by all).
+            let st = self.handle.status.borrow().clone();
+            if st.leader != st.id {
+                let mut s = tonic::Status::failed_precondition("not the leader");
+                if let Some((_, addr)) = st.addresses.iter().find(|(id, _)| *id == st.leader) {
+                    if let Ok(v) = addr.parse() {
+                        s.metadata_mut().insert(LEADER_HINT, v);
+                    }
                 }
+                return Err(s);
             }
-            return Err(s);
-        }
-        let c = &self.counters;
-        let out = c.push(&r.deltas, (self.api.clock)()).await?;
-        if !out.to_ban.is_empty() {
-            // The push is answered now; the ban goes through Raft behind it.
-            let api = self.api.clone();
-            let who = edge_caller(&r.edge_id);
-            let bans: Vec<BanIn> = out
-                .to_ban
-                .iter()
-                .map(|(limit, ip, ttl)| BanIn {
-                    target: Some(TargetIn {
-                        kind: "ip".into(),
-                        value: ip.clone(),
-                    }),
-                    reason: format!("over the cluster-wide limit {limit}"),
-                    ttl_s: i64::try_from(*ttl).ok(),
-                    source: Some(format!("auto:limit-{limit}")),
-                    ..Default::default()
+            let c = &self.counters;
+            let started = std::time::Instant::now();
+            let out = c.push(&r.deltas, (self.api.clock)()).await;
+            self.api
+                .metrics
+                .limit_store
+                .get_or_create(&crate::metrics::StoreLabels {
+                    store: c.store.kind(),
                 })
-                .collect();
-            tokio::spawn(async move {
-                if let Err(e) = api.add_bans(&who, &bans, true).await {
-                    tracing::warn!(error = %e, "banning sources over a cluster limit failed");
-                }
-            });
+                .observe(started.elapsed().as_secs_f64());
+            let out = out?;
+            if !out.to_ban.is_empty() {
+                // The push is answered now; the ban goes through Raft behind it.
+                let api = self.api.clone();
+                let who = edge_caller(&r.edge_id);
+                let bans: Vec<BanIn> = out
+                    .to_ban
+                    .iter()
+                    .map(|(limit, ip, ttl)| BanIn {
+                        target: Some(TargetIn {
+                            kind: "ip".into(),
+                            value: ip.clone(),
+                        }),
+                        reason: format!("over the cluster-wide limit {limit}"),
+                        ttl_s: i64::try_from(*ttl).ok(),
+                        source: Some(format!("auto:limit-{limit}")),
+                        ..Default::default()
+                    })
+                    .collect();
+                tokio::spawn(async move {
+                    if let Err(e) = api.add_bans(&who, &bans, true).await {
+                        tracing::warn!(error = %e, "banning sources over a cluster limit failed");
+                    }
+                });
+            }
+            let changed = r.limits_version != c.version;
+            Ok(tonic::Response::new(pb::PushCountersResponse {
+                limits_version: c.version,
+                limits: if changed { c.defs() } else { Vec::new() },
+                limits_changed: changed,
+                sums: out.sums,
+                over: c.over(),
+            }))
         }
-        let changed = r.limits_version != c.version;
-        Ok(tonic::Response::new(pb::PushCountersResponse {
-            limits_version: c.version,
-            limits: if changed { c.defs() } else { Vec::new() },
-            limits_changed: changed,
-            sums: out.sums,
-            over: c.over(),
-        }))
+        .await;
+        self.api.metrics.rpc("PushCounters", &r);
+        r
     }
 
     async fn report(
         &self,
         req: tonic::Request<pb::ReportRequest>,
     ) -> Result<tonic::Response<pb::ReportResponse>, tonic::Status> {
-        let r = self.check(req)?;
-        debug!(edge = %r.edge_id, events = r.events.len(), "security events reported");
-        Ok(tonic::Response::new(pb::ReportResponse {
-            accepted: r.events.len() as u64,
-        }))
+        let r = async move {
+            let r = self.check(req)?;
+            debug!(edge = %r.edge_id, events = r.events.len(), "security events reported");
+            Ok(tonic::Response::new(pb::ReportResponse {
+                accepted: r.events.len() as u64,
+            }))
+        }
+        .await;
+        self.api.metrics.rpc("Report", &r);
+        r
     }
 
     type WatchStream = WatchStream;
@@ -264,68 +325,74 @@ impl EdgeControl for EdgeService {
         &self,
         req: tonic::Request<pb::EdgeHello>,
     ) -> Result<tonic::Response<WatchStream>, tonic::Status> {
-        let hello = self.check(req)?;
-        check_edge_id(&hello.edge_id)?;
-        if hello.site.len() > 64 {
-            return Err(tonic::Status::invalid_argument(
-                "site: at most 64 characters",
-            ));
-        }
-        if !hello.relay.is_empty() && hello.relay.parse::<std::net::SocketAddr>().is_err() {
-            return Err(tonic::Status::invalid_argument(format!(
-                "relay: {:?} is not ip:port",
-                hello.relay
-            )));
-        }
-        info!(edge = %hello.edge_id, site = %hello.site, revision = hello.revision, relay = %hello.relay, "edge watching");
-        // Where the edge relays is recorded (through Raft) when it is new or changed.
-        let me = EdgeInfo {
-            id: hello.edge_id.clone(),
-            site: hello.site.clone(),
-            relay: hello.relay.clone(),
-        };
-        if !me.relay.is_empty() && self.handle.read(|s| s.edge(&me.id) != Some(&me)) {
-            let api = self.api.clone();
-            tokio::spawn(async move {
-                let who = edge_caller(&me.id);
-                if let Err(e) = api.propose_op(&who, Op::PutEdge(me)).await {
-                    tracing::warn!(error = %e, "recording an edge's relay address failed");
-                }
-            });
-        }
-        let (tx, rx) = mpsc::channel(BUFFER);
-        let handle = self.handle.clone();
-        tokio::spawn(async move {
-            let mut have = hello.revision;
-            let mut first = true;
-            let mut status = handle.status.clone();
-            loop {
-                // After the first answer, an edge at the current revision needs nothing (even at
-                // revision 0, which would otherwise ask for a snapshot again).
-                let events = handle.read(|s| {
-                    if !first && have == s.revision() {
-                        Vec::new()
-                    } else {
-                        catch_up(s, have)
+        let r = async move {
+            let hello = self.check(req)?;
+            check_edge_id(&hello.edge_id)?;
+            if hello.site.len() > 64 {
+                return Err(tonic::Status::invalid_argument(
+                    "site: at most 64 characters",
+                ));
+            }
+            if !hello.relay.is_empty() && hello.relay.parse::<std::net::SocketAddr>().is_err() {
+                return Err(tonic::Status::invalid_argument(format!(
+                    "relay: {:?} is not ip:port",
+                    hello.relay
+                )));
+            }
+            info!(edge = %hello.edge_id, site = %hello.site, revision = hello.revision, relay = %hello.relay, "edge watching");
+            // Where the edge relays is recorded (through Raft) when it is new or changed.
+            let me = EdgeInfo {
+                id: hello.edge_id.clone(),
+                site: hello.site.clone(),
+                relay: hello.relay.clone(),
+            };
+            if !me.relay.is_empty() && self.handle.read(|s| s.edge(&me.id) != Some(&me)) {
+                let api = self.api.clone();
+                tokio::spawn(async move {
+                    let who = edge_caller(&me.id);
+                    if let Err(e) = api.propose_op(&who, Op::PutEdge(me)).await {
+                        tracing::warn!(error = %e, "recording an edge's relay address failed");
                     }
                 });
-                first = false;
-                for e in events {
-                    have = e.revision;
-                    if tx.send(Ok(e)).await.is_err() {
-                        return;
+            }
+            let (tx, rx) = mpsc::channel(BUFFER);
+            let handle = self.handle.clone();
+            let watching = Watching::new(self.api.metrics.clone(), hello.edge_id.clone());
+            tokio::spawn(async move {
+                let mut have = hello.revision;
+                let mut first = true;
+                let mut status = handle.status.clone();
+                loop {
+                    // After the first answer, an edge at the current revision needs nothing (even at
+                    // revision 0, which would otherwise ask for a snapshot again).
+                    let events = handle.read(|s| {
+                        if !first && have == s.revision() {
+                            Vec::new()
+                        } else {
+                            catch_up(s, have)
+                        }
+                    });
+                    first = false;
+                    for e in events {
+                        have = e.revision;
+                        if tx.send(Ok(e)).await.is_err() {
+                            return;
+                        }
+                    }
+                    watching.lag(handle.read(|s| s.revision()).saturating_sub(have));
+                    // Wait for the next applied change (or the edge going away).
+                    tokio::select! {
+                        r = status.changed() => if r.is_err() { return },
+                        _ = tx.closed() => return,
                     }
                 }
-                // Wait for the next applied change (or the edge going away).
-                tokio::select! {
-                    r = status.changed() => if r.is_err() { return },
-                    _ = tx.closed() => return,
-                }
-            }
-        });
-        Ok(tonic::Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+            });
+            let stream: WatchStream = Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
+            Ok(tonic::Response::new(stream))
+        }
+        .await;
+        self.api.metrics.rpc("Watch", &r);
+        r
     }
 }
 

@@ -478,7 +478,7 @@ pub async fn push_counters(
 }
 
 fn pushed(m: &Metrics, reason: &'static str) {
-    m.counter_pushes
+    m.limit_pushes
         .get_or_create(&crate::metrics::ReasonLabels { reason })
         .inc();
 }

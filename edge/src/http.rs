@@ -52,7 +52,7 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            sipwarden_shared::promtext::CONTENT_TYPE,
         )],
         s.metrics.encode(),
     )

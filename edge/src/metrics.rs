@@ -58,7 +58,7 @@ pub struct Metrics {
     pub watch_revision: Gauge,
     pub cluster_limits: Gauge,
     pub peer_edges: Gauge,
-    pub counter_pushes: Family<ReasonLabels, Counter>,
+    pub limit_pushes: Family<ReasonLabels, Counter>,
     pub reports_queued: Gauge,
     pub reports_dropped: Counter,
 }
@@ -144,11 +144,11 @@ impl Default for Metrics {
             "Other edges known from the controllers (relay targets, PBX side)",
             peer_edges.clone(),
         );
-        let counter_pushes = Family::default();
+        let limit_pushes = Family::default();
         registry.register(
-            "counter_pushes",
+            "limit_pushes",
             "Pushes of counter increments to the controllers, by result (`ok`, `redirected`, `error`)",
-            counter_pushes.clone(),
+            limit_pushes.clone(),
         );
         let reports_queued = Gauge::default();
         registry.register(
@@ -170,7 +170,7 @@ impl Default for Metrics {
             watch_revision,
             cluster_limits,
             peer_edges,
-            counter_pushes,
+            limit_pushes,
             security_events,
             bans_active,
             registrations_active,
@@ -189,7 +189,7 @@ impl Metrics {
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
-        out
+        sipwarden_shared::promtext::to_prometheus_text(&out)
     }
 }
 

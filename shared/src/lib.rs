@@ -10,6 +10,7 @@
 pub mod ban;
 pub mod config;
 pub mod event;
+pub mod promtext;
 pub mod telemetry;
 
 pub use sipwarden_proto as proto;

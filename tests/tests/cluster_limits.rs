@@ -198,7 +198,7 @@ fn with_redis_the_count_survives_the_leader_being_killed() {
     assert!(rig.edges.iter().all(|e| {
         metric(
             &e.metrics(),
-            "sipwarden_edge_counter_pushes_total{reason=\"ok\"}",
+            "sipwarden_edge_limit_pushes_total{reason=\"ok\"}",
         )
         .is_some_and(|v| v > 0.0)
     }));

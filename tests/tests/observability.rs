@@ -114,7 +114,7 @@ fn an_auto_ban_is_one_trace_from_the_sip_message_to_the_raft_commit() {
     let root = tempfile::tempdir().unwrap();
     let otlp = OtlpReceiver::start();
     let endpoint = otlp.endpoint();
-    let (seats, _ctls) = cluster_env(
+    let (seats, ctls) = cluster_env(
         root.path(),
         1,
         "",
@@ -199,5 +199,59 @@ CSeq: 1 OPTIONS\r\nUser-Agent: friendly-scanner\r\nContent-Length: 0\r\n\r\n",
     assert_eq!(
         commit.attributes.get("who").map(String::as_str),
         Some("edge:edge-test")
+    );
+
+    // The controller's metrics tell the same story, and pass promtool.
+    let text = ctls[0]
+        .request("GET", "/metrics", None, None)
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    assert_eq!(
+        metric(&text, "sipwarden_controller_raft_is_leader"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&text, "sipwarden_controller_bans_active{source=\"auto\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&text, "sipwarden_controller_edges_watching"),
+        Some(1.0)
+    );
+    assert!(
+        metric(
+            &text,
+            "sipwarden_controller_edge_rpcs_total{rpc=\"ProposeBans\",result=\"ok\"}"
+        )
+        .is_some_and(|v| v >= 1.0),
+        "{text}"
+    );
+    promtool_check_metrics("controller", &text);
+    promtool_check_metrics("edge", &edge.metrics());
+}
+
+/// `promtool check metrics` on `text` (the Debian `prometheus` package).
+fn promtool_check_metrics(what: &str, text: &str) {
+    use std::io::Write;
+    let promtool = require_tool("promtool", "prometheus");
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics ({what}):\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -23,6 +23,7 @@ pub struct Api {
     /// Wall clock (Unix ms) stamped into commands.
     pub clock: fn() -> u64,
     pub on_member: MemberHook,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Most bans one bulk request may carry; imports are proposed in chunks of this size.

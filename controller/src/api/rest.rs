@@ -280,14 +280,30 @@ pub fn router(api: Api) -> Router {
         .route("/api/v1/cluster/members", post(add_member))
         .route("/api/v1/cluster/members/{id}", delete(remove_member))
         .route("/api/v1/audit", get(audit))
+        .route("/metrics", get(metrics))
         .fallback(fallback)
-        .layer(axum::middleware::from_fn(admin_span))
+        .layer(axum::middleware::from_fn_with_state(
+            api.clone(),
+            admin_span,
+        ))
         .with_state(api)
+}
+
+/// Prometheus text (unauthenticated, like the probes: keep the HTTP port internal).
+async fn metrics(State(api): State<Api>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            sipwarden_shared::promtext::CONTENT_TYPE,
+        )],
+        api.metrics.encode(&api.handle),
+    )
 }
 
 /// One span per admin request (`/api/…`), with the route and the answer's status; probes are not
 /// traced.
 async fn admin_span(
+    State(api): State<Api>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
@@ -301,8 +317,16 @@ async fn admin_span(
         path = %req.uri().path(),
         status = tracing::field::Empty
     );
+    let method = req.method().to_string();
     let resp = next.run(req).instrument(span.clone()).await;
     span.record("status", resp.status().as_u16());
+    api.metrics
+        .admin_requests
+        .get_or_create(&crate::metrics::HttpLabels {
+            method,
+            status: resp.status().as_u16(),
+        })
+        .inc();
     resp
 }
 
