@@ -255,3 +255,103 @@ fn promtool_check_metrics(what: &str, text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Percent-encodes a PromQL query for a URL.
+fn enc(q: &str) -> String {
+    q.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A real Prometheus (the Debian package) scrapes an edge and a controller; a SIPp phone's
+/// registration through the edge moves a counter Prometheus can query, and the controller's Raft
+/// gauges are there too.
+#[test]
+fn prometheus_scrapes_the_edge_and_the_controller() {
+    use sipwarden_tests::controller::*;
+    let prometheus = require_tool("prometheus", "prometheus");
+    let root = tempfile::tempdir().unwrap();
+    let (seats, ctls) = cluster(root.path(), 1, "");
+    let pbx_port = free_port(PBX_IP);
+    let _pbx = SippServer::start(root.path(), "pbx.xml", PBX_IP, pbx_port, "udp");
+    let edge = EdgeProc::start(
+        "127.0.0.5",
+        &format!(
+            "[[backends]]\naddress = \"{PBX_IP}:{pbx_port}\"\n\n{}",
+            edge_link(&seats)
+        ),
+    );
+    let port = free_port("127.0.0.1");
+    let cfg = root.path().join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: edge\n    static_configs:\n      - targets: ['{}']\n  - job_name: controller\n    static_configs:\n      - targets: ['{}']\n",
+            edge.http, ctls[0].http
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(root.path().join("prometheus.log")).unwrap();
+    let _prom = Proc::spawn(
+        "prometheus",
+        std::process::Command::new(prometheus)
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                root.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log),
+    );
+    let prom: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || http_get(prom, "/-/ready")
+            .is_some_and(|(s, _)| s == 200)),
+        "prometheus ready: {}",
+        std::fs::read_to_string(root.path().join("prometheus.log")).unwrap_or_default()
+    );
+
+    let run = sipp_client(
+        root.path(),
+        "phone_register.xml",
+        PHONE_IP,
+        free_port(PHONE_IP),
+        "udp",
+        &edge.addr(),
+        "1001",
+        3,
+        Duration::from_secs(10),
+    );
+    assert!(run.success, "{}", run.errors);
+
+    let query = |q: &str| -> Option<f64> {
+        let (s, body) = http_get(prom, &format!("/api/v1/query?query={}", enc(q)))?;
+        if s != 200 {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    };
+    let registers = r#"sum(sipwarden_edge_messages_total{kind="request",method="REGISTER",direction="from_internet",outcome="forwarded"})"#;
+    assert!(
+        wait_until(Duration::from_secs(30), || query(registers) == Some(3.0)),
+        "Prometheus sees the 3 REGISTERs: {:?}",
+        query(registers)
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || query(
+            "sipwarden_controller_raft_is_leader"
+        ) == Some(1.0)),
+        "and the controller's leadership"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || query(
+            "sipwarden_edge_controller_connected"
+        ) == Some(1.0)),
+        "and the edge's link to it"
+    );
+}
