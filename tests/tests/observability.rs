@@ -228,6 +228,70 @@ CSeq: 1 OPTIONS\r\nUser-Agent: friendly-scanner\r\nContent-Length: 0\r\n\r\n",
     );
     promtool_check_metrics("controller", &text);
     promtool_check_metrics("edge", &edge.metrics());
+
+    // Every metric the shipped dashboard and alert rules use is one these processes export.
+    let exported = format!("{text}\n{}", edge.metrics());
+    for file in ["dashboard.json", "alerts.yaml"] {
+        let path = workspace_root().join("charts/sipwarden/files").join(file);
+        let body = std::fs::read_to_string(&path).unwrap();
+        for name in metric_names(&body) {
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            assert!(
+                exported.contains(base),
+                "{file} uses {name}, which no sipwarden process exports"
+            );
+        }
+    }
+}
+
+/// The `sipwarden_…` metric names in `text`.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("sipwarden_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        if name.starts_with("sipwarden_edge_") || name.starts_with("sipwarden_controller_") {
+            out.insert(name.to_string());
+        }
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// The shipped alert rules pass `promtool check rules` and their unit tests.
+#[test]
+fn alert_rules_are_valid_and_fire_when_they_should() {
+    let promtool = require_tool("promtool", "prometheus");
+    let dir = workspace_root().join("charts/sipwarden/files");
+    for args in [
+        &["check", "rules", "alerts.yaml"][..],
+        &["test", "rules", "alerts.test.yaml"][..],
+    ] {
+        let out = std::process::Command::new(&promtool)
+            .current_dir(&dir)
+            .args(args)
+            .output()
+            .expect("promtool");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("dashboard.json")).unwrap())
+            .expect("the dashboard is JSON");
+    assert!(dashboard["panels"]
+        .as_array()
+        .is_some_and(|p| p.len() >= 10));
 }
 
 /// `promtool check metrics` on `text` (the Debian `prometheus` package).
