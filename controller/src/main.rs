@@ -21,8 +21,12 @@ struct Args {
     #[arg(long, env = "SIPWARDEN_CONFIG")]
     config: Option<PathBuf>,
     /// This node's Raft id (overrides node.id).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "id_from_hostname")]
     id: Option<u64>,
+    /// Take the Raft id from the host name's trailing ordinal plus one (`sipwarden-controller-0`
+    /// is node 1), as in a Kubernetes StatefulSet.
+    #[arg(long)]
+    id_from_hostname: bool,
     /// Initial members, `id=host:port,...` (overrides cluster.peers).
     #[arg(long, value_delimiter = ',')]
     peers: Option<Vec<String>>,
@@ -60,6 +64,18 @@ fn main() -> anyhow::Result<()> {
     };
     if let Some(id) = args.id {
         cfg.node.id = id;
+    }
+    if args.id_from_hostname {
+        let host = hostname();
+        match id_from_hostname(&host) {
+            Some(id) => cfg.node.id = id,
+            None => {
+                eprintln!(
+                    "sipwarden-controller: --id-from-hostname: host name {host:?} does not end in -<ordinal>"
+                );
+                std::process::exit(2);
+            }
+        }
     }
     if let Some(p) = args.peers {
         cfg.cluster.peers = p;
@@ -124,6 +140,22 @@ fn main() -> anyhow::Result<()> {
     result
 }
 
+/// The host name (`HOSTNAME`, else the kernel's).
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// `name-<n>` → `n + 1`.
+fn id_from_hostname(host: &str) -> Option<u64> {
+    let (_, ordinal) = host.rsplit_once('-')?;
+    ordinal.parse::<u64>().ok()?.checked_add(1)
+}
+
 /// SIGTERM or SIGINT stops the controller.
 async fn signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -138,4 +170,15 @@ async fn signals(shutdown: CancellationToken) {
         _ = int.recv() => {}
     }
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn statefulset_ordinals_become_ids_from_one() {
+        assert_eq!(super::id_from_hostname("sipwarden-controller-0"), Some(1));
+        assert_eq!(super::id_from_hostname("sw-controller-12"), Some(13));
+        assert_eq!(super::id_from_hostname("controller"), None);
+        assert_eq!(super::id_from_hostname("controller-x"), None);
+    }
 }
