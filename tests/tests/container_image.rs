@@ -150,3 +150,117 @@ fn the_image_builds_and_its_processes_start_and_answer_healthz() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "65532:65532");
 }
+
+/// The compose lab (`docker/compose.yaml`): YAML lint passes; three controllers that each list all
+/// three as peers; edges watching all three; the documented admin token matches the configured
+/// hash; and each service's own flags and environment pass the binary's `--check-config`.
+#[test]
+fn the_compose_lab_is_wired_and_its_configurations_check() {
+    use serde_yaml::Value;
+    let path = workspace_root().join("docker/compose.yaml");
+    let yamllint = workspace_root().join(".venv/bin/yamllint");
+    let out = Command::new(&yamllint)
+        .args([
+            "-d",
+            "{extends: default, rules: {line-length: {max: 200}, document-start: disable, comments: {min-spaces-from-content: 1}, truthy: {check-keys: false}}}",
+        ])
+        .arg(&path)
+        .arg(workspace_root().join("docker/otel-collector.yaml"))
+        .output()
+        .expect("yamllint (tests/requirements.txt)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let doc: Value = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let services = &doc["services"];
+    for s in [
+        "controller-1",
+        "controller-2",
+        "controller-3",
+        "edge-a",
+        "edge-b",
+        "redis",
+        "pbx",
+        "otel-collector",
+    ] {
+        assert!(services.get(s).is_some(), "service {s}");
+    }
+    let env_of = |v: &Value| -> Vec<(String, String)> {
+        v.as_mapping()
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string())))
+            .filter(|(k, _)| k != "<<")
+            .collect()
+    };
+    let secrets = env_of(&doc["x-secrets"]);
+    let tokens = &secrets
+        .iter()
+        .find(|(k, _)| k == "SIPWARDEN_AUTH__TOKENS")
+        .unwrap()
+        .1;
+    use sha2::Digest;
+    let hash = data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(b"lab-admin-token"));
+    assert!(tokens.contains(&hash), "the documented admin token matches");
+
+    let dir = tempfile::tempdir().unwrap();
+    for i in 1..=3 {
+        let args: Vec<String> = services[format!("controller-{i}").as_str()]["command"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect();
+        let peers = &args[args.iter().position(|a| a == "--peers").unwrap() + 1];
+        assert_eq!(
+            peers,
+            "1=controller-1:7400,2=controller-2:7400,3=controller-3:7400"
+        );
+        let mut args: Vec<String> = args
+            .into_iter()
+            .map(|a| a.replace("/data/raft", &dir.path().join("raft").display().to_string()))
+            .collect();
+        args.push("--check-config".into());
+        let out = Command::new(workspace_bin("sipwarden-controller"))
+            .args(&args)
+            .env_clear()
+            .envs(secrets.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "controller-{i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let edge_env = env_of(&doc["x-edge-env"]);
+    let endpoints = &edge_env
+        .iter()
+        .find(|(k, _)| k == "SIPWARDEN_CONTROLLER__ENDPOINTS")
+        .unwrap()
+        .1;
+    for i in 1..=3 {
+        assert!(endpoints.contains(&format!("controller-{i}:7400")));
+    }
+    for e in ["edge-a", "edge-b"] {
+        let env: Vec<(String, String)> = edge_env
+            .iter()
+            .cloned()
+            .chain(env_of(&services[e]["environment"]))
+            .collect();
+        let out = Command::new(workspace_bin("sipwarden-edge"))
+            .arg("--check-config")
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
