@@ -345,18 +345,33 @@ impl Edge {
     }
 }
 
-/// Every second: limiter and window upkeep, and the ban and registration gauges.
+/// At start and every second: limiter and window upkeep, and the ban and registration gauges.
 async fn housekeeping(firewall: Arc<Firewall>, metrics: Arc<Metrics>, stop: CancellationToken) {
     loop {
+        let registered = firewall.housekeep();
+        metrics.registrations_active.set(registered as i64);
+        let mut by_origin = [0i64; 4];
+        for (_, b) in firewall.state.bans.snapshot().iter() {
+            by_origin[match b.origin {
+                bans::BanOrigin::Config => 0,
+                bans::BanOrigin::Auto => 1,
+                bans::BanOrigin::Manual => 2,
+                bans::BanOrigin::Cluster => 3,
+            }] += 1;
+        }
+        for (i, origin) in ["config", "auto", "manual", "cluster"]
+            .into_iter()
+            .enumerate()
+        {
+            metrics
+                .bans_active
+                .get_or_create(&metrics::OriginLabels { origin })
+                .set(by_origin[i]);
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        let registered = firewall.housekeep();
-        metrics.registrations_active.set(registered as i64);
-        metrics
-            .bans_active
-            .set(firewall.state.bans.snapshot().len() as i64);
     }
 }
 

@@ -28,6 +28,12 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OriginLabels {
+    /// Where a ban came from: `config`, `auto`, `manual` or `cluster`.
+    pub origin: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransportLabels {
     pub transport: &'static str,
 }
@@ -51,7 +57,7 @@ pub struct Metrics {
     pub tcp_refused: Family<ReasonLabels, Counter>,
     pub send_errors: Family<TransportLabels, Counter>,
     pub security_events: Family<SecurityLabels, Counter>,
-    pub bans_active: Gauge,
+    pub bans_active: Family<OriginLabels, Gauge>,
     pub registrations_active: Gauge,
     pub policy_reloads: Family<ReasonLabels, Counter>,
     pub controller_connected: Gauge,
@@ -102,7 +108,7 @@ impl Default for Metrics {
             "Non-allow verdicts of the threat pipeline, by rule, action and dry-run",
             security_events.clone(),
         );
-        let bans_active = Gauge::default();
+        let bans_active = Family::<OriginLabels, Gauge>::default();
         registry.register(
             "bans_active",
             "Networks in the ban set in force",

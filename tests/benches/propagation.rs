@@ -156,7 +156,7 @@ CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
         assert!(
             wait_until(Duration::from_secs(120), || metric(
                 &e.metrics(),
-                "sipwarden_edge_bans_active"
+                "sipwarden_edge_bans_active{origin=\"cluster\"}"
             )
             .is_some_and(|v| v >= (BANS + BULK) as f64)),
             "edge {} applied the bulk bans",

@@ -171,7 +171,7 @@ fn an_attack_on_site_a_is_banned_at_site_b_before_it_arrives() {
     // Site B got it through the watch stream.
     assert!(wait_until(Duration::from_secs(5), || metric(
         &b.metrics(),
-        "sipwarden_edge_bans_active"
+        "sipwarden_edge_bans_active{origin=\"cluster\"}"
     )
     .is_some_and(|n| n >= 1.0)));
 
