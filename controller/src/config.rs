@@ -151,12 +151,17 @@ impl Default for Cluster {
 #[serde(default, deny_unknown_fields)]
 pub struct Listen {
     pub listen: SocketAddr,
+    /// TLS for every gRPC link: this node's certificate and key (served, and presented to
+    /// peers) and the CA that peers', edges' and gRPC admin clients' certificates must chain to
+    /// (mutual TLS). Unset: plain HTTP/2.
+    pub tls: sipwarden_shared::tls::TlsFiles,
 }
 
 impl Default for Listen {
     fn default() -> Self {
         Listen {
             listen: "127.0.0.1:7400".parse().expect("literal"),
+            tls: Default::default(),
         }
     }
 }
@@ -263,6 +268,9 @@ impl ControllerConfig {
         }
         if self.cluster.snapshot_every == 0 {
             return bad("cluster.snapshot_every must be > 0".into());
+        }
+        if let Err(e) = self.grpc.tls.validate("grpc.tls", true) {
+            return bad(e.to_string());
         }
         if self.grpc.listen == self.http.listen {
             return bad("grpc.listen and http.listen must differ".into());

@@ -34,6 +34,8 @@ pub enum StartError {
     Store(#[from] crate::raft::storage::StoreError),
     #[error("raft: {0}")]
     Raft(#[from] crate::raft::node::RaftError),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("counter store: {0}")]
     Counters(#[from] crate::counters::StoreError),
     #[error("admin token in {path}: {source}")]
@@ -101,7 +103,8 @@ impl Controller {
             members.iter().map(|(id, _)| *id).collect()
         };
         let store = LogStore::open(&cfg.node.data_dir.join("raft"))?;
-        let transport = GrpcTransport::new(&cfg.cluster.peer_secret, stop.clone());
+        let transport =
+            GrpcTransport::new(&cfg.cluster.peer_secret, cfg.grpc.tls.clone(), stop.clone());
         for (id, addr) in &members {
             if *id != cfg.node.id {
                 transport.set_peer(*id, addr);
@@ -193,10 +196,21 @@ impl Controller {
             counters,
         })
         .max_encoding_message_size(256 << 20);
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(t) = cfg
+            .grpc
+            .tls
+            .server("grpc.tls")
+            .map_err(|e| StartError::Tls(e.to_string()))?
+        {
+            builder = builder
+                .tls_config(t)
+                .map_err(|e| StartError::Tls(format!("grpc.tls: {e}")))?;
+        }
         let grpc_stop = stop.clone();
         tracker.spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
-            if let Err(e) = tonic::transport::Server::builder()
+            if let Err(e) = builder
                 .trace_fn(sipwarden_shared::telemetry::grpc_span)
                 .add_service(peer)
                 .add_service(admin)

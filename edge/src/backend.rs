@@ -152,7 +152,10 @@ pub async fn probe_loop(
     metrics.backend_up.get_or_create(&labels).set(1);
     let timeout = Duration::from_millis(health.timeout_ms);
     let interval = Duration::from_millis(health.interval_ms);
-    let mut seq: u32 = 0;
+    // A random start makes each probe's Call-ID unique across edges and restarts (a PBX that
+    // remembers finished calls would otherwise take another edge's probe as a retransmission);
+    // below 2^30 keeps the CSeq valid (< 2^31) for a lifetime of probes.
+    let mut seq: u32 = rand::random::<u32>() >> 2;
     loop {
         seq = seq.wrapping_add(1);
         let answered = tokio::select! {

@@ -299,7 +299,7 @@ pub async fn uplink(
         }
         metrics.reports_queued.set(queue.len() as i64);
         if client.is_none() {
-            client = connect(&endpoint).await;
+            client = connect(&link, &endpoint).await;
         }
         let (n, batch) = batch_of(&queue);
         let sent = match &mut client {
@@ -412,7 +412,7 @@ pub async fn push_counters(
             continue;
         }
         if client.is_none() {
-            client = connect(&target).await;
+            client = connect(&link, &target).await;
         }
         let Some(c) = &mut client else {
             target = endpoints.next().cloned().unwrap_or_default();
@@ -487,15 +487,16 @@ fn pushed(m: &Metrics, reason: &'static str) {
 pub const LEADER_HINT: &str = "x-sipwarden-leader";
 
 /// A client of the controller at `addr`, if it can be reached now.
-async fn connect(addr: &str) -> Option<EdgeControlClient<tonic::transport::Channel>> {
-    let channel = channel_to(addr).ok()?.connect().await.ok()?;
+async fn connect(link: &Link, addr: &str) -> Option<EdgeControlClient<tonic::transport::Channel>> {
+    let channel = channel_to(link, addr).ok()?.connect().await.ok()?;
     Some(EdgeControlClient::new(channel))
 }
 
-/// A gRPC endpoint for the controller at `addr` (`host:port`).
-fn channel_to(addr: &str) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+/// A gRPC endpoint for the controller at `addr` (`host:port`), over TLS when `controller.tls` is
+/// set.
+fn channel_to(link: &Link, addr: &str) -> Result<tonic::transport::Endpoint, String> {
     Ok(
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        sipwarden_shared::tls::endpoint(addr, &link.cfg.tls, "controller.tls")?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true),
     )
@@ -539,7 +540,7 @@ async fn watch_once(
     clock: &Clock,
     revision: &mut u64,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let channel = channel_to(endpoint)?
+    let channel = channel_to(link, endpoint)?
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
         .connect()

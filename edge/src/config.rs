@@ -58,6 +58,9 @@ pub struct Controller {
     /// `ip:port` where other edges relay PBX requests for phones connected here. Empty: the first
     /// UDP listener facing the PBX.
     pub relay: String,
+    /// TLS to the controllers: the CA their certificates chain to, and this edge's certificate
+    /// and key when they require client certificates (mutual TLS). Unset: plain HTTP/2.
+    pub tls: sipwarden_shared::tls::TlsFiles,
 }
 
 impl Default for Controller {
@@ -68,6 +71,7 @@ impl Default for Controller {
             reconnect_max_ms: 2000,
             counters_ms: 250,
             relay: String::new(),
+            tls: Default::default(),
         }
     }
 }
@@ -80,6 +84,7 @@ impl std::fmt::Debug for Controller {
             .field("reconnect_max_ms", &self.reconnect_max_ms)
             .field("counters_ms", &self.counters_ms)
             .field("relay", &self.relay)
+            .field("tls", &self.tls.enabled())
             .finish()
     }
 }
@@ -409,6 +414,9 @@ impl EdgeConfig {
                 .is_err()
         {
             return bad("controller.relay must be ip:port".into());
+        }
+        if let Err(e) = self.controller.tls.validate("controller.tls", false) {
+            return bad(e.to_string());
         }
         if !(50..=5000).contains(&self.controller.counters_ms) {
             return bad("controller.counters_ms must be 50 to 5000".into());

@@ -12,5 +12,6 @@ pub mod config;
 pub mod event;
 pub mod promtext;
 pub mod telemetry;
+pub mod tls;
 
 pub use sipwarden_proto as proto;

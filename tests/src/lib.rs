@@ -11,6 +11,7 @@ pub mod controller;
 pub mod kamailio;
 pub mod mmdb;
 pub mod otlp;
+pub mod pki;
 pub mod redis;
 pub mod sipvicious;
 

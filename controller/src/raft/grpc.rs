@@ -26,14 +26,21 @@ const QUEUE: usize = 4096;
 /// Sends to peers by id; addresses can change at run time (membership changes).
 pub struct GrpcTransport {
     secret: Arc<str>,
+    /// `grpc.tls`: peers are reached over TLS with this node's certificate when set.
+    tls: Arc<sipwarden_shared::tls::TlsFiles>,
     peers: Mutex<HashMap<u64, (String, mpsc::Sender<Message>)>>,
     stop: CancellationToken,
 }
 
 impl GrpcTransport {
-    pub fn new(secret: &str, stop: CancellationToken) -> Arc<GrpcTransport> {
+    pub fn new(
+        secret: &str,
+        tls: sipwarden_shared::tls::TlsFiles,
+        stop: CancellationToken,
+    ) -> Arc<GrpcTransport> {
         Arc::new(GrpcTransport {
             secret: secret.into(),
+            tls: Arc::new(tls),
             peers: Mutex::new(HashMap::new()),
             stop,
         })
@@ -52,6 +59,7 @@ impl GrpcTransport {
             id,
             address.to_string(),
             self.secret.clone(),
+            self.tls.clone(),
             rx,
             self.stop.clone(),
         ));
@@ -97,6 +105,7 @@ async fn sender(
     id: u64,
     address: String,
     secret: Arc<str>,
+    tls: Arc<sipwarden_shared::tls::TlsFiles>,
     mut rx: mpsc::Receiver<Message>,
     stop: CancellationToken,
 ) {
@@ -109,7 +118,7 @@ async fn sender(
         }
     };
     loop {
-        let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{address}")) {
+        let endpoint = match sipwarden_shared::tls::endpoint(&address, &tls, "grpc.tls") {
             Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
             Err(e) => {
                 warn!(peer = id, %address, error = %e, "bad peer address");
