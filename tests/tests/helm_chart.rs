@@ -342,6 +342,41 @@ fn the_chart_renders_valid_wired_manifests_with_non_default_values() {
     assert!(env.contains("OTEL_EXPORTER_OTLP_ENDPOINT"));
     let ctl_toml = config_text(&docs, "sw-sipwarden-controller", "controller.toml");
     assert!(ctl_toml.contains("name = \"calls-per-account\""));
+    // Mutual TLS: the certificate Secret is mounted where both rendered configs point.
+    for (kind, name, file, section) in [
+        (
+            "StatefulSet",
+            "sw-sipwarden-controller",
+            "controller.toml",
+            "[grpc.tls]",
+        ),
+        (
+            "Deployment",
+            "sw-sipwarden-edge",
+            "edge.toml",
+            "[controller.tls]",
+        ),
+    ] {
+        let w = find(&docs, kind, name);
+        let vols = serde_yaml::to_string(&w["spec"]["template"]["spec"]["volumes"]).unwrap();
+        assert!(
+            vols.contains("secretName: voice-grpc-tls"),
+            "{kind}: {vols}"
+        );
+        let mounts = serde_yaml::to_string(&container(w)["volumeMounts"]).unwrap();
+        assert!(
+            mounts.contains("mountPath: /etc/sipwarden/tls"),
+            "{kind}: {mounts}"
+        );
+        let toml = config_text(&docs, name, file);
+        assert!(toml.contains(section), "{file}");
+        for f in ["ca.crt", "tls.crt", "tls.key"] {
+            assert!(
+                toml.contains(&format!("/etc/sipwarden/tls/{f}")),
+                "{file}: {f}"
+            );
+        }
+    }
     for kind in ["ServiceMonitor", "PrometheusRule", "NetworkPolicy"] {
         assert!(docs.iter().any(|d| d["kind"] == kind), "{kind} rendered");
     }
