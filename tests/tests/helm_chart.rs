@@ -109,7 +109,7 @@ fn secret_refs(c: &Value) -> Vec<(String, String)> {
 
 /// Checks what every workload must have: probes on /healthz and /readyz on the `http` port, a
 /// hardened security context, secrets that exist with the keys used.
-fn check_workload(docs: &[Value], w: &Value, secret: &Value) {
+fn check_workload(w: &Value, secret: &Value) {
     let c = container(w);
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(c["livenessProbe"]["httpGet"]["port"], "http");
@@ -136,7 +136,6 @@ fn check_workload(docs: &[Value], w: &Value, secret: &Value) {
             "the secret has {key}"
         );
     }
-    let _ = docs;
 }
 
 /// The TOML a ConfigMap carries under `key`.
@@ -196,7 +195,7 @@ fn check_wiring(docs: &[Value], replicas: u64, grpc: u64, http: u64, edge_kind: 
         .unwrap()
         .iter()
         .any(|a| a == "--id-from-hostname"));
-    check_workload(docs, sts, secret);
+    check_workload(sts, secret);
 
     // The peer list names every replica by its stable DNS name, ids from 1.
     let ctl_toml = config_text(docs, "sw-sipwarden-controller", "controller.toml");
@@ -226,7 +225,7 @@ fn check_wiring(docs: &[Value], replicas: u64, grpc: u64, http: u64, edge_kind: 
 
     // Edges watch every controller, with the edge secret and the shared flow key.
     let edge = find(docs, edge_kind, "sw-sipwarden-edge");
-    check_workload(docs, edge, secret);
+    check_workload(edge, secret);
     let edge_toml = config_text(docs, "sw-sipwarden-edge", "edge.toml");
     let ecfg = toml_like::parse(&edge_toml);
     let endpoints = ecfg.list("controller.endpoints");
