@@ -102,29 +102,15 @@ fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let format = if cfg.log.format == "json" {
-        LogFormat::Json
-    } else {
-        LogFormat::Text
+    let identity = Identity {
+        service: "sipwarden-controller",
+        attributes: vec![
+            ("service.instance.id", format!("node-{}", cfg.node.id)),
+            ("sipwarden.node.id", cfg.node.id.to_string()),
+        ],
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let telemetry = {
-        let _rt = rt.enter();
-        telemetry::init(
-            format,
-            "info",
-            &Identity {
-                service: "sipwarden-controller",
-                attributes: vec![
-                    ("service.instance.id", format!("node-{}", cfg.node.id)),
-                    ("sipwarden.node.id", cfg.node.id.to_string()),
-                ],
-            },
-        )
-    };
-    let result = rt.block_on(async move {
+    let format = LogFormat::from_config(&cfg.log.format);
+    telemetry::run(format, "info", &identity, async move {
         let c = Controller::start(cfg)
             .await
             .context("starting the controller")?;
@@ -132,12 +118,7 @@ fn main() -> anyhow::Result<()> {
         tokio::spawn(signals(shutdown.clone()));
         c.run_until(shutdown).await;
         Ok(())
-    });
-    {
-        let _rt = rt.enter();
-        telemetry.shutdown();
-    }
-    result
+    })?
 }
 
 /// The host name (`HOSTNAME`, else the kernel's).

@@ -48,30 +48,16 @@ fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let format = if cfg.log.format == "json" {
-        LogFormat::Json
-    } else {
-        LogFormat::Text
+    let identity = Identity {
+        service: "sipwarden-edge",
+        attributes: vec![
+            ("service.instance.id", cfg.edge.id.clone()),
+            ("sipwarden.edge.id", cfg.edge.id.clone()),
+            ("sipwarden.site", cfg.edge.site.clone()),
+        ],
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let telemetry = {
-        let _rt = rt.enter();
-        telemetry::init(
-            format,
-            "info",
-            &Identity {
-                service: "sipwarden-edge",
-                attributes: vec![
-                    ("service.instance.id", cfg.edge.id.clone()),
-                    ("sipwarden.edge.id", cfg.edge.id.clone()),
-                    ("sipwarden.site", cfg.edge.site.clone()),
-                ],
-            },
-        )
-    };
-    let result = rt.block_on(async move {
+    let format = LogFormat::from_config(&cfg.log.format);
+    telemetry::run(format, "info", &identity, async move {
         let edge = Edge::start_from(cfg, args.config.clone())
             .await
             .context("starting the edge")?;
@@ -79,12 +65,7 @@ fn main() -> anyhow::Result<()> {
         tokio::spawn(signals(shutdown.clone(), edge.reloader()));
         edge.run_until(shutdown).await;
         Ok(())
-    });
-    {
-        let _rt = rt.enter();
-        telemetry.shutdown();
-    }
-    result
+    })?
 }
 
 /// The one place signals are read: SIGTERM or SIGINT starts the drain, SIGHUP reloads the policy.

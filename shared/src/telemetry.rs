@@ -20,6 +20,17 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// The `log.format` configuration value: `json`, else text.
+    pub fn from_config(value: &str) -> LogFormat {
+        if value == "json" {
+            LogFormat::Json
+        } else {
+            LogFormat::Text
+        }
+    }
+}
+
 /// What a process reports itself as: its default service name and resource attributes (edge id,
 /// site, node id, …).
 pub struct Identity {
@@ -47,6 +58,28 @@ impl Telemetry {
             }
         }
     }
+}
+
+/// A binary's life: builds the multi-threaded Tokio runtime, installs logging and tracing for
+/// `id` inside it (the OTLP channel lives there), runs `main` to completion and flushes the spans
+/// still queued before returning its result.
+pub fn run<T>(
+    format: LogFormat,
+    default_filter: &str,
+    id: &Identity,
+    main: impl std::future::Future<Output = T>,
+) -> std::io::Result<T> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let telemetry = {
+        let _rt = rt.enter();
+        init(format, default_filter, id)
+    };
+    let result = rt.block_on(main);
+    let _rt = rt.enter();
+    telemetry.shutdown();
+    Ok(result)
 }
 
 /// The OTLP endpoint from the environment, when tracing is asked for.
