@@ -26,9 +26,7 @@ done
 printf 'root:x:0:0:root:/:/nonexistent\nsipwarden:x:65532:65532:sipwarden:/data:/nonexistent\n' > "$ctx/etc/passwd"
 printf 'root:x:0:\nsipwarden:x:65532:\n' > "$ctx/etc/group"
 
-# buildah here needs runc and bounded ulimits (see ../shared/ECOSYSTEM.md).
-conf="$ctx/containers.conf"
-printf '[engine]\nruntime = "runc"\n[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n' > "$conf"
-CONTAINERS_CONF="$conf" buildah bud --quiet --network none --layers=false \
+# buildah here needs runc and bounded ulimits (docker/containers.conf).
+CONTAINERS_CONF="$PWD/docker/containers.conf" buildah bud --quiet --network none --layers=false \
   -f docker/Dockerfile -t "$tag" "$ctx" >/dev/null
 echo "$tag"

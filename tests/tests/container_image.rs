@@ -7,15 +7,10 @@ use sipwarden_tests::*;
 use std::process::Command;
 use std::time::Duration;
 
-/// podman and buildah need runc and bounded ulimits here (../shared/ECOSYSTEM.md).
-fn containers_conf(dir: &std::path::Path) -> std::path::PathBuf {
-    let conf = dir.join("containers.conf");
-    std::fs::write(
-        &conf,
-        "[engine]\nruntime = \"runc\"\n[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n",
-    )
-    .unwrap();
-    conf
+/// podman and buildah need runc and bounded ulimits here: the same `docker/containers.conf` the
+/// build script uses.
+fn containers_conf() -> std::path::PathBuf {
+    workspace_root().join("docker/containers.conf")
 }
 
 /// A running container, removed on drop.
@@ -68,8 +63,7 @@ fn run(conf: &std::path::Path, name: &str, image: &str, args: &[&str]) -> Contai
 fn the_image_builds_and_its_processes_start_and_answer_healthz() {
     require_tool("buildah", "buildah");
     require_tool("podman", "podman");
-    let dir = tempfile::tempdir().unwrap();
-    let conf = containers_conf(dir.path());
+    let conf = containers_conf();
     // The binaries of the profile this test was built with.
     let profile = workspace_bin("sipwarden-edge")
         .parent()
