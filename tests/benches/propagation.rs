@@ -60,10 +60,7 @@ fn main() {
         })
         .collect();
     for e in &edges {
-        assert!(wait_until(Duration::from_secs(10), || metric(
-            &e.metrics(),
-            "sipwarden_edge_controller_connected"
-        ) == Some(1.0)));
+        assert!(wait_until(Duration::from_secs(10), || e.connected()));
     }
     let api = &ctls[0];
 

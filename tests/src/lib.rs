@@ -359,6 +359,11 @@ grace_ms = 2000
             .collect()
     }
 
+    /// Whether the edge has a watch stream open to a controller.
+    pub fn connected(&self) -> bool {
+        metric(&self.metrics(), "sipwarden_edge_controller_connected") == Some(1.0)
+    }
+
     pub fn metrics(&self) -> String {
         http_get(self.http, "/metrics")
             .map(|(_, b)| b)

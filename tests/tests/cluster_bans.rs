@@ -48,10 +48,7 @@ impl TwoSites {
         ];
         for e in &edges {
             assert!(
-                wait_until(Duration::from_secs(10), || metric(
-                    &e.metrics(),
-                    "sipwarden_edge_controller_connected"
-                ) == Some(1.0)),
+                wait_until(Duration::from_secs(10), || e.connected()),
                 "edge {} connected to the controller",
                 e.ip
             );
@@ -232,9 +229,7 @@ fn edges_fail_over_between_controllers_and_stay_static_when_all_are_down() {
         endpoints.join(", ")
     );
     let edge = EdgeProc::start("127.0.0.2", &link);
-    let connected =
-        |e: &EdgeProc| metric(&e.metrics(), "sipwarden_edge_controller_connected") == Some(1.0);
-    assert!(wait_until(Duration::from_secs(10), || connected(&edge)));
+    assert!(wait_until(Duration::from_secs(10), || edge.connected()));
 
     let socks: Vec<UdpSocket> = (54..=56)
         .map(|i| UdpSocket::bind(format!("127.0.0.{i}:0")).unwrap())
@@ -266,7 +261,7 @@ fn edges_fail_over_between_controllers_and_stay_static_when_all_are_down() {
     ctls[1].kill();
     ctls[2].kill();
     assert!(
-        wait_until(Duration::from_secs(10), || !connected(&edge)),
+        wait_until(Duration::from_secs(10), || !edge.connected()),
         "the edge noticed"
     );
     assert!(gate_drops_from(

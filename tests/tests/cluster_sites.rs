@@ -21,14 +21,10 @@ fn edge(ip: &str, id: &str, site: &str, pbx: &str, seats: &[Seat]) -> EdgeProc {
         &[("SIPWARDEN_EDGE__ID", id), ("SIPWARDEN_EDGE__SITE", site)],
     );
     assert!(
-        wait_until(Duration::from_secs(10), || connected(&e)),
+        wait_until(Duration::from_secs(10), || e.connected()),
         "edge {id} connected"
     );
     e
-}
-
-fn connected(e: &EdgeProc) -> bool {
-    metric(&e.metrics(), "sipwarden_edge_controller_connected") == Some(1.0)
 }
 
 /// Sends an initial INVITE from `sock` to `edge` and returns the first final status (the PBX
@@ -202,7 +198,7 @@ fn registrations_and_bans_survive_the_leader_and_reach_every_edge_of_the_site() 
     let survivor = survivors[0];
     assert!(binding_of(survivor, "sip:1002@127.0.0.3").is_some());
     b.restart();
-    assert!(wait_until(Duration::from_secs(10), || connected(&b)));
+    assert!(wait_until(Duration::from_secs(10), || b.connected()));
     let phone2 = UdpSocket::bind(format!("{PHONE2_IP}:0")).unwrap();
     assert_eq!(
         invite_status(&phone2, &b, &mut n),
@@ -215,7 +211,7 @@ fn registrations_and_bans_survive_the_leader_and_reach_every_edge_of_the_site() 
     for c in ctls.iter_mut() {
         c.kill();
     }
-    assert!(wait_until(Duration::from_secs(10), || !connected(&a2)));
+    assert!(wait_until(Duration::from_secs(10), || !a2.connected()));
     assert!(banned_at(&a2, &banned, &mut n, Duration::from_secs(2)));
     assert_eq!(invite_status(&phone, &a2, &mut n), Some(200));
     // They come back and the edges catch up with a ban made since.
@@ -285,7 +281,7 @@ fn a_pbx_request_reaching_another_edge_is_relayed_to_the_one_holding_the_phone()
                 ("SIPWARDEN_TRUSTED_PBX", &trusted),
             ],
         );
-        assert!(wait_until(Duration::from_secs(10), || connected(&e)));
+        assert!(wait_until(Duration::from_secs(10), || e.connected()));
         e
     };
     let a1 = start("127.0.0.2", "a1");

@@ -10,10 +10,6 @@ use std::time::Duration;
 
 const PBX_IP: &str = "127.0.0.76";
 
-fn connected(e: &EdgeProc) -> bool {
-    metric(&e.metrics(), "sipwarden_edge_controller_connected") == Some(1.0)
-}
-
 #[test]
 fn edges_and_controllers_authenticate_each_other_with_certificates() {
     let root = tempfile::tempdir().unwrap();
@@ -48,7 +44,7 @@ fn edges_and_controllers_authenticate_each_other_with_certificates() {
 
     let good = edge("127.0.0.2", &client_tls(&edge_cert.cert, &edge_cert.key));
     assert!(
-        wait_until(Duration::from_secs(10), || connected(&good)),
+        wait_until(Duration::from_secs(10), || good.connected()),
         "the edge with the cluster's certificate connects:\n{}",
         good.log()
     );
@@ -81,7 +77,7 @@ fn edges_and_controllers_authenticate_each_other_with_certificates() {
         ("no TLS", &plain),
     ] {
         assert!(
-            !wait_until(Duration::from_secs(3), || connected(e)),
+            !wait_until(Duration::from_secs(3), || e.connected()),
             "an edge with {what} must be refused"
         );
     }
