@@ -236,14 +236,27 @@ impl Edge {
         ));
 
         for (idx, socks) in udp_socks.iter().enumerate() {
-            for s in socks {
-                tracker.spawn(udp::recv_loop(
+            for (n, s) in socks.iter().enumerate() {
+                let (s, d, stop, rt) = (
                     s.clone(),
-                    idx,
-                    cfg.udp.max_datagram,
                     dispatcher.clone(),
                     stop.clone(),
-                ));
+                    tokio::runtime::Handle::current(),
+                );
+                let max = cfg.udp.max_datagram;
+                // The drain waits for the thread: it holds a tracker token until it returns.
+                let token = tracker.token();
+                std::thread::Builder::new()
+                    .name(format!("udp-{idx}-{n}"))
+                    .spawn(move || {
+                        udp::recv_thread(s, idx, max, d, stop, rt);
+                        drop(token);
+                    })
+                    .map_err(|e| StartError::Bind {
+                        what: "UDP thread",
+                        addr: bound[idx],
+                        source: e,
+                    })?;
             }
         }
         for (idx, l) in tcp_listeners.into_iter().enumerate() {

@@ -15,10 +15,10 @@ use crate::proxy::{Action, Dest, Inbound, Outcome};
 use crate::service::Service;
 use crate::sip::Transport;
 use std::net::SocketAddr;
+use std::net::UdpSocket;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
-use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 
 /// How a reply gets back to where a message came from.
@@ -26,6 +26,22 @@ use tracing::{debug, warn};
 pub enum ReplyPath {
     Udp(Arc<UdpSocket>),
     Stream(tokio::sync::mpsc::Sender<bytes::Bytes>),
+}
+
+/// Datagrams a UDP receive thread sends in one `sendmmsg` after its batch: replies and forwards
+/// that leave through the listener it serves.
+pub struct Outbox {
+    listener: usize,
+    queue: Vec<(SocketAddr, Vec<u8>)>,
+}
+
+impl Outbox {
+    pub fn new(listener: usize) -> Outbox {
+        Outbox {
+            listener,
+            queue: Vec::with_capacity(udp::BATCH),
+        }
+    }
 }
 
 /// Runs the service (firewall and proxy) over received messages and sends what it decides.
@@ -54,8 +70,15 @@ impl Dispatcher {
         }
     }
 
-    /// Handles one received message end to end.
-    pub async fn dispatch(self: &Arc<Self>, inb: Inbound<'_>, reply: &ReplyPath) {
+    /// Handles one received message end to end. UDP datagrams for `outbox`'s listener are queued
+    /// there (the receive thread sends its batch at once); everything else is sent now, without
+    /// blocking.
+    pub fn dispatch(
+        self: &Arc<Self>,
+        inb: Inbound<'_>,
+        reply: &ReplyPath,
+        outbox: Option<&mut Outbox>,
+    ) {
         let handled = self.service.handle(&inb);
         let (decision, kind, method) = (handled.decision, handled.kind, handled.method);
         self.metrics
@@ -81,33 +104,39 @@ impl Dispatcher {
         }
         match decision.action {
             Action::Drop => {}
-            Action::Reply(bytes) => self.reply(reply, inb.source, bytes).await,
+            Action::Reply(bytes) => self.reply(reply, inb.source, bytes, outbox),
             Action::Forward {
                 transport,
                 dest,
                 listener,
                 bytes,
-            } => self.send(transport, dest, listener, bytes).await,
+            } => self.send(transport, dest, listener, bytes, outbox),
         }
     }
 
-    async fn reply(&self, path: &ReplyPath, to: SocketAddr, bytes: Vec<u8>) {
-        let ok = match path {
-            ReplyPath::Udp(sock) => sock.send_to(&bytes, to).await.is_ok(),
-            ReplyPath::Stream(tx) => tx.try_send(bytes.into()).is_ok(),
+    fn reply(&self, path: &ReplyPath, to: SocketAddr, bytes: Vec<u8>, outbox: Option<&mut Outbox>) {
+        let ok = match (path, outbox) {
+            (ReplyPath::Udp(_), Some(out)) => {
+                out.queue.push((to, bytes));
+                true
+            }
+            (ReplyPath::Udp(sock), None) => udp::send_now(sock, &bytes, to),
+            (ReplyPath::Stream(tx), _) => tx.try_send(bytes.into()).is_ok(),
         };
         if !ok {
             self.send_error(Transport::Udp);
         }
     }
 
-    /// Sends `bytes` to `dest` over `transport`.
-    pub async fn send(
+    /// Sends `bytes` to `dest` over `transport` (queued in `outbox` when it is a datagram for
+    /// the outbox's listener).
+    pub fn send(
         self: &Arc<Self>,
         transport: Transport,
         dest: Dest,
         listener: usize,
         bytes: Vec<u8>,
+        outbox: Option<&mut Outbox>,
     ) {
         let addr = match dest {
             Dest::Addr(a) => a,
@@ -117,7 +146,7 @@ impl Dispatcher {
                 tokio::spawn(async move {
                     match tokio::net::lookup_host((host.as_str(), port)).await {
                         Ok(mut addrs) => match addrs.next() {
-                            Some(a) => me.send_to_addr(transport, a, listener, bytes).await,
+                            Some(a) => me.send_to_addr(transport, a, listener, bytes, None),
                             None => me.send_error(transport),
                         },
                         Err(e) => {
@@ -129,25 +158,30 @@ impl Dispatcher {
                 return;
             }
         };
-        self.send_to_addr(transport, addr, listener, bytes).await;
+        self.send_to_addr(transport, addr, listener, bytes, outbox);
     }
 
-    async fn send_to_addr(
+    fn send_to_addr(
         self: &Arc<Self>,
         transport: Transport,
         addr: SocketAddr,
         listener: usize,
         bytes: Vec<u8>,
+        outbox: Option<&mut Outbox>,
     ) {
         match transport {
             Transport::Udp => {
+                if let Some(out) = outbox.filter(|o| o.listener == listener) {
+                    out.queue.push((addr, bytes));
+                    return;
+                }
                 let sock = self
                     .udp
                     .get(listener)
                     .and_then(|s| s.first())
                     .or_else(|| self.udp.iter().find_map(|s| s.first()));
                 let ok = match sock {
-                    Some(s) => s.send_to(&bytes, addr).await.is_ok(),
+                    Some(s) => udp::send_now(s, &bytes, addr),
                     None => false,
                 };
                 if !ok {
@@ -187,7 +221,7 @@ impl Dispatcher {
         self.malformed(transport, source, "datagram exceeds udp.max_datagram");
     }
 
-    fn send_error(&self, transport: Transport) {
+    pub fn send_error(&self, transport: Transport) {
         self.metrics
             .send_errors
             .get_or_create(&TransportLabels {

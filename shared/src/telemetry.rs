@@ -129,20 +129,29 @@ fn tracer_provider(id: &Identity) -> Option<SdkTracerProvider> {
     Some(provider)
 }
 
-/// Log lines to stderr in `format`.
-fn log_layer<S>(format: LogFormat) -> Box<dyn Layer<S> + Send + Sync>
+/// Log lines to stderr in `format`, for the events `filter` passes. Spans are not logged and log
+/// lines do not carry their span's fields (every line names what it concerns): with no exporter a
+/// span then costs nothing — the edge opens one per SIP message, and formatting its fields for a
+/// log layer that never prints them was a measurable share of the hot path.
+fn log_layer<S>(format: LogFormat, filter: EnvFilter) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
+    use tracing_subscriber::filter::{filter_fn, FilterExt};
+    let filter = filter_fn(|m| m.is_event()).and(filter);
     match format {
         LogFormat::Text => fmt::layer()
             .with_ansi(std::io::stderr().is_terminal())
             .with_writer(std::io::stderr)
+            .with_filter(filter)
             .boxed(),
         LogFormat::Json => fmt::layer()
             .json()
             .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
             .with_writer(std::io::stderr)
+            .with_filter(filter)
             .boxed(),
     }
 }
@@ -155,10 +164,9 @@ pub fn init(format: LogFormat, default_filter: &str, id: &Identity) -> Telemetry
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let Some(provider) = tracer_provider(id) else {
-        // No exporter: one global filter, as cheap as logging alone.
+        // No exporter: logging alone.
         let _ = tracing_subscriber::registry()
-            .with(filter)
-            .with(log_layer(format))
+            .with(log_layer(format, filter))
             .try_init();
         return Telemetry { provider: None };
     };
@@ -173,7 +181,7 @@ pub fn init(format: LogFormat, default_filter: &str, id: &Identity) -> Telemetry
                 .with_target("security", tracing::Level::WARN),
         );
     let _ = tracing_subscriber::registry()
-        .with(log_layer(format).with_filter(filter))
+        .with(log_layer(format, filter))
         .with(otel)
         .try_init();
     Telemetry {

@@ -44,10 +44,9 @@ impl<'a> SipView<'a> {
 
     /// The request method, or the CSeq method of a response.
     pub fn method(&self) -> &'a str {
-        match &self.m.start {
-            crate::sip::message::StartLine::Request { method, .. } => method.as_str(),
-            crate::sip::message::StartLine::Response { .. } => self.m.cseq().map_or("", |(_, m)| m),
-        }
+        self.m
+            .method()
+            .unwrap_or_else(|| self.m.cseq().map_or("", |(_, m)| m))
     }
 
     pub fn is_request(&self) -> bool {

@@ -205,7 +205,7 @@ async fn run(
                         transport: Transport::Tcp,
                         listener,
                     };
-                    d.dispatch(inb, &reply).await;
+                    d.dispatch(inb, &reply, None);
                 }
                 Err(e) => {
                     if matches!(

@@ -1,16 +1,35 @@
 //! UDP listeners: `sockets` sockets bound to one address with `SO_REUSEPORT` so the kernel spreads
-//! datagrams over several receive tasks.
+//! datagrams over them, each served by its own thread.
+//!
+//! A receive thread blocks in `recvmmsg` (up to [`BATCH`] datagrams per call, `MSG_WAITFORONE`),
+//! runs the service on each datagram in place and sends what the batch produced on its own socket
+//! with one `sendmmsg`. The service is synchronous, so nothing here crosses into the async runtime:
+//! no task wake-up, no `epoll` round per datagram, no hand-off between worker threads — the
+//! kernel wakes the thread that then does all the work, as Kamailio's UDP workers do. Rare work
+//! that must wait (a next hop by name, a TCP connect) is spawned onto the runtime, which the thread
+//! has entered.
 
-use super::{Dispatcher, ReplyPath};
+use super::{Dispatcher, Outbox, ReplyPath};
 use crate::proxy::Inbound;
 use crate::sip::Transport;
+use nix::errno::Errno;
+use nix::sys::socket::{recvmmsg, sendmmsg, sendto, MsgFlags, MultiHeaders, SockaddrStorage};
 use socket2::{Domain, Protocol, Socket, Type};
-use std::net::SocketAddr;
+use std::io::{IoSlice, IoSliceMut};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use tokio::net::UdpSocket;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Binds `n` sockets to `addr` (the first one resolves port 0 for the rest).
+/// Datagrams per `recvmmsg` / `sendmmsg` call.
+pub const BATCH: usize = 32;
+
+/// How long a receive thread blocks before it looks at the stop token.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Binds `n` sockets to `addr` (the first one resolves port 0 for the rest). The sockets are
+/// blocking, with a receive timeout of [`POLL`].
 pub fn bind(addr: SocketAddr, n: usize) -> std::io::Result<Vec<Arc<UdpSocket>>> {
     let mut out = Vec::with_capacity(n);
     let mut at = addr;
@@ -20,49 +39,152 @@ pub fn bind(addr: SocketAddr, n: usize) -> std::io::Result<Vec<Arc<UdpSocket>>> 
         s.set_reuse_port(true)?;
         let _ = s.set_recv_buffer_size(4 << 20);
         let _ = s.set_send_buffer_size(4 << 20);
-        s.set_nonblocking(true)?;
+        s.set_read_timeout(Some(POLL))?;
         s.bind(&at.into())?;
-        let sock = UdpSocket::from_std(s.into())?;
+        let sock: UdpSocket = s.into();
         at = sock.local_addr()?;
         out.push(Arc::new(sock));
     }
     Ok(out)
 }
 
-/// Receives datagrams until `stop`, each handed to the dispatcher. Datagrams longer than
-/// `max_datagram` and keep-alives (CRLFs, NULs) are dropped here.
-pub async fn recv_loop(
+/// Sends one datagram without blocking (from async code, or to another listener's socket).
+pub fn send_now(sock: &UdpSocket, bytes: &[u8], to: SocketAddr) -> bool {
+    let addr = SockaddrStorage::from(to);
+    sendto(sock.as_raw_fd(), bytes, &addr, MsgFlags::MSG_DONTWAIT).is_ok()
+}
+
+fn socket_addr(s: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = s.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    s.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+}
+
+/// Whether a datagram is only a keep-alive (CRLFs, spaces, NULs).
+fn keepalive(data: &[u8]) -> bool {
+    data.iter().all(|b| matches!(b, b'\r' | b'\n' | b' ' | 0))
+}
+
+/// Receives datagrams until `stop`, each handed to the dispatcher; what a batch produces for this
+/// listener leaves through this socket in one `sendmmsg`. Datagrams longer than `max_datagram`
+/// and keep-alives are dropped here. Runs on its own thread; `rt` is the runtime that rare
+/// asynchronous work is spawned onto.
+pub fn recv_thread(
     sock: Arc<UdpSocket>,
     listener: usize,
     max_datagram: usize,
     dispatcher: Arc<Dispatcher>,
     stop: CancellationToken,
+    rt: tokio::runtime::Handle,
 ) {
-    let mut buf = vec![0u8; max_datagram + 1];
+    let _rt = rt.enter();
+    let fd = sock.as_raw_fd();
+    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; max_datagram + 1]).collect();
+    let mut rx_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let mut tx_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let mut out = Outbox::new(listener);
     let reply = ReplyPath::Udp(sock.clone());
-    loop {
-        let (n, source) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = sock.recv_from(&mut buf) => match r {
-                Ok(x) => x,
-                // ICMP errors surface here on Linux; they concern an earlier send, not this socket.
+    while !stop.is_cancelled() {
+        {
+            let mut slices: Vec<[IoSliceMut<'_>; 1]> = bufs
+                .iter_mut()
+                .map(|b| [IoSliceMut::new(&mut b[..])])
+                .collect();
+            let received = match recvmmsg(
+                fd,
+                &mut rx_headers,
+                slices.iter_mut(),
+                MsgFlags::MSG_WAITFORONE,
+                None,
+            ) {
+                Ok(r) => r,
+                // Timeout (to look at `stop`), a signal, or an ICMP error that concerns an earlier
+                // send rather than this socket.
                 Err(_) => continue,
-            },
-        };
-        let data = &buf[..n];
-        if data.iter().all(|b| matches!(b, b'\r' | b'\n' | b' ' | 0)) {
-            continue;
+            };
+            for msg in received {
+                let Some(source) = msg.address.as_ref().and_then(socket_addr) else {
+                    continue;
+                };
+                let n = msg.bytes;
+                let Some(data) = msg.iovs().next() else {
+                    continue;
+                };
+                let data = &data[..n.min(data.len())];
+                if keepalive(data) {
+                    continue;
+                }
+                if n > max_datagram {
+                    dispatcher.oversize(Transport::Udp, source);
+                    continue;
+                }
+                let inb = Inbound {
+                    bytes: data,
+                    source,
+                    transport: Transport::Udp,
+                    listener,
+                };
+                dispatcher.dispatch(inb, &reply, Some(&mut out));
+            }
         }
-        if n > max_datagram {
-            dispatcher.oversize(Transport::Udp, source);
-            continue;
+        flush(fd, &mut tx_headers, &mut out, &dispatcher);
+    }
+}
+
+/// Sends everything queued in `out` through `fd`, [`BATCH`] datagrams per `sendmmsg`. A datagram
+/// the kernel refuses is counted and skipped; the rest still go.
+fn flush(
+    fd: i32,
+    headers: &mut MultiHeaders<SockaddrStorage>,
+    out: &mut Outbox,
+    dispatcher: &Dispatcher,
+) {
+    let mut at = 0;
+    while at < out.queue.len() {
+        let chunk = &out.queue[at..(at + BATCH).min(out.queue.len())];
+        let slices: Vec<[IoSlice<'_>; 1]> = chunk.iter().map(|(_, b)| [IoSlice::new(b)]).collect();
+        let addrs: Vec<Option<SockaddrStorage>> = chunk
+            .iter()
+            .map(|(a, _)| Some(SockaddrStorage::from(*a)))
+            .collect();
+        match sendmmsg(fd, headers, slices.iter(), &addrs, [], MsgFlags::empty()) {
+            Ok(sent) => {
+                let n = sent.count();
+                if n == 0 {
+                    dispatcher.send_error(Transport::Udp);
+                    at += 1;
+                } else {
+                    at += n;
+                }
+            }
+            Err(Errno::EINTR) => {}
+            Err(_) => {
+                // The first datagram of the chunk failed (unreachable, no buffer): skip it.
+                dispatcher.send_error(Transport::Udp);
+                at += 1;
+            }
         }
-        let inb = Inbound {
-            bytes: data,
-            source,
-            transport: Transport::Udp,
-            listener,
-        };
-        dispatcher.dispatch(inb, &reply).await;
+    }
+    out.queue.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keepalives_are_recognised() {
+        assert!(keepalive(b"\r\n\r\n"));
+        assert!(keepalive(b"\0"));
+        assert!(!keepalive(b"OPTIONS sip:a SIP/2.0\r\n"));
+    }
+
+    #[test]
+    fn addresses_convert_both_families() {
+        for a in ["127.0.0.1:5060", "[::1]:5070"] {
+            let a: SocketAddr = a.parse().unwrap();
+            assert_eq!(socket_addr(&SockaddrStorage::from(a)), Some(a));
+        }
     }
 }
