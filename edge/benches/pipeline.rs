@@ -1,6 +1,9 @@
 //! Criterion benchmarks of the threat pipeline: the pre-parse gate over a ban set of 100,000
 //! addresses and networks (a hit, a miss, an allowlisted source), and whole messages through
-//! gate, parse, filters and proxy. Run with `cargo bench -p sipwarden-edge`.
+//! gate, parse, filters and proxy, and whole transactions (an OPTIONS and its 200; an INVITE call)
+//! both ways through the service as the load benchmark drives them. Run with
+//! `cargo bench -p sipwarden-edge`; for an instruction profile, run the bench binary under
+//! `valgrind --tool=callgrind … --bench --profile-time 5 <name>`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use sipwarden_edge::backend::Backends;
@@ -10,7 +13,7 @@ use sipwarden_edge::config::{self, EdgeConfig, Listener};
 use sipwarden_edge::flow::FlowKeys;
 use sipwarden_edge::metrics::Metrics;
 use sipwarden_edge::policy::Policy;
-use sipwarden_edge::proxy::{Inbound, Proxy, Side};
+use sipwarden_edge::proxy::{Action, Inbound, Proxy, Side};
 use sipwarden_edge::service::Service;
 use sipwarden_edge::sip::Transport;
 use std::hint::black_box;
@@ -155,5 +158,70 @@ fn whole_message(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, gate, whole_message);
+/// What the service sends for `bytes` from `src`: the forwarded or answered bytes.
+fn through(svc: &Service, bytes: &[u8], src: &str) -> Vec<u8> {
+    let inb = Inbound {
+        bytes,
+        source: src.parse().unwrap(),
+        transport: Transport::Udp,
+        listener: 0,
+    };
+    match svc.handle(&inb).decision.action {
+        Action::Forward { bytes, .. } | Action::Reply(bytes) => bytes,
+        Action::Drop => panic!("dropped: {}", String::from_utf8_lossy(inb.bytes)),
+    }
+}
+
+/// The UAS's answer to the request `req` as it arrived: `code reason`, the Via stack, From, To
+/// (with a tag), Call-ID and CSeq copied, as SIPp's `[last_*]` does.
+fn answer(req: &[u8], code: &str) -> Vec<u8> {
+    let text = String::from_utf8_lossy(req);
+    let mut out = format!("SIP/2.0 {code}\r\n");
+    for line in text.split("\r\n").skip(1).take_while(|l| !l.is_empty()) {
+        let name = line.split(':').next().unwrap_or("").to_ascii_lowercase();
+        match name.as_str() {
+            "via" | "from" | "call-id" | "cseq" | "record-route" => {
+                out.push_str(line);
+                out.push_str("\r\n");
+            }
+            "to" if line.contains("tag=") => out.push_str(&format!("{line}\r\n")),
+            "to" => out.push_str(&format!("{line};tag=uas1\r\n")),
+            _ => {}
+        }
+    }
+    out.push_str("Content-Length: 0\r\n\r\n");
+    out.into_bytes()
+}
+
+const UAC: &str = "198.51.100.77:5060";
+
+fn options() -> &'static [u8] {
+    b"OPTIONS sip:probe@192.0.2.10:5060 SIP/2.0\r\n\
+Via: SIP/2.0/UDP 198.51.100.77:5060;branch=z9hG4bK-1234-1-0;rport\r\n\
+From: <sip:bench@198.51.100.77>;tag=1234b1\r\n\
+To: <sip:probe@192.0.2.10:5060>\r\n\
+Call-ID: 1-1234@198.51.100.77\r\n\
+CSeq: 1 OPTIONS\r\n\
+Max-Forwards: 70\r\n\
+User-Agent: sipwarden-bench\r\n\
+Content-Length: 0\r\n\r\n"
+}
+
+fn transactions(c: &mut Criterion) {
+    let svc = service(ban_store());
+    let mut g = c.benchmark_group("transaction");
+    let req = options();
+    let fwd = through(&svc, req, UAC);
+    let resp = answer(&fwd, "200 OK");
+    assert!(through(&svc, &resp, PBX).starts_with(b"SIP/2.0 200"));
+    g.bench_function("options_request_and_200", |b| {
+        b.iter(|| {
+            black_box(through(&svc, black_box(req), UAC));
+            black_box(through(&svc, black_box(&resp), PBX));
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, gate, whole_message, transactions);
 criterion_main!(benches);

@@ -24,7 +24,9 @@ pub const PREFIX: &str = "sw1";
 /// with the old one are still in registrations and dialogs). Debug output never shows key bytes.
 #[derive(Clone)]
 pub struct FlowKeys {
-    keys: Vec<([u8; 32], u8)>,
+    /// `(HMAC keyed once, key id)`: each MAC clones the keyed state instead of hashing the key's
+    /// inner and outer pads again.
+    keys: Vec<(HmacSha256, u8)>,
 }
 
 impl std::fmt::Debug for FlowKeys {
@@ -60,13 +62,15 @@ impl FlowKeys {
         I: IntoIterator<Item = K>,
         K: AsRef<[u8]>,
     {
-        let keys: Vec<([u8; 32], u8)> = secrets
+        let keys: Vec<(HmacSha256, u8)> = secrets
             .into_iter()
             .filter(|s| s.as_ref().len() >= 16)
             .map(|s| {
                 let k: [u8; 32] = Sha256::digest(s.as_ref()).into();
                 let id = Sha256::digest(k)[0];
-                (k, id)
+                let mac =
+                    <HmacSha256 as Mac>::new_from_slice(&k).expect("HMAC takes any key length");
+                (mac, id)
             })
             .collect();
         (!keys.is_empty()).then_some(FlowKeys { keys })
@@ -170,8 +174,8 @@ fn decode_fields(signed: &[u8]) -> Option<FlowToken> {
     })
 }
 
-fn mac_with(key: &[u8; 32], parts: &[&[u8]]) -> [u8; 32] {
-    let mut m = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+fn mac_with(key: &HmacSha256, parts: &[&[u8]]) -> [u8; 32] {
+    let mut m = key.clone();
     for p in parts {
         m.update(&(p.len() as u32).to_be_bytes());
         m.update(p);
