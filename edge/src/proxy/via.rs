@@ -40,7 +40,7 @@ impl ViaInfo {
             return None;
         }
         let rest = rest.trim_start();
-        let t_end = rest.find(|c: char| c == ' ' || c == '\t')?;
+        let t_end = rest.find([' ', '\t'])?;
         let transport = Transport::parse(&rest[..t_end])?;
         let rest = rest[t_end..].trim_start();
         let (sent_by, params) = match rest.find(';') {
