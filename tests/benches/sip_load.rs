@@ -1,18 +1,34 @@
-//! CPU per SIP transaction: the release edge (full default policy, 10,000 banned addresses) and
+//! The load benchmark: the release edge (full default policy, 10,000 banned addresses) and
 //! Kamailio 5.6 as an equivalent stateless proxy (`bench/kamailio-proxy.cfg`: sanity, scanner
-//! User-Agent drop, a 10,000-entry htable ban lookup, pike), measured side by side in one run
-//! with the same SIPp UAC in front and SIPp UAS behind, on loopback. For each offered rate: the
-//! proxy's user+system CPU (all its processes, from /proc) divided by the transactions SIPp
-//! completed, and the ratio edge/Kamailio. Per-source limits (the edge's flood and rate rules,
-//! Kamailio's pike) are raised above the offered load, since one SIPp address sends it all.
+//! User-Agent drop, a 10,000-entry htable ban lookup, pike) side by side in one run, each between
+//! the same SIPp UAC in front and SIPp UAS (`bench_uas.xml`) behind, on loopback.
+//!
+//! For each workload (`options`: OPTIONS–200; `register`: REGISTER–200 over 1,000 users; `call`:
+//! INVITE–200–ACK–BYE–200), transport (UDP, TCP) and offered rate, runs are interleaved (edge,
+//! Kamailio, edge, …) so both see the same machine, and each reports:
+//! - the proxy's CPU (user+system of all its threads and processes, from /proc) per completed
+//!   transaction or call, with the user/system split, and the ratio edge/Kamailio;
+//! - round-trip percentiles of an OPTIONS probe (200/s, from its own address, µs clock) sent
+//!   through the proxy during the load, next to the same load and probe sent to the UAS directly,
+//!   so the latency a proxy adds is p(proxy) − p(direct);
+//! - failed transactions.
+//!
+//! With `SW_BENCH_MAX=1` it then looks for each proxy's maximum rate with under 0.1% failures:
+//! rates rise in steps of `SW_BENCH_MAX_STEP` (default 2,500/s) until a run fails more than 0.1% or
+//! cannot keep up (its wall time exceeds the offered duration by 20%), and reports the last rate
+//! that passed and the latencies at half of it.
 //!
 //! `cargo build --release --workspace --bins && cargo bench -p sipwarden-tests --bench sip_load`
-//! Environment: `SW_BENCH_RATES` (default `2000,5000`), `SW_BENCH_SECONDS`
-//! (default 10), `SW_BENCH_RUNS` (default 3).
+//! Environment: `SW_BENCH_WORKLOADS` (default `options,register,call`), `SW_BENCH_TRANSPORTS`
+//! (default `udp,tcp`), `SW_BENCH_RATES` (default `2000,5000`), `SW_BENCH_SECONDS` (default 10),
+//! `SW_BENCH_RUNS` (default 3), `SW_BENCH_MAX`, `SW_BENCH_MAX_STEP`.
 
 use sipwarden_tests::*;
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const UAS_IP: &str = "127.0.0.101";
@@ -22,9 +38,9 @@ const UAC_IP: &str = "127.0.0.103";
 /// Clock ticks per second for /proc/<pid>/stat (USER_HZ; 100 on Linux).
 const HZ: f64 = 100.0;
 
-/// user+system ticks of `pid` and every descendant.
-fn cpu_ticks(root: u32) -> u64 {
-    let mut stats: Vec<(u32, u32, u64)> = Vec::new();
+/// (user, system) ticks of `pid` and every descendant.
+fn cpu_ticks(root: u32) -> (u64, u64) {
+    let mut stats: Vec<(u32, u32, u64, u64)> = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
@@ -37,8 +53,9 @@ fn cpu_ticks(root: u32) -> u64 {
         };
         let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
         let ppid = f[1].parse().unwrap_or(0);
-        let ticks = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
-        stats.push((pid, ppid, ticks));
+        let user = f[11].parse::<u64>().unwrap_or(0);
+        let sys = f[12].parse::<u64>().unwrap_or(0);
+        stats.push((pid, ppid, user, sys));
     }
     let mut family = vec![root];
     let mut i = 0;
@@ -50,8 +67,7 @@ fn cpu_ticks(root: u32) -> u64 {
     stats
         .iter()
         .filter(|s| family.contains(&s.0))
-        .map(|s| s.2)
-        .sum()
+        .fold((0, 0), |(u, s), x| (u + x.2, s + x.3))
 }
 
 /// 10,000 banned addresses (10.1.x.y), the same set Kamailio's htable holds.
@@ -62,32 +78,79 @@ fn banned_networks() -> String {
     list.join(", ")
 }
 
-fn start_edge(uas: &str) -> EdgeProc {
+#[derive(Clone, Copy, PartialEq)]
+enum Workload {
+    Options,
+    Register,
+    Call,
+}
+
+impl Workload {
+    fn parse(s: &str) -> Option<Workload> {
+        match s {
+            "options" => Some(Workload::Options),
+            "register" => Some(Workload::Register),
+            "call" => Some(Workload::Call),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Options => "OPTIONS",
+            Workload::Register => "REGISTER",
+            Workload::Call => "INVITE call",
+        }
+    }
+
+    fn unit(self) -> &'static str {
+        match self {
+            Workload::Call => "call",
+            _ => "transaction",
+        }
+    }
+
+    fn scenario(self) -> PathBuf {
+        scenario(match self {
+            Workload::Options => "bench_options.xml",
+            Workload::Register => "bench_register.xml",
+            Workload::Call => "bench_call.xml",
+        })
+    }
+}
+
+/// The edge with the default policy, 10,000 bans, `uas` as its backend over `transport`. Limits
+/// that key on the one SIPp address or account (flood, request rates, calls per account) are
+/// raised above the offered load, as Kamailio's pike is.
+fn start_edge(uas: &str, transport: &str) -> EdgeProc {
     EdgeProc::start(
         PROXY_IP,
         &format!(
-            "[[backends]]\naddress = \"{uas}\"\n\n\
+            "[[backends]]\naddress = \"{uas}\"\ntransport = \"{transport}\"\n\n\
 [policy.bans]\nnetworks = [{}]\n\n\
 [policy.flood]\nrate_per_s = 1000000\nburst = 1000000\n\n\
 [policy.rate.options]\nper_source_per_min = 100000000\nper_aor_per_min = 0\n\n\
+[policy.rate.register]\nper_source_per_min = 100000000\nper_aor_per_min = 100000000\n\n\
+[policy.rate.invite]\nper_source_per_min = 100000000\nper_aor_per_min = 100000000\n\n\
+[policy.tollfraud]\ncalls_per_min = 100000000\nconcurrent_calls = 1000000\n\n\
 [log]\nformat = \"text\"\n",
             banned_networks()
         ),
     )
 }
 
-fn start_kamailio(dir: &Path, port: u16, uas: &str) -> Proc {
+fn start_kamailio(dir: &Path, port: u16, uas: &str, transport: &str) -> Proc {
     let kamailio = require_tool("kamailio", "kamailio");
     let cfg = std::fs::read_to_string(workspace_root().join("bench/kamailio-proxy.cfg"))
         .expect("bench/kamailio-proxy.cfg")
         .replace("@IP@", PROXY_IP)
         .replace("@PORT@", &port.to_string())
-        .replace("@UAS_HOST@", uas.split(':').next().unwrap_or(uas))
-        .replace("@UAS_PORT@", uas.rsplit(':').next().unwrap_or("5060"))
+        .replace("@UAS@", uas)
+        .replace("@TRANSPORT@", transport)
         .replace("@PIKE@", "100000000");
-    let path = dir.join("kamailio-proxy.cfg");
+    let path = dir.join(format!("kamailio-{transport}.cfg"));
     std::fs::write(&path, cfg).unwrap();
-    let log = std::fs::File::create(dir.join("kamailio.log")).unwrap();
+    let log = std::fs::File::create(dir.join(format!("kamailio-{transport}.log"))).unwrap();
     let p = Proc::spawn(
         "kamailio",
         Command::new(kamailio)
@@ -97,47 +160,71 @@ fn start_kamailio(dir: &Path, port: u16, uas: &str) -> Proc {
             .stderr(Stdio::from(log)),
     );
     assert!(
-        wait_until(Duration::from_secs(10), || port_bound("udp", port)),
+        wait_until(Duration::from_secs(10), || port_bound("udp", port)
+            && port_bound("tcp", port)),
         "kamailio did not start"
     );
     p
 }
 
-/// Offers `rate` OPTIONS/s for `seconds` through `target`; returns (completed, failed, wall).
-fn load(dir: &Path, target: &str, rate: u32, seconds: u32) -> (u64, u64, Duration) {
+/// SIPp as the UAS (no message trace: it would cost more than the proxy).
+fn start_uas(dir: &Path, port: u16, transport: &str) -> Proc {
+    let sipp = require_tool("sipp", "sip-tester");
+    let p = Proc::spawn(
+        "sipp uas",
+        Command::new(sipp)
+            .current_dir(dir)
+            .arg("-sf")
+            .arg(scenario("bench_uas.xml"))
+            .args(["-i", UAS_IP, "-p", &port.to_string()])
+            .args(["-t", if transport == "tcp" { "t1" } else { "u1" }])
+            .args(["-nostdin", "-deadcall_wait", "0", "-max_socket", "1000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || port_bound(transport, port)),
+        "sipp uas did not start"
+    );
+    p
+}
+
+/// What one SIPp run did.
+struct Run {
+    ok: u64,
+    failed: u64,
+    wall: Duration,
+    /// Response times of the latency probe during the run, ms, sorted.
+    rtts: Vec<f64>,
+    /// The proxy's (user, system) CPU seconds over the run, when a proxy was measured.
+    cpu: Option<(f64, f64)>,
+}
+
+/// Offers `rate` scenarios/s of `w` for `seconds` through `target` over `transport`.
+fn load(dir: &Path, target: &str, w: Workload, transport: &str, rate: u32, seconds: u32) -> Run {
     let sipp = require_tool("sipp", "sip-tester");
     let calls = rate * seconds;
-    let stats = dir.join(format!("uac-{rate}-{}.csv", std::process::id()));
+    let work = tempfile::tempdir_in(dir).unwrap();
+    let users = work.path().join("users.csv");
+    let mut csv = String::from("SEQUENTIAL\n");
+    for u in 0..1000 {
+        csv.push_str(&format!("{};\n", 2000 + u));
+    }
+    std::fs::write(&users, csv).unwrap();
+    let stats = work.path().join("screen.txt");
     let started = Instant::now();
-    let out = Command::new(sipp)
-        .current_dir(dir)
+    let _ = Command::new(sipp)
+        .current_dir(work.path())
         .arg(target)
         .arg("-sf")
-        .arg(scenario("bench_options.xml"))
-        .args([
-            "-i",
-            UAC_IP,
-            "-p",
-            &free_port(UAC_IP).to_string(),
-            "-t",
-            "u1",
-        ])
-        .args([
-            "-s",
-            "probe",
-            "-r",
-            &rate.to_string(),
-            "-m",
-            &calls.to_string(),
-        ])
-        .args([
-            "-l",
-            "20000",
-            "-recv_timeout",
-            "5000",
-            "-deadcall_wait",
-            "0",
-        ])
+        .arg(w.scenario())
+        .arg("-inf")
+        .arg(&users)
+        .args(["-i", UAC_IP, "-p", &free_port(UAC_IP).to_string()])
+        .args(["-t", if transport == "tcp" { "t1" } else { "u1" }])
+        .args(["-s", "probe", "-r", &rate.to_string()])
+        .args(["-m", &calls.to_string(), "-l", "20000"])
+        .args(["-recv_timeout", "5000", "-deadcall_wait", "0"])
         .args(["-timeout", &format!("{}s", seconds * 3 + 10), "-nostdin"])
         .args(["-trace_screen", "-screen_file"])
         .arg(&stats)
@@ -155,85 +242,341 @@ fn load(dir: &Path, target: &str, rate: u32, seconds: u32) -> (u64, u64, Duratio
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
     };
-    let ok = count("Successful call");
-    let failed = count("Failed call");
-    let _ = out;
-    (ok, failed, wall)
+    let _ = work.close();
+    Run {
+        ok: count("Successful call"),
+        failed: count("Failed call"),
+        wall,
+        rtts: Vec::new(),
+        cpu: None,
+    }
 }
 
-fn median(v: &mut [f64]) -> f64 {
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
 }
 
-fn main() {
-    let rates: Vec<u32> = std::env::var("SW_BENCH_RATES")
-        .unwrap_or_else(|_| "2000,5000".into())
-        .split(',')
-        .filter_map(|r| r.trim().parse().ok())
-        .collect();
-    let seconds: u32 = std::env::var("SW_BENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
-    let runs: usize = std::env::var("SW_BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
-    let root = tempfile::tempdir().unwrap();
-    let uas_port = free_port(UAS_IP);
-    let _uas = SippServer::start_with(
-        root.path(),
-        "pbx.xml",
-        UAS_IP,
-        uas_port,
-        "udp",
-        &["-deadcall_wait", "0"],
-    );
-    let uas = format!("{UAS_IP}:{uas_port}");
-    let edge = start_edge(&uas);
-    let kam_port = free_port(PROXY_IP);
-    let kamailio = start_kamailio(root.path(), kam_port, &uas);
-    let targets: [(&str, u32, String); 2] = [
-        ("edge", edge.proc.pid(), edge.addr()),
-        ("kamailio", kamailio.pid(), format!("{PROXY_IP}:{kam_port}")),
-    ];
-    println!("OPTIONS over UDP, {seconds} s per run, {runs} runs per rate, µs of proxy CPU per transaction (median, min–max):");
-    for rate in rates {
-        let mut per_tx: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-        let mut failures = [0u64; 2];
-        for _ in 0..runs {
-            // Interleaved, so both see the same machine.
-            for (k, (_, pid, addr)) in targets.iter().enumerate() {
-                let before = cpu_ticks(*pid);
-                let (ok, failed, _wall) = load(root.path(), addr, rate, seconds);
-                let cpu = (cpu_ticks(*pid) - before) as f64 / HZ;
-                failures[k] += failed;
-                if ok > 0 {
-                    per_tx[k].push(cpu * 1e6 / ok as f64);
+/// `median (min–max)` of `v`.
+fn spread(v: &[f64]) -> String {
+    if v.is_empty() {
+        return "n/a".into();
+    }
+    let min = v.iter().cloned().fold(f64::MAX, f64::min);
+    let max = v.iter().cloned().fold(f64::MIN, f64::max);
+    format!("{:.1} ({min:.1}–{max:.1})", median(v))
+}
+
+/// One proxy (or none: straight to the UAS) under load.
+struct Target {
+    name: &'static str,
+    pid: Option<u32>,
+    addr: String,
+}
+
+/// Figures of one target at one rate over several runs.
+#[derive(Default)]
+struct Figures {
+    per_unit_us: Vec<f64>,
+    user_share: Vec<f64>,
+    p50_ms: Vec<f64>,
+    p99_ms: Vec<f64>,
+    ok: u64,
+    failed: u64,
+}
+
+/// OPTIONS sent every [`PROBE_EVERY`] to `target` over `transport` from an address of its own
+/// until `stop`; returns the round-trip times in ms, sorted. SIPp's response-time trace counts
+/// whole milliseconds, too coarse for a proxy's added latency, so the benchmark measures it here.
+fn probe(target: SocketAddr, transport: &str, stop: Arc<AtomicBool>) -> Vec<f64> {
+    use std::io::{Read, Write};
+    let tcp = transport == "tcp";
+    let udp_sock = (!tcp).then(|| {
+        let s = std::net::UdpSocket::bind((UAC_IP, 0)).expect("probe socket");
+        s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+        s
+    });
+    let mut tcp_sock = tcp.then(|| {
+        let s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))
+            .expect("probe connection");
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+        s
+    });
+    let local = match (&udp_sock, &tcp_sock) {
+        (Some(u), _) => u.local_addr().unwrap(),
+        (_, Some(t)) => t.local_addr().unwrap(),
+        _ => unreachable!(),
+    };
+    let mut sent: std::collections::HashMap<u64, Instant> = Default::default();
+    let mut rtts = Vec::new();
+    let mut pending = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    let started = Instant::now();
+    let mut n = 0u64;
+    // Bounded: the run it accompanies lasts at most a few minutes.
+    while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(600) {
+        if started.elapsed() >= PROBE_EVERY * n as u32 {
+            n += 1;
+            let msg = format!(
+                "OPTIONS sip:probe@{target} SIP/2.0\r\n\
+Via: SIP/2.0/{} {local};branch=z9hG4bKprobe{n};rport\r\n\
+From: <sip:probe@{local}>;tag=p{n}\r\nTo: <sip:probe@{target}>\r\n\
+Call-ID: probe-{n}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n\
+User-Agent: sipwarden-bench-probe\r\nContent-Length: 0\r\n\r\n",
+                transport.to_uppercase()
+            );
+            sent.insert(n, Instant::now());
+            let _ = match (&udp_sock, &mut tcp_sock) {
+                (Some(u), _) => u.send_to(msg.as_bytes(), target).map(|_| ()),
+                (_, Some(t)) => t.write_all(msg.as_bytes()),
+                _ => Ok(()),
+            };
+        }
+        let got = match (&udp_sock, &mut tcp_sock) {
+            (Some(u), _) => u.recv(&mut buf),
+            (_, Some(t)) => t.read(&mut buf),
+            _ => Ok(0),
+        };
+        let Ok(len) = got else { continue };
+        let at = Instant::now();
+        pending.extend_from_slice(&buf[..len]);
+        // Responses carry no body: each ends at its blank line.
+        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let text = String::from_utf8_lossy(&pending[..end]).into_owned();
+            pending.drain(..end + 4);
+            let id = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Call-ID: probe-"))
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            if let Some(t0) = id.and_then(|id| sent.remove(&id)) {
+                if text.starts_with("SIP/2.0 200") {
+                    rtts.push((at - t0).as_secs_f64() * 1e3);
                 }
             }
         }
-        let mut line = |k: usize| {
-            let v = &mut per_tx[k];
-            if v.is_empty() {
-                return ("no completed transactions".to_string(), f64::NAN);
+    }
+    rtts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    rtts
+}
+
+/// How often the latency probe sends (200/s).
+const PROBE_EVERY: Duration = Duration::from_millis(5);
+
+fn measure(dir: &Path, t: &Target, w: Workload, transport: &str, rate: u32, secs: u32) -> Run {
+    let before = t.pid.map(cpu_ticks);
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = {
+        let (target, transport, stop) =
+            (t.addr.parse().unwrap(), transport.to_string(), stop.clone());
+        std::thread::spawn(move || probe(target, &transport, stop))
+    };
+    let mut run = load(dir, &t.addr, w, transport, rate, secs);
+    stop.store(true, Ordering::Relaxed);
+    run.rtts = prober.join().unwrap_or_default();
+    if let (Some(pid), Some((u0, s0))) = (t.pid, before) {
+        let (u1, s1) = cpu_ticks(pid);
+        run.cpu = Some(((u1 - u0) as f64 / HZ, (s1 - s0) as f64 / HZ));
+    }
+    run
+}
+
+fn record(f: &mut Figures, run: Run) {
+    f.ok += run.ok;
+    f.failed += run.failed;
+    if let Some((user, sys)) = run.cpu.filter(|_| run.ok > 0) {
+        f.per_unit_us.push((user + sys) * 1e6 / run.ok as f64);
+        f.user_share.push(100.0 * user / (user + sys).max(1e-9));
+    }
+    if !run.rtts.is_empty() {
+        f.p50_ms.push(percentile(&run.rtts, 0.50));
+        f.p99_ms.push(percentile(&run.rtts, 0.99));
+    }
+}
+
+fn env_list(name: &str, default: &str) -> Vec<String> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+fn env_num(name: &str, default: u32) -> u32 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Whether a run at `rate` for `secs` kept up with under 0.1% failures.
+fn passed(run: &Run, rate: u32, secs: u32) -> bool {
+    let total = run.ok + run.failed;
+    total > 0
+        && (run.failed as f64) < 0.001 * total as f64
+        && run.ok as f64 >= 0.999 * (rate * secs) as f64
+        && run.wall.as_secs_f64() <= secs as f64 * 1.2 + 1.0
+}
+
+fn main() {
+    let workloads: Vec<Workload> = env_list("SW_BENCH_WORKLOADS", "options,register,call")
+        .iter()
+        .filter_map(|w| Workload::parse(w))
+        .collect();
+    let transports = env_list("SW_BENCH_TRANSPORTS", "udp,tcp");
+    let rates: Vec<u32> = env_list("SW_BENCH_RATES", "2000,5000")
+        .iter()
+        .filter_map(|r| r.parse().ok())
+        .collect();
+    let seconds = env_num("SW_BENCH_SECONDS", 10);
+    let runs = env_num("SW_BENCH_RUNS", 3) as usize;
+    let find_max = std::env::var("SW_BENCH_MAX").is_ok_and(|v| v == "1");
+    let step = env_num("SW_BENCH_MAX_STEP", 2500);
+    let root = tempfile::tempdir().unwrap();
+
+    println!(
+        "{seconds} s per run, {runs} runs per rate; CPU in µs per transaction or call, median (min–max) over runs; latency in ms at the UAC"
+    );
+    for transport in &transports {
+        let transport = transport.as_str();
+        let uas_port = free_port(UAS_IP);
+        let _uas = start_uas(root.path(), uas_port, transport);
+        let uas = format!("{UAS_IP}:{uas_port}");
+        let edge = start_edge(&uas, transport);
+        let kam_port = free_port(PROXY_IP);
+        let kamailio = start_kamailio(root.path(), kam_port, &uas, transport);
+        let targets = [
+            Target {
+                name: "edge",
+                pid: Some(edge.proc.pid()),
+                addr: edge.addr(),
+            },
+            Target {
+                name: "kamailio",
+                pid: Some(kamailio.pid()),
+                addr: format!("{PROXY_IP}:{kam_port}"),
+            },
+            Target {
+                name: "direct",
+                pid: None,
+                addr: uas.clone(),
+            },
+        ];
+        // The registered-source rule lets only registered sources call: register the UAC's
+        // address once (the call workload's INVITEs then come from a registered source).
+        let _ = load(
+            root.path(),
+            &targets[0].addr,
+            Workload::Register,
+            transport,
+            10,
+            1,
+        );
+        for &w in &workloads {
+            println!("\n{} over {}:", w.name(), transport.to_uppercase());
+            for &rate in &rates {
+                let mut figs: [Figures; 3] = Default::default();
+                for _ in 0..runs {
+                    for (k, t) in targets.iter().enumerate() {
+                        let run = measure(root.path(), t, w, transport, rate, seconds);
+                        record(&mut figs[k], run);
+                    }
+                }
+                report(w, rate, &targets, &figs);
             }
-            let (min, max) = (
-                v.iter().cloned().fold(f64::MAX, f64::min),
-                v.iter().cloned().fold(0.0, f64::max),
-            );
-            let m = median(v);
-            (
-                format!("{m:.1} µs ({min:.1}–{max:.1}), {} failed", failures[k]),
-                m,
+            if find_max {
+                for t in &targets[..2] {
+                    let mut best = 0;
+                    let mut rate = step;
+                    loop {
+                        let run = load(root.path(), &t.addr, w, transport, rate, seconds);
+                        if !passed(&run, rate, seconds) {
+                            println!(
+                                "  {}: {rate}/s failed ({} ok, {} failed, {:.1} s)",
+                                t.name,
+                                run.ok,
+                                run.failed,
+                                run.wall.as_secs_f64()
+                            );
+                            break;
+                        }
+                        best = rate;
+                        rate += step;
+                    }
+                    println!("  {}: maximum {best}/s with under 0.1% failures", t.name);
+                    if best >= 2 {
+                        let half = best / 2;
+                        let run = measure(root.path(), t, w, transport, half, seconds);
+                        let direct = measure(root.path(), &targets[2], w, transport, half, seconds);
+                        let (p50, p99) = (percentile(&run.rtts, 0.5), percentile(&run.rtts, 0.99));
+                        let (d50, d99) = (
+                            percentile(&direct.rtts, 0.5),
+                            percentile(&direct.rtts, 0.99),
+                        );
+                        println!(
+                            "  {} at {half}/s (half the maximum): p50 {p50:.3} ms, p99 {p99:.3} ms; direct p50 {d50:.3}, p99 {d99:.3}; added p99 {:.3} ms; {} failed",
+                            t.name,
+                            p99 - d99,
+                            run.failed
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn report(w: Workload, rate: u32, targets: &[Target], figs: &[Figures; 3]) {
+    println!("  {rate}/s offered:");
+    for (t, f) in targets.iter().zip(figs) {
+        let cpu = if t.pid.is_some() {
+            format!(
+                "{} µs/{} ({:.0}% user), ",
+                spread(&f.per_unit_us),
+                w.unit(),
+                median(&f.user_share)
             )
+        } else {
+            String::new()
         };
-        let (e, em) = line(0);
-        let (k, km) = line(1);
         println!(
-            "  {rate}/s: edge {e}; kamailio {k}; edge/kamailio {:.2}",
-            em / km
+            "    {:<8} {cpu}p50 {} ms, p99 {} ms, {} ok, {} failed",
+            t.name,
+            spread3(&f.p50_ms),
+            spread3(&f.p99_ms),
+            f.ok,
+            f.failed
         );
     }
+    let ratio = median(&figs[0].per_unit_us) / median(&figs[1].per_unit_us);
+    let added = |f: &Figures| median(&f.p99_ms) - median(&figs[2].p99_ms);
+    println!(
+        "    edge/kamailio CPU {ratio:.2}; p99 added: edge {:.3} ms, kamailio {:.3} ms",
+        added(&figs[0]),
+        added(&figs[1])
+    );
+}
+
+/// `median (min–max)` with three decimals (milliseconds).
+fn spread3(v: &[f64]) -> String {
+    if v.is_empty() {
+        return "n/a".into();
+    }
+    let min = v.iter().cloned().fold(f64::MAX, f64::min);
+    let max = v.iter().cloned().fold(f64::MIN, f64::max);
+    format!("{:.3} ({min:.3}–{max:.3})", median(v))
 }
