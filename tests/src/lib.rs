@@ -7,6 +7,7 @@
 //! digest auth; [`sipvicious`] runs the attacker; [`controller`] runs `sipwarden-controller`
 //! processes.
 
+pub mod bench;
 pub mod controller;
 pub mod kamailio;
 pub mod mmdb;

@@ -1,0 +1,149 @@
+//! The flood benchmark: a banned source sends SIP datagrams at the release edge as fast as a
+//! loopback sender can (`SW_FLOOD_SENDERS` threads, default 1, each a `send_to` loop of one
+//! SIPVicious-style OPTIONS from 127.0.0.66, which the edge's ban list holds beside the 10,000 of
+//! the load benchmark) while SIPp offers a legitimate OPTIONS load through the edge to a SIPp UAS.
+//!
+//! Each run measures the legitimate load twice, without and then with the flood, and reports:
+//! - datagrams sent by the flooder, dropped by the edge's gate (its `outcome="dropped"` counter)
+//!   and lost in the kernel before the edge read them (sent − dropped);
+//! - the edge's CPU per dropped datagram: (CPU with flood − CPU without) / dropped, so the
+//!   legitimate load's own cost is taken out;
+//! - the legitimate load's failures and the round-trip percentiles of the latency probe, with and
+//!   without the flood.
+//!
+//! `cargo build --release --workspace --bins && cargo bench -p sipwarden-tests --bench flood`
+//! Environment: `SW_FLOOD_RATE` (legitimate OPTIONS/s, default 1000), `SW_BENCH_SECONDS` (default
+//! 10), `SW_BENCH_RUNS` (default 3), `SW_FLOOD_SENDERS` (default 1).
+
+use sipwarden_tests::bench::*;
+use sipwarden_tests::*;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const FLOODER_IP: &str = "127.0.0.66";
+
+/// Datagrams the edge dropped so far (all `outcome="dropped"` message counters).
+fn dropped(edge: &EdgeProc) -> f64 {
+    edge.metrics()
+        .lines()
+        .filter(|l| {
+            l.starts_with("sipwarden_edge_messages_total{") && l.contains("outcome=\"dropped\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Sends one scanner OPTIONS to `target` in a loop until `stop` (bounded to ten minutes); counts
+/// what the kernel accepted into `sent`.
+fn flood(target: std::net::SocketAddr, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>) {
+    let sock = std::net::UdpSocket::bind((FLOODER_IP, 0)).expect("flooder socket");
+    let local = sock.local_addr().unwrap();
+    let msg = format!(
+        "OPTIONS sip:100@{target} SIP/2.0\r\n\
+Via: SIP/2.0/UDP {local};branch=z9hG4bK-flood;rport\r\n\
+Max-Forwards: 70\r\nTo: \"sipvicious\"<sip:100@1.1.1.1>\r\n\
+From: \"sipvicious\"<sip:100@1.1.1.1>;tag=flood\r\n\
+User-Agent: friendly-scanner\r\nCall-ID: flood\r\nCSeq: 1 OPTIONS\r\n\
+Accept: application/sdp\r\nContent-Length: 0\r\n\r\n"
+    );
+    let started = Instant::now();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(600) {
+        for _ in 0..256 {
+            if sock.send_to(msg.as_bytes(), target).is_ok() {
+                n += 1;
+            }
+        }
+    }
+    sent.fetch_add(n, Ordering::Relaxed);
+}
+
+fn main() {
+    let rate = env_num("SW_FLOOD_RATE", 1000);
+    let seconds = env_num("SW_BENCH_SECONDS", 10);
+    let runs = env_num("SW_BENCH_RUNS", 3);
+    let senders = env_num("SW_FLOOD_SENDERS", 1).max(1);
+    let root = tempfile::tempdir().unwrap();
+    let uas_port = free_port(UAS_IP);
+    let _uas = start_uas(root.path(), uas_port, "udp");
+    let uas = format!("{UAS_IP}:{uas_port}");
+    let edge = start_edge_banning(&uas, "udp", &[&format!("{FLOODER_IP}/32")]);
+    let target = Target {
+        name: "edge",
+        pid: Some(edge.proc.pid()),
+        addr: edge.addr(),
+    };
+    let cpu = |r: &Run| r.cpu.map_or(0.0, |(u, s)| u + s);
+    println!(
+        "Flood from a banned address ({senders} sender thread(s)) during {rate} legitimate OPTIONS/s over UDP, {seconds} s per run:"
+    );
+    let (mut per_drop_ns, mut drop_rate, mut lost_share) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 1..=runs {
+        let calm = measure(
+            root.path(),
+            &target,
+            Workload::Options,
+            "udp",
+            rate,
+            seconds,
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let before = dropped(&edge);
+        let flooders: Vec<_> = (0..senders)
+            .map(|_| {
+                let (t, stop, sent) = (edge.addr().parse().unwrap(), stop.clone(), sent.clone());
+                std::thread::spawn(move || flood(t, stop, sent))
+            })
+            .collect();
+        let stormy = measure(
+            root.path(),
+            &target,
+            Workload::Options,
+            "udp",
+            rate,
+            seconds,
+        );
+        stop.store(true, Ordering::Relaxed);
+        for f in flooders {
+            let _ = f.join();
+        }
+        // The last datagrams in the socket buffer drain within moments.
+        std::thread::sleep(Duration::from_millis(200));
+        let drops = dropped(&edge) - before;
+        let sent = sent.load(Ordering::Relaxed) as f64;
+        let wall = stormy.wall.as_secs_f64();
+        let extra_cpu =
+            cpu(&stormy) - cpu(&calm) * stormy.wall.as_secs_f64() / calm.wall.as_secs_f64();
+        let ns = extra_cpu * 1e9 / drops.max(1.0);
+        per_drop_ns.push(ns);
+        drop_rate.push(drops / wall);
+        lost_share.push(100.0 * (sent - drops).max(0.0) / sent.max(1.0));
+        println!(
+            "  run {run}: sent {:.0}/s, edge dropped {:.0}/s ({:.1}% lost in the kernel first); edge CPU {:.2} s without, {:.2} s with the flood → {ns:.0} ns per dropped datagram",
+            sent / wall,
+            drops / wall,
+            100.0 * (sent - drops).max(0.0) / sent.max(1.0),
+            cpu(&calm),
+            cpu(&stormy),
+        );
+        println!(
+            "    legitimate load: without flood p50 {:.3} ms, p99 {:.3} ms, {} ok, {} failed; with flood p50 {:.3} ms, p99 {:.3} ms, {} ok, {} failed",
+            percentile(&calm.rtts, 0.5),
+            percentile(&calm.rtts, 0.99),
+            calm.ok,
+            calm.failed,
+            percentile(&stormy.rtts, 0.5),
+            percentile(&stormy.rtts, 0.99),
+            stormy.ok,
+            stormy.failed,
+        );
+    }
+    println!(
+        "  over runs: {} ns per dropped datagram, median (min–max); {:.0} drops/s, {:.1}% lost in the kernel",
+        spread(&per_drop_ns),
+        median(&drop_rate),
+        median(&lost_share)
+    );
+}

@@ -1,0 +1,406 @@
+//! The load benchmarks' rig (`benches/sip_load.rs`, `benches/flood.rs`): the proxies under test
+//! (the release edge with the default policy and 10,000 bans; Kamailio with
+//! `bench/kamailio-proxy.cfg`), SIPp as UAC and UAS, CPU from /proc, and a latency probe with a
+//! microsecond clock.
+
+use crate::*;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const UAS_IP: &str = "127.0.0.101";
+pub const PROXY_IP: &str = "127.0.0.102";
+pub const UAC_IP: &str = "127.0.0.103";
+
+/// Clock ticks per second for /proc/<pid>/stat (USER_HZ; 100 on Linux).
+pub const HZ: f64 = 100.0;
+
+/// (user, system) ticks of `pid` and every descendant.
+pub fn cpu_ticks(root: u32) -> (u64, u64) {
+    let mut stats: Vec<(u32, u32, u64, u64)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let ppid = f[1].parse().unwrap_or(0);
+        let user = f[11].parse::<u64>().unwrap_or(0);
+        let sys = f[12].parse::<u64>().unwrap_or(0);
+        stats.push((pid, ppid, user, sys));
+    }
+    let mut family = vec![root];
+    let mut i = 0;
+    while i < family.len() {
+        let p = family[i];
+        family.extend(stats.iter().filter(|s| s.1 == p).map(|s| s.0));
+        i += 1;
+    }
+    stats
+        .iter()
+        .filter(|s| family.contains(&s.0))
+        .fold((0, 0), |(u, s), x| (u + x.2, s + x.3))
+}
+
+/// 10,000 banned addresses (10.1.x.y), the same set Kamailio's htable holds.
+pub fn banned_networks() -> String {
+    let list: Vec<String> = (0..10_000)
+        .map(|i| format!("\"10.1.{}.{}/32\"", i / 250, i % 250))
+        .collect();
+    list.join(", ")
+}
+
+#[derive(Clone, Copy, PartialEq)]
+pub enum Workload {
+    Options,
+    Register,
+    Call,
+}
+
+impl Workload {
+    pub fn parse(s: &str) -> Option<Workload> {
+        match s {
+            "options" => Some(Workload::Options),
+            "register" => Some(Workload::Register),
+            "call" => Some(Workload::Call),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Options => "OPTIONS",
+            Workload::Register => "REGISTER",
+            Workload::Call => "INVITE call",
+        }
+    }
+
+    pub fn unit(self) -> &'static str {
+        match self {
+            Workload::Call => "call",
+            _ => "transaction",
+        }
+    }
+
+    pub fn scenario(self) -> PathBuf {
+        scenario(match self {
+            Workload::Options => "bench_options.xml",
+            Workload::Register => "bench_register.xml",
+            Workload::Call => "bench_call.xml",
+        })
+    }
+}
+
+/// The edge with the default policy, 10,000 bans, `uas` as its backend over `transport`. Limits
+/// that key on the one SIPp address or account (flood, request rates, calls per account) are
+/// raised above the offered load, as Kamailio's pike is.
+pub fn start_edge(uas: &str, transport: &str) -> EdgeProc {
+    start_edge_banning(uas, transport, &[])
+}
+
+/// As [`start_edge`], with `more` banned besides the 10,000.
+pub fn start_edge_banning(uas: &str, transport: &str, more: &[&str]) -> EdgeProc {
+    let mut bans = banned_networks();
+    for b in more {
+        bans.push_str(&format!(", \"{b}\""));
+    }
+    EdgeProc::start(
+        PROXY_IP,
+        &format!(
+            "[[backends]]\naddress = \"{uas}\"\ntransport = \"{transport}\"\n\n\
+[policy.bans]\nnetworks = [{}]\n\n\
+[policy.flood]\nrate_per_s = 1000000\nburst = 1000000\n\n\
+[policy.rate.options]\nper_source_per_min = 100000000\nper_aor_per_min = 0\n\n\
+[policy.rate.register]\nper_source_per_min = 100000000\nper_aor_per_min = 100000000\n\n\
+[policy.rate.invite]\nper_source_per_min = 100000000\nper_aor_per_min = 100000000\n\n\
+[policy.tollfraud]\ncalls_per_min = 100000000\nconcurrent_calls = 1000000\n\n\
+[log]\nformat = \"text\"\n",
+            bans
+        ),
+    )
+}
+
+pub fn start_kamailio(dir: &Path, port: u16, uas: &str, transport: &str) -> Proc {
+    let kamailio = require_tool("kamailio", "kamailio");
+    let cfg = std::fs::read_to_string(workspace_root().join("bench/kamailio-proxy.cfg"))
+        .expect("bench/kamailio-proxy.cfg")
+        .replace("@IP@", PROXY_IP)
+        .replace("@PORT@", &port.to_string())
+        .replace("@UAS@", uas)
+        .replace("@TRANSPORT@", transport)
+        .replace("@PIKE@", "100000000");
+    let path = dir.join(format!("kamailio-{transport}.cfg"));
+    std::fs::write(&path, cfg).unwrap();
+    let log = std::fs::File::create(dir.join(format!("kamailio-{transport}.log"))).unwrap();
+    let p = Proc::spawn(
+        "kamailio",
+        Command::new(kamailio)
+            .args(["-DD", "-E", "-x", "tlsf", "-m", "256", "-M", "16", "-f"])
+            .arg(&path)
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log)),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || port_bound("udp", port)
+            && port_bound("tcp", port)),
+        "kamailio did not start"
+    );
+    p
+}
+
+/// SIPp as the UAS (no message trace: it would cost more than the proxy).
+pub fn start_uas(dir: &Path, port: u16, transport: &str) -> Proc {
+    let sipp = require_tool("sipp", "sip-tester");
+    let p = Proc::spawn(
+        "sipp uas",
+        Command::new(sipp)
+            .current_dir(dir)
+            .arg("-sf")
+            .arg(scenario("bench_uas.xml"))
+            .args(["-i", UAS_IP, "-p", &port.to_string()])
+            .args(["-t", if transport == "tcp" { "t1" } else { "u1" }])
+            .args(["-nostdin", "-deadcall_wait", "0", "-max_socket", "1000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || port_bound(transport, port)),
+        "sipp uas did not start"
+    );
+    p
+}
+
+/// What one SIPp run did.
+pub struct Run {
+    pub ok: u64,
+    pub failed: u64,
+    pub wall: Duration,
+    /// Response times of the latency probe during the run, ms, sorted.
+    pub rtts: Vec<f64>,
+    /// The proxy's (user, system) CPU seconds over the run, when a proxy was measured.
+    pub cpu: Option<(f64, f64)>,
+}
+
+/// Offers `rate` scenarios/s of `w` for `seconds` through `target` over `transport`.
+pub fn load(
+    dir: &Path,
+    target: &str,
+    w: Workload,
+    transport: &str,
+    rate: u32,
+    seconds: u32,
+) -> Run {
+    let sipp = require_tool("sipp", "sip-tester");
+    let calls = rate * seconds;
+    let work = tempfile::tempdir_in(dir).unwrap();
+    let users = work.path().join("users.csv");
+    let mut csv = String::from("SEQUENTIAL\n");
+    for u in 0..1000 {
+        csv.push_str(&format!("{};\n", 2000 + u));
+    }
+    std::fs::write(&users, csv).unwrap();
+    let stats = work.path().join("screen.txt");
+    let started = Instant::now();
+    let _ = Command::new(sipp)
+        .current_dir(work.path())
+        .arg(target)
+        .arg("-sf")
+        .arg(w.scenario())
+        .arg("-inf")
+        .arg(&users)
+        .args(["-i", UAC_IP, "-p", &free_port(UAC_IP).to_string()])
+        .args(["-t", if transport == "tcp" { "t1" } else { "u1" }])
+        .args(["-s", "probe", "-r", &rate.to_string()])
+        .args(["-m", &calls.to_string(), "-l", "20000"])
+        .args(["-recv_timeout", "5000", "-deadcall_wait", "0"])
+        .args(["-timeout", &format!("{}s", seconds * 3 + 10), "-nostdin"])
+        .args(["-trace_screen", "-screen_file"])
+        .arg(&stats)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("sipp");
+    let wall = started.elapsed();
+    let screen = std::fs::read_to_string(&stats).unwrap_or_default();
+    let count = |label: &str| -> u64 {
+        screen
+            .lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .and_then(|l| l.split('|').nth(2))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let _ = work.close();
+    Run {
+        ok: count("Successful call"),
+        failed: count("Failed call"),
+        wall,
+        rtts: Vec::new(),
+        cpu: None,
+    }
+}
+
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// `median (min–max)` of `v`.
+pub fn spread(v: &[f64]) -> String {
+    if v.is_empty() {
+        return "n/a".into();
+    }
+    let min = v.iter().cloned().fold(f64::MAX, f64::min);
+    let max = v.iter().cloned().fold(f64::MIN, f64::max);
+    format!("{:.1} ({min:.1}–{max:.1})", median(v))
+}
+
+/// One proxy (or none: straight to the UAS) under load.
+pub struct Target {
+    pub name: &'static str,
+    pub pid: Option<u32>,
+    pub addr: String,
+}
+
+/// OPTIONS sent every [`PROBE_EVERY`] to `target` over `transport` from an address of its own
+/// until `stop`; returns the round-trip times in ms, sorted. SIPp's response-time trace counts
+/// whole milliseconds, too coarse for a proxy's added latency, so the benchmark measures it here.
+pub fn probe(target: SocketAddr, transport: &str, stop: Arc<AtomicBool>) -> Vec<f64> {
+    use std::io::{Read, Write};
+    let tcp = transport == "tcp";
+    let udp_sock = (!tcp).then(|| {
+        let s = std::net::UdpSocket::bind((UAC_IP, 0)).expect("probe socket");
+        s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+        s
+    });
+    let mut tcp_sock = tcp.then(|| {
+        let s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))
+            .expect("probe connection");
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+        s
+    });
+    let local = match (&udp_sock, &tcp_sock) {
+        (Some(u), _) => u.local_addr().unwrap(),
+        (_, Some(t)) => t.local_addr().unwrap(),
+        _ => unreachable!(),
+    };
+    let mut sent: std::collections::HashMap<u64, Instant> = Default::default();
+    let mut rtts = Vec::new();
+    let mut pending = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    let started = Instant::now();
+    let mut n = 0u64;
+    // Bounded: the run it accompanies lasts at most a few minutes.
+    while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(600) {
+        if started.elapsed() >= PROBE_EVERY * n as u32 {
+            n += 1;
+            let msg = format!(
+                "OPTIONS sip:probe@{target} SIP/2.0\r\n\
+Via: SIP/2.0/{} {local};branch=z9hG4bKprobe{n};rport\r\n\
+From: <sip:probe@{local}>;tag=p{n}\r\nTo: <sip:probe@{target}>\r\n\
+Call-ID: probe-{n}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n\
+User-Agent: sipwarden-bench-probe\r\nContent-Length: 0\r\n\r\n",
+                transport.to_uppercase()
+            );
+            sent.insert(n, Instant::now());
+            let _ = match (&udp_sock, &mut tcp_sock) {
+                (Some(u), _) => u.send_to(msg.as_bytes(), target).map(|_| ()),
+                (_, Some(t)) => t.write_all(msg.as_bytes()),
+                _ => Ok(()),
+            };
+        }
+        let got = match (&udp_sock, &mut tcp_sock) {
+            (Some(u), _) => u.recv(&mut buf),
+            (_, Some(t)) => t.read(&mut buf),
+            _ => Ok(0),
+        };
+        let Ok(len) = got else { continue };
+        let at = Instant::now();
+        pending.extend_from_slice(&buf[..len]);
+        // Responses carry no body: each ends at its blank line.
+        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let text = String::from_utf8_lossy(&pending[..end]).into_owned();
+            pending.drain(..end + 4);
+            let id = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Call-ID: probe-"))
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            if let Some(t0) = id.and_then(|id| sent.remove(&id)) {
+                if text.starts_with("SIP/2.0 200") {
+                    rtts.push((at - t0).as_secs_f64() * 1e3);
+                }
+            }
+        }
+    }
+    rtts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    rtts
+}
+
+/// How often the latency probe sends (200/s).
+pub const PROBE_EVERY: Duration = Duration::from_millis(5);
+
+pub fn measure(dir: &Path, t: &Target, w: Workload, transport: &str, rate: u32, secs: u32) -> Run {
+    let before = t.pid.map(cpu_ticks);
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = {
+        let (target, transport, stop) =
+            (t.addr.parse().unwrap(), transport.to_string(), stop.clone());
+        std::thread::spawn(move || probe(target, &transport, stop))
+    };
+    let mut run = load(dir, &t.addr, w, transport, rate, secs);
+    stop.store(true, Ordering::Relaxed);
+    run.rtts = prober.join().unwrap_or_default();
+    if let (Some(pid), Some((u0, s0))) = (t.pid, before) {
+        let (u1, s1) = cpu_ticks(pid);
+        run.cpu = Some(((u1 - u0) as f64 / HZ, (s1 - s0) as f64 / HZ));
+    }
+    run
+}
+
+pub fn env_list(name: &str, default: &str) -> Vec<String> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+pub fn env_num(name: &str, default: u32) -> u32 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// `median (min–max)` with three decimals (milliseconds).
+pub fn spread3(v: &[f64]) -> String {
+    if v.is_empty() {
+        return "n/a".into();
+    }
+    let min = v.iter().cloned().fold(f64::MAX, f64::min);
+    let max = v.iter().cloned().fold(f64::MIN, f64::max);
+    format!("{:.3} ({min:.3}–{max:.3})", median(v))
+}
