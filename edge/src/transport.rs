@@ -10,7 +10,7 @@ pub mod framer;
 pub mod tcp;
 pub mod udp;
 
-use crate::metrics::{MessageLabels, Metrics, TransportLabels};
+use crate::metrics::{MessageCounters, MessageLabels, Metrics, TransportLabels};
 use crate::proxy::{Action, Dest, Inbound, Outcome};
 use crate::service::Service;
 use crate::sip::Transport;
@@ -51,6 +51,7 @@ pub struct Dispatcher {
     /// UDP sockets per listener index (empty for TCP listeners).
     pub udp: Vec<Vec<Arc<UdpSocket>>>,
     pub tcp: Arc<tcp::Registry>,
+    counters: MessageCounters,
     log_budget: LogBudget,
 }
 
@@ -63,6 +64,7 @@ impl Dispatcher {
     ) -> Dispatcher {
         Dispatcher {
             service,
+            counters: MessageCounters::new(metrics.messages.clone()),
             metrics,
             udp,
             tcp,
@@ -81,15 +83,12 @@ impl Dispatcher {
     ) {
         let handled = self.service.handle(&inb);
         let (decision, kind, method) = (handled.decision, handled.kind, handled.method);
-        self.metrics
-            .messages
-            .get_or_create(&MessageLabels {
-                kind,
-                method,
-                direction: decision.side.label(),
-                outcome: decision.outcome.label(),
-            })
-            .inc();
+        self.counters.inc(&MessageLabels {
+            kind,
+            method,
+            direction: decision.side.label(),
+            outcome: decision.outcome.label(),
+        });
         if let Some(reason) = &decision.reason {
             if self.log_budget.allow() {
                 let level_warn = matches!(decision.outcome, Outcome::Malformed)
@@ -198,19 +197,16 @@ impl Dispatcher {
 
     /// Counts and logs (within the log budget) input that never reached the parser.
     pub fn malformed(&self, transport: Transport, source: SocketAddr, why: &str) {
-        self.metrics
-            .messages
-            .get_or_create(&MessageLabels {
-                kind: "request",
-                method: "unknown",
-                direction: if self.service.proxy.is_pbx_addr(source) {
-                    "from_pbx"
-                } else {
-                    "from_internet"
-                },
-                outcome: Outcome::Malformed.label(),
-            })
-            .inc();
+        self.counters.inc(&MessageLabels {
+            kind: "request",
+            method: "unknown",
+            direction: if self.service.proxy.is_pbx_addr(source) {
+                "from_pbx"
+            } else {
+                "from_internet"
+            },
+            outcome: Outcome::Malformed.label(),
+        });
         if self.log_budget.allow() {
             warn!(%source, %transport, reason = why, "malformed input dropped");
         }
