@@ -130,6 +130,9 @@ pub struct Udp {
     /// Sockets bound to each UDP listener with `SO_REUSEPORT`, each with its own receive task.
     pub sockets: usize,
     pub max_datagram: usize,
+    /// Datagrams a second from one banned IPv4 source, dropped by the gate, that move the source
+    /// into the kernel shield (a BPF socket filter that drops it before user space); 0 disables.
+    pub shield_pps: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -262,6 +265,7 @@ impl Default for Udp {
         Udp {
             sockets: std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 16)),
             max_datagram: 65_507,
+            shield_pps: 1000,
         }
     }
 }

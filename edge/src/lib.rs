@@ -233,7 +233,23 @@ impl Edge {
             metrics.clone(),
             udp_socks.clone(),
             registry,
+            cfg.udp.shield_pps,
         ));
+        if cfg.udp.shield_pps > 0 {
+            // Sources leave the kernel shield when their ban ends or they become allowed.
+            let (d, m, stop) = (dispatcher.clone(), metrics.clone(), stop.clone());
+            tracker.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    let n = d.shield.prune(|a| !d.service.admits(a));
+                    m.shielded_sources.set(n as i64);
+                }
+            });
+        }
 
         for (idx, socks) in udp_socks.iter().enumerate() {
             for (n, s) in socks.iter().enumerate() {

@@ -59,6 +59,7 @@ pub struct Metrics {
     pub security_events: Family<SecurityLabels, Counter>,
     pub bans_active: Family<OriginLabels, Gauge>,
     pub registrations_active: Gauge,
+    pub shielded_sources: Gauge,
     pub policy_reloads: Family<ReasonLabels, Counter>,
     pub controller_connected: Gauge,
     pub watch_revision: Gauge,
@@ -113,6 +114,12 @@ impl Default for Metrics {
             "bans_active",
             "Networks in the ban set in force",
             bans_active.clone(),
+        );
+        let shielded_sources = Gauge::default();
+        registry.register(
+            "shielded_sources",
+            "Banned sources dropped in the kernel by the shield's socket filter (not counted per message)",
+            shielded_sources.clone(),
         );
         let registrations_active = Gauge::default();
         registry.register(
@@ -180,6 +187,7 @@ impl Default for Metrics {
             security_events,
             bans_active,
             registrations_active,
+            shielded_sources,
             policy_reloads,
             messages,
             backend_up,
@@ -295,7 +303,10 @@ mod tests {
         c.inc(&l("unknown", "malformed"));
         c.inc(&l("WEIRD", "forwarded"));
         assert_eq!(m.messages.get_or_create(&l("OPTIONS", "dropped")).get(), 2);
-        assert_eq!(m.messages.get_or_create(&l("unknown", "malformed")).get(), 1);
+        assert_eq!(
+            m.messages.get_or_create(&l("unknown", "malformed")).get(),
+            1
+        );
         assert_eq!(m.messages.get_or_create(&l("WEIRD", "forwarded")).get(), 1);
         assert_eq!(m.messages.get_or_create(&l("INVITE", "dropped")).get(), 0);
     }

@@ -28,6 +28,8 @@ pub struct Handled {
     /// `request` or `response`.
     pub kind: &'static str,
     pub method: &'static str,
+    /// The gate dropped it because its source is banned.
+    pub banned: bool,
 }
 
 /// `(kind, method)` from the start line alone (no parse): responses say `unknown`.
@@ -97,12 +99,14 @@ impl Service {
         let meta = self
             .firewall
             .meta(inb.source, inb.transport, side, inb.bytes.len());
-        if self.firewall.gate(&meta) != Verdict::Allow {
+        let gate = self.firewall.gate(&meta);
+        if gate != Verdict::Allow {
             let (kind, method) = start_line_labels(inb.bytes);
             return Handled {
                 decision: dropped(side),
                 kind,
                 method,
+                banned: matches!(gate, Verdict::Drop { rule: "ban" }),
             };
         }
         let m = match Message::parse(inb.bytes) {
@@ -113,6 +117,7 @@ impl Service {
                     decision: proxy::malformed(inb.bytes, &e, side),
                     kind,
                     method,
+                    banned: false,
                 };
             }
         };
@@ -138,6 +143,7 @@ impl Service {
             decision,
             kind: if is_request { "request" } else { "response" },
             method: method_label(sip.method()),
+            banned: false,
         }
     }
 

@@ -7,6 +7,7 @@
 //! - [`framer`]: Content-Length framing and keep-alives on streams.
 
 pub mod framer;
+pub mod shield;
 pub mod tcp;
 pub mod udp;
 
@@ -51,6 +52,8 @@ pub struct Dispatcher {
     /// UDP sockets per listener index (empty for TCP listeners).
     pub udp: Vec<Vec<Arc<UdpSocket>>>,
     pub tcp: Arc<tcp::Registry>,
+    /// Flooding banned sources dropped in the kernel.
+    pub shield: shield::Shield,
     counters: MessageCounters,
     log_budget: LogBudget,
 }
@@ -61,8 +64,11 @@ impl Dispatcher {
         metrics: Arc<Metrics>,
         udp: Vec<Vec<Arc<UdpSocket>>>,
         tcp: Arc<tcp::Registry>,
+        shield_pps: u32,
     ) -> Dispatcher {
+        let all: Vec<Arc<UdpSocket>> = udp.iter().flatten().cloned().collect();
         Dispatcher {
+            shield: shield::Shield::new(shield_pps, &all),
             service,
             counters: MessageCounters::new(metrics.messages.clone()),
             metrics,
@@ -74,14 +80,15 @@ impl Dispatcher {
 
     /// Handles one received message end to end. UDP datagrams for `outbox`'s listener are queued
     /// there (the receive thread sends its batch at once); everything else is sent now, without
-    /// blocking.
+    /// blocking. Returns whether the gate dropped it as coming from a banned source.
     pub fn dispatch(
         self: &Arc<Self>,
         inb: Inbound<'_>,
         reply: &ReplyPath,
         outbox: Option<&mut Outbox>,
-    ) {
+    ) -> bool {
         let handled = self.service.handle(&inb);
+        let banned = handled.banned;
         let (decision, kind, method) = (handled.decision, handled.kind, handled.method);
         self.counters.inc(&MessageLabels {
             kind,
@@ -111,6 +118,7 @@ impl Dispatcher {
                 bytes,
             } => self.send(transport, dest, listener, bytes, outbox),
         }
+        banned
     }
 
     fn reply(&self, path: &ReplyPath, to: SocketAddr, bytes: Vec<u8>, outbox: Option<&mut Outbox>) {

@@ -108,11 +108,21 @@ pub fn start_edge(uas: &str, transport: &str) -> EdgeProc {
 
 /// As [`start_edge`], with `more` banned besides the 10,000.
 pub fn start_edge_banning(uas: &str, transport: &str, more: &[&str]) -> EdgeProc {
+    start_edge_with(uas, transport, more, &[])
+}
+
+/// As [`start_edge_banning`], with `SIPWARDEN_*` overrides in `env`.
+pub fn start_edge_with(
+    uas: &str,
+    transport: &str,
+    more: &[&str],
+    env: &[(&str, &str)],
+) -> EdgeProc {
     let mut bans = banned_networks();
     for b in more {
         bans.push_str(&format!(", \"{b}\""));
     }
-    EdgeProc::start(
+    EdgeProc::start_with_env(
         PROXY_IP,
         &format!(
             "[[backends]]\naddress = \"{uas}\"\ntransport = \"{transport}\"\n\n\
@@ -125,6 +135,7 @@ pub fn start_edge_banning(uas: &str, transport: &str, more: &[&str]) -> EdgeProc
 [log]\nformat = \"text\"\n",
             bans
         ),
+        env,
     )
 }
 

@@ -208,7 +208,7 @@ async fn run(
                         transport: Transport::Tcp,
                         listener,
                     };
-                    d.dispatch(inb, &reply, None);
+                    let _ = d.dispatch(inb, &reply, None);
                 }
                 Err(e) => {
                     if matches!(

@@ -85,6 +85,7 @@ pub fn recv_thread(
     let mut tx_headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     let mut out = Outbox::new(listener);
     let reply = ReplyPath::Udp(sock.clone());
+    let mut tally = super::shield::DropTally::default();
     while !stop.is_cancelled() {
         {
             let mut slices: Vec<[IoSliceMut<'_>; 1]> = bufs
@@ -125,7 +126,10 @@ pub fn recv_thread(
                     transport: Transport::Udp,
                     listener,
                 };
-                dispatcher.dispatch(inb, &reply, Some(&mut out));
+                if dispatcher.dispatch(inb, &reply, Some(&mut out)) && dispatcher.shield.pps > 0 {
+                    let now = dispatcher.service.firewall.clock.now_ms();
+                    tally.count(&dispatcher.shield, source.ip(), now);
+                }
             }
         }
         flush(fd, &mut tx_headers, &mut out, &dispatcher);
