@@ -5,6 +5,7 @@
 
 use super::{Dest, HostPort};
 use crate::flow::FlowKeys;
+use crate::sip::message::is_token;
 use crate::sip::Transport;
 use std::net::{IpAddr, SocketAddr};
 
@@ -108,15 +109,6 @@ impl ViaInfo {
             port: self.port,
         }
     }
-}
-
-/// RFC 3261 `token` characters (parameter names).
-fn is_token(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
-        || matches!(
-            b,
-            b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~'
-        )
 }
 
 /// `host [ ":" port ]` where host is a name, an IPv4 address or a bracketed IPv6 address.

@@ -114,8 +114,8 @@ pub fn head_end(buf: &[u8]) -> Option<usize> {
     memchr::memmem::find(buf, b"\r\n\r\n")
 }
 
-/// RFC 3261 §25.1 `token` characters (method and header names).
-fn is_token(b: u8) -> bool {
+/// RFC 3261 §25.1 `token` characters (methods, header and parameter names).
+pub fn is_token(b: u8) -> bool {
     b.is_ascii_alphanumeric()
         || matches!(
             b,
@@ -177,7 +177,7 @@ impl<'a> Message<'a> {
     ///
     /// The header section is split here rather than by rsip's tokenizer, which builds a formatted
     /// error for every alternative it rejects on the way and cost more than the rest of the parse
-    /// together; rsip still types the values the proxy needs (Via, URIs).
+    /// together; Via elements are parsed in `proxy::via`, and rsip still types URIs.
     pub fn parse(buf: &'a [u8]) -> Result<Message<'a>, ParseError> {
         let end = head_end(buf).ok_or(ParseError::NoHeaderEnd)?;
         let head = &buf[..end + 2];
