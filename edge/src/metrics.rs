@@ -266,7 +266,10 @@ impl MessageCounters {
         };
         let dir = Self::DIRECTIONS.iter().position(|d| *d == l.direction)?;
         let out = Self::OUTCOMES.iter().position(|o| *o == l.outcome)?;
-        Some(((kind * Self::METHODS + method) * 2 + dir) * 4 + out)
+        Some(
+            ((kind * Self::METHODS + method) * Self::DIRECTIONS.len() + dir) * Self::OUTCOMES.len()
+                + out,
+        )
     }
 
     /// Counts one message under `labels`.

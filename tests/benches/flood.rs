@@ -95,15 +95,18 @@ fn main() {
     );
     let (mut per_drop_ns, mut drop_rate, mut lost_share) = (Vec::new(), Vec::new(), Vec::new());
     let mut per_sent_ns = Vec::new();
-    for run in 1..=runs {
-        let calm = measure(
+    let legitimate = || {
+        measure(
             root.path(),
             &target,
             Workload::Options,
             "udp",
             rate,
             seconds,
-        );
+        )
+    };
+    for run in 1..=runs {
+        let calm = legitimate();
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let before = dropped(&edge);
@@ -113,14 +116,7 @@ fn main() {
                 std::thread::spawn(move || flood(t, stop, sent))
             })
             .collect();
-        let stormy = measure(
-            root.path(),
-            &target,
-            Workload::Options,
-            "udp",
-            rate,
-            seconds,
-        );
+        let stormy = legitimate();
         stop.store(true, Ordering::Relaxed);
         for f in flooders {
             let _ = f.join();

@@ -183,8 +183,8 @@ fn report(w: Workload, rate: u32, targets: &[Target], figs: &[Figures; 3]) {
         println!(
             "    {:<8} {cpu}p50 {} ms, p99 {} ms, {} ok, {} failed",
             t.name,
-            spread3(&f.p50_ms),
-            spread3(&f.p99_ms),
+            spread_with(&f.p50_ms, 3),
+            spread_with(&f.p99_ms, 3),
             f.ok,
             f.failed
         );

@@ -279,12 +279,18 @@ pub fn median(v: &[f64]) -> f64 {
 
 /// `median (min–max)` of `v`.
 pub fn spread(v: &[f64]) -> String {
+    spread_with(v, 1)
+}
+
+/// `median (min–max)` of `v` with `decimals` decimals.
+pub fn spread_with(v: &[f64], decimals: usize) -> String {
     if v.is_empty() {
         return "n/a".into();
     }
     let min = v.iter().cloned().fold(f64::MAX, f64::min);
     let max = v.iter().cloned().fold(f64::MIN, f64::max);
-    format!("{:.1} ({min:.1}–{max:.1})", median(v))
+    let d = decimals;
+    format!("{:.d$} ({min:.d$}–{max:.d$})", median(v))
 }
 
 /// One proxy (or none: straight to the UAS) under load.
@@ -404,14 +410,4 @@ pub fn env_num(name: &str, default: u32) -> u32 {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
-}
-
-/// `median (min–max)` with three decimals (milliseconds).
-pub fn spread3(v: &[f64]) -> String {
-    if v.is_empty() {
-        return "n/a".into();
-    }
-    let min = v.iter().cloned().fold(f64::MAX, f64::min);
-    let max = v.iter().cloned().fold(f64::MIN, f64::max);
-    format!("{:.3} ({min:.3}–{max:.3})", median(v))
 }
