@@ -103,15 +103,10 @@ impl Workload {
 /// that key on the one SIPp address or account (flood, request rates, calls per account) are
 /// raised above the offered load, as Kamailio's pike is.
 pub fn start_edge(uas: &str, transport: &str) -> EdgeProc {
-    start_edge_banning(uas, transport, &[])
+    start_edge_with(uas, transport, &[], &[])
 }
 
-/// As [`start_edge`], with `more` banned besides the 10,000.
-pub fn start_edge_banning(uas: &str, transport: &str, more: &[&str]) -> EdgeProc {
-    start_edge_with(uas, transport, more, &[])
-}
-
-/// As [`start_edge_banning`], with `SIPWARDEN_*` overrides in `env`.
+/// As [`start_edge`], with `more` banned besides the 10,000 and `SIPWARDEN_*` overrides in `env`.
 pub fn start_edge_with(
     uas: &str,
     transport: &str,
