@@ -290,7 +290,7 @@ impl Pipeline {
             )));
         }
         if policy.scanner.enabled {
-            f.push(Box::new(filters::scanner::Scanner::new(&policy.scanner)));
+            f.push(Box::new(filters::scanner::Scanner::new(&policy.scanner)?));
         }
         if policy.methods.enabled {
             f.push(Box::new(filters::methods::Methods::new(&policy.methods)));

@@ -206,7 +206,7 @@ impl Service {
         // credentials.
         let top_via = m
             .elements(HeaderName::Via)
-            .first()
+            .next()
             .map(|(_, r)| m.text(r.clone()))
             .unwrap_or("");
         let had_credentials = header_param(top_via, via::CREDENTIALS_PARAM).is_some();

@@ -64,37 +64,42 @@ impl std::fmt::Display for Transport {
 }
 
 /// Splits a comma-separated header value (`Via`, `Route`, …) into element byte ranges relative to
-/// `value`, ignoring commas inside quotes and angle brackets, and trimming white space.
-pub fn split_list(value: &str) -> Vec<std::ops::Range<usize>> {
+/// `value`, ignoring commas inside quotes and angle brackets, and trimming white space; empty
+/// elements are skipped.
+pub fn split_list(value: &str) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
     let bytes = value.as_bytes();
-    let mut out = Vec::new();
-    let (mut start, mut quoted, mut angle) = (0usize, false, false);
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'\\' if quoted => i += 1,
-            b'"' => quoted = !quoted,
-            b'<' if !quoted => angle = true,
-            b'>' if !quoted => angle = false,
-            b',' if !quoted && !angle => {
-                push_trimmed(value, start, i, &mut out);
-                start = i + 1;
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        while at <= bytes.len() {
+            let start = at;
+            let (mut quoted, mut angle) = (false, false);
+            let mut i = start;
+            while i < bytes.len() {
+                match bytes[i] {
+                    b'\\' if quoted => i += 1,
+                    b'"' => quoted = !quoted,
+                    b'<' if !quoted => angle = true,
+                    b'>' if !quoted => angle = false,
+                    b',' if !quoted && !angle => break,
+                    _ => {}
+                }
+                i += 1;
             }
-            _ => {}
+            let end = i.min(bytes.len());
+            at = end + 1;
+            let (mut s, mut e) = (start, end);
+            while s < e && matches!(bytes[s], b' ' | b'\t' | b'\r' | b'\n') {
+                s += 1;
+            }
+            while e > s && matches!(bytes[e - 1], b' ' | b'\t' | b'\r' | b'\n') {
+                e -= 1;
+            }
+            if s < e {
+                return Some(s..e);
+            }
         }
-        i += 1;
-    }
-    push_trimmed(value, start, bytes.len(), &mut out);
-    out
-}
-
-fn push_trimmed(value: &str, start: usize, end: usize, out: &mut Vec<std::ops::Range<usize>>) {
-    let part = &value[start..end];
-    let lead = part.len() - part.trim_start().len();
-    let trail = part.len() - part.trim_end().len();
-    if start + lead < end - trail {
-        out.push(start + lead..end - trail);
-    }
+        None
+    })
 }
 
 /// The URI inside a name-addr (`"Bob" <sip:bob@x;lr>;tag=1` → `sip:bob@x;lr`), or the whole value
@@ -126,7 +131,7 @@ mod tests {
     #[test]
     fn split_list_respects_quotes_and_brackets() {
         let v = r#"<sip:a@x;lr>, "Doe, J" <sip:b@y>,sip:c@z , "#;
-        let parts: Vec<&str> = split_list(v).into_iter().map(|r| &v[r]).collect();
+        let parts: Vec<&str> = split_list(v).map(|r| &v[r]).collect();
         assert_eq!(
             parts,
             vec!["<sip:a@x;lr>", r#""Doe, J" <sip:b@y>"#, "sip:c@z"]

@@ -2,8 +2,9 @@
 //! request that carried credentials, and each 403, scores `failure_weight`; a 401/407 to a request
 //! without credentials (the normal first leg of digest auth) scores the smaller `challenge_weight`.
 //! Scores add up per source and per AOR within a window. A source past its threshold is banned; an
-//! AOR past its own is flagged (an alert: its attackers may be many addresses). A `200` resets the
-//! source and the AOR.
+//! AOR past its own is flagged (an alert: its attackers may be many addresses). A `200` to a
+//! request that carried credentials resets the source and the AOR; one to a request without them
+//! (an OPTIONS ping) proves nothing, and must not let a guesser clear its score between tries.
 
 use super::{action_of, Stamped, Windows};
 use crate::pipeline::sipview::uri_aor;
@@ -116,6 +117,7 @@ impl Filter for BruteForce {
         let now = cx.meta.now_ms;
         let failures = &self.state.auth;
         let weight = match cx.status {
+            200 if !cx.had_credentials => return None,
             200 => {
                 failures.sources.lock().remove(&ip);
                 failures.aors.lock().remove(&uri_aor(aor_uri));
@@ -222,6 +224,16 @@ mod tests {
 
     #[test]
     fn success_resets_and_windows_expire() {
+        let f = setup();
+        answer(&f, T0, 401, "192.0.2.1:5060", "100", true);
+        answer(&f, T0, 401, "192.0.2.1:5060", "100", true);
+        // A 200 to a request without credentials (an OPTIONS between guesses) resets nothing.
+        assert!(answer(&f, T0, 200, "192.0.2.1:5060", "100", false).is_none());
+        assert_eq!(
+            answer(&f, T0, 401, "192.0.2.1:5060", "100", true).map(|f| f.action),
+            Some(Action::Ban { ttl_s: 3600 }),
+            "not reset by an unauthenticated 200"
+        );
         let f = setup();
         answer(&f, T0, 401, "192.0.2.1:5060", "100", true);
         answer(&f, T0, 401, "192.0.2.1:5060", "100", true);

@@ -40,7 +40,7 @@ impl Sanity {
 
     fn looped(&self, cx: &RequestCx<'_>) -> bool {
         let m = cx.sip.m;
-        m.elements(HeaderName::Via).iter().any(|(_, r)| {
+        m.elements(HeaderName::Via).any(|(_, r)| {
             crate::proxy::via::ViaInfo::parse(m.text(r.clone())).is_some_and(|v| {
                 let host = v.host.trim_matches(['[', ']']);
                 let port = v.port.unwrap_or(5060);

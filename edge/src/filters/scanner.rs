@@ -1,35 +1,77 @@
 //! `scanner`: User-Agent and header fingerprints of SIP attack tools (SIPVicious, SIPPTS, sipcli,
 //! …). Scanners deserve no answer: the default action is a silent drop and a ban.
 
-use super::{action_of, contains_ci};
-use crate::pipeline::{Filter, Finding, RequestCx};
+use super::action_of;
+use crate::pipeline::{BuildError, Filter, Finding, RequestCx};
 use crate::policy;
 use crate::proxy::Side;
+use crate::sip::HeaderName;
+use aho_corasick::AhoCorasick;
 
-/// The fingerprint rule.
+/// The fingerprint rule. Each header's patterns are one case-insensitive Aho–Corasick automaton:
+/// a User-Agent is read once whatever the number of patterns (a loop of substring searches was
+/// the rule's whole cost).
 pub struct Scanner {
     cfg: policy::Scanner,
-    /// Lower-cased User-Agent patterns.
-    user_agents: Vec<String>,
-    /// `(header, lower-cased pattern)`.
-    headers: Vec<(String, String)>,
+    user_agents: Option<AhoCorasick>,
+    /// One entry per distinct header: its name as configured, its kind, its patterns' automaton
+    /// and the patterns.
+    headers: Vec<HeaderPatterns>,
+}
+
+struct HeaderPatterns {
+    name: String,
+    kind: HeaderName,
+    automaton: AhoCorasick,
+    patterns: Vec<String>,
+}
+
+fn automaton<I, P>(patterns: I) -> Result<AhoCorasick, BuildError>
+where
+    I: IntoIterator<Item = P>,
+    P: AsRef<[u8]>,
+{
+    AhoCorasick::builder()
+        .ascii_case_insensitive(true)
+        .build(patterns)
+        .map_err(|e| BuildError::Invalid(format!("policy.scanner patterns: {e}")))
 }
 
 impl Scanner {
-    pub fn new(cfg: &policy::Scanner) -> Scanner {
-        Scanner {
-            cfg: cfg.clone(),
-            user_agents: cfg
-                .user_agents
-                .iter()
-                .map(|p| p.to_ascii_lowercase())
-                .collect(),
-            headers: cfg
-                .headers
-                .iter()
-                .map(|h| (h.header.clone(), h.contains.to_ascii_lowercase()))
-                .collect(),
+    pub fn new(cfg: &policy::Scanner) -> Result<Scanner, BuildError> {
+        let user_agents = if cfg.user_agents.is_empty() {
+            None
+        } else {
+            Some(automaton(&cfg.user_agents)?)
+        };
+        let mut names: Vec<&str> = Vec::new();
+        for h in &cfg.headers {
+            if !names.iter().any(|n| n.eq_ignore_ascii_case(&h.header)) {
+                names.push(&h.header);
+            }
         }
+        let headers = names
+            .into_iter()
+            .map(|name| {
+                let patterns: Vec<String> = cfg
+                    .headers
+                    .iter()
+                    .filter(|h| h.header.eq_ignore_ascii_case(name))
+                    .map(|h| h.contains.clone())
+                    .collect();
+                Ok(HeaderPatterns {
+                    name: name.to_string(),
+                    kind: HeaderName::classify(name),
+                    automaton: automaton(&patterns)?,
+                    patterns,
+                })
+            })
+            .collect::<Result<_, BuildError>>()?;
+        Ok(Scanner {
+            cfg: cfg.clone(),
+            user_agents,
+            headers,
+        })
     }
 }
 
@@ -48,22 +90,32 @@ impl Filter for Scanner {
         }
         let action = || action_of(self.cfg.action, self.cfg.ban_ttl_s, 403, "Forbidden");
         let ua = cx.sip.user_agent();
-        if let Some(p) = self.user_agents.iter().find(|p| contains_ci(ua, p)) {
+        if let Some(hit) = self.user_agents.as_ref().and_then(|a| a.find(ua)) {
+            let p = &self.cfg.user_agents[hit.pattern().as_usize()];
             return Some(Finding::new(
                 "scanner",
                 action(),
                 format!("User-Agent {ua:?} matches {p:?}"),
             ));
         }
-        for (h, p) in &self.headers {
-            if let Some(v) = cx.sip.m.header_named(h) {
-                if contains_ci(v, p) {
-                    return Some(Finding::new(
-                        "scanner",
-                        action(),
-                        format!("{h} {v:?} matches {p:?}"),
-                    ));
-                }
+        for h in &self.headers {
+            let value = match h.kind {
+                HeaderName::Other => cx.sip.m.header_named(&h.name),
+                known => cx.sip.m.header(known),
+            };
+            let Some(v) = value else {
+                continue;
+            };
+            if let Some(hit) = h.automaton.find(v) {
+                return Some(Finding::new(
+                    "scanner",
+                    action(),
+                    format!(
+                        "{} {v:?} matches {:?}",
+                        h.name,
+                        h.patterns[hit.pattern().as_usize()]
+                    ),
+                ));
             }
         }
         None
@@ -85,7 +137,7 @@ mod tests {
 
     #[test]
     fn known_tools_are_banned_phones_pass() {
-        let s = Scanner::new(&policy::Scanner::default());
+        let s = Scanner::new(&policy::Scanner::default()).unwrap();
         for ua in [
             "friendly-scanner",
             "Friendly-Scanner/1.0",
@@ -134,7 +186,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        let s = Scanner::new(&cfg);
+        let s = Scanner::new(&cfg).unwrap();
         let f = check(
             &s,
             &request("INVITE", "100", "1", "X-Scan: eviltool v2\r\n"),
@@ -142,7 +194,7 @@ mod tests {
         .unwrap();
         assert_eq!(f.action, Action::Drop);
         assert!(f.detail.contains("X-Scan"));
-        let s = Scanner::new(&policy::Scanner::default());
+        let s = Scanner::new(&policy::Scanner::default()).unwrap();
         let raw = request("OPTIONS", "100", "sipvicious", "");
         assert!(check(&s, &raw).is_some(), "From user sipvicious");
     }

@@ -50,8 +50,10 @@ fn route(p: &Proxy, m: &Message<'_>, inb: &Inbound<'_>, side: Side) -> Result<De
     let call_id = m.call_id().unwrap_or_default();
     let ruri = m.request_uri().unwrap_or_default();
 
-    let vias = m.elements(HeaderName::Via);
-    let (_, top_range) = vias[0].clone();
+    let (_, top_range) = m
+        .elements(HeaderName::Via)
+        .next()
+        .ok_or_else(|| refusal(400, "Missing Via"))?;
     let top_text = m.text(top_range.clone());
     let top = ViaInfo::parse(top_text).ok_or_else(|| refusal(400, "Bad Via"))?;
     let stamped = via::stamp_received(top_text, &top, inb.source);
@@ -66,7 +68,7 @@ fn route(p: &Proxy, m: &Message<'_>, inb: &Inbound<'_>, side: Side) -> Result<De
         .and_then(|v| v.trim().parse::<u32>().ok());
 
     // Route: pop every leading entry that names this edge, keeping the flow token if one is there.
-    let routes = m.elements(HeaderName::Route);
+    let routes: Vec<_> = m.elements(HeaderName::Route).collect();
     let mut popped = 0;
     let mut token: Option<FlowToken> = None;
     for (_, r) in &routes {
@@ -74,12 +76,12 @@ fn route(p: &Proxy, m: &Message<'_>, inb: &Inbound<'_>, side: Side) -> Result<De
         let Some((user, host, port)) = uri_parts(uri) else {
             break;
         };
-        if !p.is_self(&host, port) {
+        if !p.is_self(host, port) {
             break;
         }
         popped += 1;
         if let Some(user) = user.filter(|u| u.starts_with(PREFIX)) {
-            match p.keys.verify(&user) {
+            match p.keys.verify(user) {
                 Ok(t) if token.is_none() => token = Some(t),
                 Ok(_) => {}
                 Err(e) => return Err(refusal(403, format!("Forbidden ({e})"))),
@@ -287,15 +289,56 @@ fn remove_popped_routes(
     }
 }
 
-/// `(user, host, port)` of a sip/sips URI.
-pub(super) fn uri_parts(uri: &str) -> Option<(Option<String>, String, Option<u16>)> {
-    let u = rsip::Uri::try_from(uri).ok()?;
-    let host = u.host_with_port.host.to_string();
-    let port = match &u.host_with_port.port {
-        Some(p) => Some(p.to_string().parse().ok()?),
+/// `(user, host, port)` of a sip/sips URI (RFC 3261 §19.1.1), borrowed from it; the host as
+/// written (an IPv6 reference keeps its brackets). Read by hand: this runs for the Request-URI
+/// and each Route of every request, and rsip's typed URI allocates every part.
+pub(super) fn uri_parts(uri: &str) -> Option<(Option<&str>, &str, Option<u16>)> {
+    let colon = uri.find(':')?;
+    let scheme = &uri[..colon];
+    if !scheme.eq_ignore_ascii_case("sip") && !scheme.eq_ignore_ascii_case("sips") {
+        return None;
+    }
+    let rest = &uri[colon + 1..];
+    // Userinfo ends at the '@' (which no other part may hold unescaped).
+    let (user, hostport) = match rest.find('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or("");
+            if user.is_empty() {
+                return None;
+            }
+            (Some(user), &rest[at + 1..])
+        }
+        None => (None, rest),
+    };
+    let end = hostport.find([';', '?']).unwrap_or(hostport.len());
+    let hostport = &hostport[..end];
+    let (host, port) = if hostport.starts_with('[') {
+        let close = hostport.find(']')?;
+        hostport[1..close].parse::<std::net::Ipv6Addr>().ok()?;
+        match &hostport[close + 1..] {
+            "" => (&hostport[..=close], None),
+            p => (&hostport[..=close], Some(p.strip_prefix(':')?)),
+        }
+    } else {
+        match hostport.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        }
+    };
+    let host_ok = host.starts_with('[')
+        || (!host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'));
+    if !host_ok {
+        return None;
+    }
+    let port = match port {
+        Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => Some(p.parse().ok()?),
+        Some(_) => return None,
         None => None,
     };
-    Some((u.user().map(|s| s.to_string()), host, port))
+    Some((user, host, port))
 }
 
 /// Where a URI sends a request: `transport=` (sips → TLS), host and port (default 5060).
@@ -338,8 +381,7 @@ pub fn refuse(
             reason: Some(format!("{code} {reason} (ACK not answered)")),
         };
     }
-    let vias = m.elements(HeaderName::Via);
-    let stamped = vias.first().and_then(|(_, r)| {
+    let stamped = m.elements(HeaderName::Via).next().and_then(|(_, r)| {
         let t = m.text(r.clone());
         via::stamp_received(t, &ViaInfo::parse(t)?, inb.source)
     });

@@ -5,7 +5,7 @@
 
 use super::via::{self, ViaInfo};
 use super::{Action, Decision, Inbound, Outcome, Proxy, Side};
-use crate::sip::{Edit, HeaderName, Message};
+use crate::sip::{split_list, Edit, HeaderName, Message};
 
 pub(super) fn handle(p: &Proxy, m: &Message<'_>, _inb: &Inbound<'_>, side: Side) -> Decision {
     let drop = |reason: &str| Decision {
@@ -14,17 +14,17 @@ pub(super) fn handle(p: &Proxy, m: &Message<'_>, _inb: &Inbound<'_>, side: Side)
         side,
         reason: Some(reason.to_string()),
     };
-    let vias = m.elements(HeaderName::Via);
-    let Some((top_header, top_range)) = vias.first().cloned() else {
+    let mut vias = m.elements(HeaderName::Via);
+    let Some((top_header, top_range)) = vias.next() else {
         return drop("response without Via");
     };
     let Some(top) = ViaInfo::parse(m.text(top_range.clone())) else {
         return drop("response with unreadable Via");
     };
-    if !p.is_self(&top.host, top.port) {
+    if !p.is_self(top.host, top.port) {
         return drop("response whose top Via is not this edge");
     }
-    let Some((_, next_range)) = vias.get(1).cloned() else {
+    let Some((_, next_range)) = vias.next() else {
         return drop("response addressed to the edge itself");
     };
     let Some(next) = ViaInfo::parse(m.text(next_range)) else {
@@ -33,23 +33,19 @@ pub(super) fn handle(p: &Proxy, m: &Message<'_>, _inb: &Inbound<'_>, side: Side)
     let (Some(call_id), Some((cseq, _))) = (m.call_id(), m.cseq()) else {
         return drop("response without Call-ID or CSeq");
     };
-    let ours = top.branch.as_deref().unwrap_or("");
+    let ours = top.branch.unwrap_or("");
     if !via::verify_branch(&p.keys, ours, &next, call_id, cseq) {
         return drop("response whose Via branch does not verify (forged or altered Via)");
     }
 
     let mut e = Edit::new(m.buf);
     let header = &m.headers[top_header];
-    let same_line: Vec<_> = vias.iter().filter(|(h, _)| *h == top_header).collect();
-    if same_line.len() == 1 {
+    let value = m.text(header.value.clone());
+    let rest: Vec<&str> = split_list(value).skip(1).map(|r| &value[r]).collect();
+    if rest.is_empty() {
         e.remove(header.line.clone());
     } else {
-        let rest = same_line[1..]
-            .iter()
-            .map(|(_, r)| m.text(r.clone()))
-            .collect::<Vec<_>>()
-            .join(", ");
-        e.replace(header.value.clone(), rest);
+        e.replace(header.value.clone(), rest.join(", "));
     }
     let listener = p.listener_toward(
         match side {

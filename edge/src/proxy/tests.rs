@@ -81,10 +81,7 @@ fn replied(d: Decision) -> String {
 
 fn values(msg: &str, h: HeaderName) -> Vec<String> {
     let m = Message::parse(msg.as_bytes()).unwrap();
-    m.elements(h)
-        .into_iter()
-        .map(|(_, r)| m.text(r).to_string())
-        .collect()
+    m.elements(h).map(|(_, r)| m.text(r).to_string()).collect()
 }
 
 #[test]
@@ -331,6 +328,17 @@ fn bad_requests_get_400_and_garbage_is_dropped() {
         from(PHONE, Transport::Udp, tel.as_bytes()).outcome,
         Outcome::Replied(400 | 416) | Outcome::Malformed
     ));
+    // A Via header with no element in it (only a comma): refused, not indexed blindly.
+    let empty_via = invite("").replace(
+        "Via: SIP/2.0/UDP 10.1.1.1:5060;branch=z9hG4bKph1;rport",
+        "Via: ,",
+    );
+    let d = from(PHONE, Transport::Udp, empty_via.as_bytes());
+    assert!(
+        matches!(d.outcome, Outcome::Replied(400) | Outcome::Dropped),
+        "{:?}",
+        d.outcome
+    );
     // Header syntax broken but the dialog headers readable: a 400 is safe.
     let broken = invite("Bad Header Line\r\n");
     let d = from(PHONE, Transport::Udp, broken.as_bytes());
@@ -439,4 +447,40 @@ fn a_phone_held_by_another_edge_is_reached_through_that_edge() {
     assert!(values(&out, HeaderName::Via)[0].contains(";rport"));
     // The owner's traffic is PBX side from now on.
     assert!(p.is_pbx_addr("192.0.2.20:40000".parse().unwrap()));
+}
+
+#[test]
+fn uri_parts_reads_sip_uris_by_hand() {
+    use super::request::uri_parts;
+    assert_eq!(
+        uri_parts("sip:alice:secret@Example.COM:5070;transport=tcp?subject=x"),
+        Some((Some("alice"), "Example.COM", Some(5070)))
+    );
+    assert_eq!(
+        uri_parts("SIPS:[2001:db8::1]:5061;lr"),
+        Some((None, "[2001:db8::1]", Some(5061)))
+    );
+    assert_eq!(
+        uri_parts("sip:+15551234;npdi@10.0.0.1"),
+        Some((Some("+15551234;npdi"), "10.0.0.1", None))
+    );
+    assert_eq!(
+        uri_parts("sip:sw1.abc@192.0.2.10;lr"),
+        Some((Some("sw1.abc"), "192.0.2.10", None))
+    );
+    for bad in [
+        "tel:+15551234",
+        "sip:",
+        "sip:@h",
+        "sip:h:",
+        "sip:h:x",
+        "sip:h:99999",
+        "sip:[::1",
+        "sip:[zz::1]",
+        "sip:[::1]5060",
+        "sip:bad host",
+        "sip:h\"x",
+    ] {
+        assert_eq!(uri_parts(bad), None, "{bad}");
+    }
 }

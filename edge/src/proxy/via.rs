@@ -3,7 +3,7 @@
 //! CSeq number, so retransmissions, CANCEL and non-2xx ACK get the same branch as their INVITE, and
 //! a response whose Via stack was forged (to reflect traffic elsewhere) does not verify.
 
-use super::{Dest, HostPort};
+use super::Dest;
 use crate::flow::FlowKeys;
 use crate::sip::message::is_token;
 use crate::sip::Transport;
@@ -15,68 +15,150 @@ pub const BRANCH_PREFIX: &str = "z9hG4bKsw";
 pub const CREDENTIALS_PARAM: &str = "swc";
 const BRANCH_MAC_BYTES: usize = 15;
 
-/// The parts of a Via element the proxy uses.
+/// The parts of a Via element the proxy uses, borrowed from the element's text.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ViaInfo {
+pub struct ViaInfo<'a> {
     pub transport: Transport,
-    pub host: String,
+    /// As written; an IPv6 reference keeps its brackets.
+    pub host: &'a str,
     pub port: Option<u16>,
-    pub branch: Option<String>,
-    pub received: Option<String>,
+    pub branch: Option<&'a str>,
+    pub received: Option<&'a str>,
     /// `None`: no rport; `Some(None)`: rport requested (no value); `Some(Some(p))`: filled in.
     pub rport: Option<Option<u16>>,
 }
 
-impl ViaInfo {
-    /// Parses one Via element (`SIP/2.0/UDP host:port;branch=…`, RFC 3261 §20.42 `via-parm`).
+/// A byte cursor over one Via element.
+struct Cursor<'a> {
+    s: &'a str,
+    i: usize,
+}
+
+impl<'a> Cursor<'a> {
+    #[inline]
+    fn peek(&self) -> Option<u8> {
+        self.s.as_bytes().get(self.i).copied()
+    }
+
+    /// Skips spaces and tabs; whether there were any.
+    fn ws(&mut self) -> bool {
+        let from = self.i;
+        while matches!(self.peek(), Some(b' ' | b'\t')) {
+            self.i += 1;
+        }
+        self.i > from
+    }
+
+    /// The longest run of bytes satisfying `f` (ASCII, so a char boundary at each end).
+    #[inline]
+    fn run(&mut self, f: impl Fn(u8) -> bool) -> &'a str {
+        let from = self.i;
+        while self.peek().is_some_and(&f) {
+            self.i += 1;
+        }
+        &self.s[from..self.i]
+    }
+
+    /// Consumes `b`, with optional white space around it.
+    fn sep(&mut self, b: u8) -> Option<()> {
+        self.ws();
+        (self.peek() == Some(b)).then(|| self.i += 1)?;
+        self.ws();
+        Some(())
+    }
+}
+
+impl<'a> ViaInfo<'a> {
+    /// Parses one Via element (`SIP/2.0/UDP host:port;branch=…`, RFC 3261 §20.42 `via-parm`):
+    /// white space is allowed around `/`, `:`, `;` and `=`; a parameter value runs to the next `;`.
     ///
     /// Written here rather than through rsip's typed Via: every message crosses this at least
     /// twice on the forward path, and rsip's tokenizer (which formats an error for each grammar
-    /// alternative it rejects) was the largest single cost of proxying a message.
-    pub fn parse(element: &str) -> Option<ViaInfo> {
-        // sent-protocol: SIP / 2.0 / transport, white space allowed around the slashes.
-        let mut parts = element.splitn(3, '/');
-        let (name, version, rest) = (parts.next()?, parts.next()?, parts.next()?);
-        if !name.trim().eq_ignore_ascii_case("SIP") || version.trim() != "2.0" {
+    /// alternative it rejects) was the largest single cost of proxying a message. It reads the
+    /// element in one pass and allocates nothing.
+    pub fn parse(element: &'a str) -> Option<ViaInfo<'a>> {
+        let mut c = Cursor { s: element, i: 0 };
+        c.ws();
+        // sent-protocol: SIP / 2.0 / transport.
+        if !c.run(is_token).eq_ignore_ascii_case("SIP") {
             return None;
         }
-        let rest = rest.trim_start();
-        let t_end = rest.find([' ', '\t'])?;
-        let transport = Transport::parse(&rest[..t_end])?;
-        let rest = rest[t_end..].trim_start();
-        let (sent_by, params) = match rest.find(';') {
-            Some(i) => (&rest[..i], Some(&rest[i + 1..])),
-            None => (rest, None),
+        c.sep(b'/')?;
+        if c.run(is_token) != "2.0" {
+            return None;
+        }
+        c.sep(b'/')?;
+        let transport = Transport::parse(c.run(is_token))?;
+        if !c.ws() {
+            return None;
+        }
+        // sent-by: host [ ":" port ].
+        let host = if c.peek() == Some(b'[') {
+            let open = c.i;
+            let close = open + element[open..].find(']')?;
+            element[open + 1..close]
+                .parse::<std::net::Ipv6Addr>()
+                .ok()?;
+            c.i = close + 1;
+            &element[open..=close]
+        } else {
+            c.run(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
         };
-        let (host, port) = split_host_port(sent_by.trim())?;
+        if host.is_empty() {
+            return None;
+        }
+        c.ws();
+        let port = if c.peek() == Some(b':') {
+            c.i += 1;
+            c.ws();
+            let p = c.run(|b| b.is_ascii_digit());
+            Some(p.parse::<u16>().ok().filter(|&p| p != 0)?)
+        } else {
+            None
+        };
         let mut info = ViaInfo {
             transport,
-            host: host.to_string(),
+            host,
             port,
             branch: None,
             received: None,
             rport: None,
         };
-        for param in params.into_iter().flat_map(|p| p.split(';')) {
-            let (name, value) = match param.split_once('=') {
-                Some((n, v)) => (n.trim(), Some(v.trim())),
-                None => (param.trim(), None),
+        // via-params: each ";" name [ "=" value ].
+        loop {
+            c.ws();
+            match c.peek() {
+                None => return Some(info),
+                Some(b';') => c.i += 1,
+                Some(_) => return None,
+            }
+            c.ws();
+            let name = c.run(is_token);
+            if name.is_empty() {
+                return None;
+            }
+            c.ws();
+            let value = match c.peek() {
+                Some(b'=') => {
+                    c.i += 1;
+                    let v = c.run(|b| b != b';').trim_matches([' ', '\t']);
+                    if v.is_empty() {
+                        return None;
+                    }
+                    Some(v)
+                }
+                None | Some(b';') => None,
+                Some(_) => return None,
             };
-            if name.is_empty() || !name.bytes().all(is_token) {
-                return None;
-            }
-            if value.is_some_and(|v| v.is_empty()) {
-                return None;
-            }
             if name.eq_ignore_ascii_case("branch") {
-                info.branch = Some(value?.to_string());
+                info.branch = Some(value?);
             } else if name.eq_ignore_ascii_case("received") {
                 let v = value?;
                 v.trim_start_matches('[')
                     .trim_end_matches(']')
                     .parse::<IpAddr>()
                     .ok()?;
-                info.received = Some(v.to_string());
+                info.received = Some(v);
             } else if name.eq_ignore_ascii_case("rport") {
                 info.rport = Some(match value {
                     Some(v) => Some(v.parse().ok()?),
@@ -84,7 +166,6 @@ impl ViaInfo {
                 });
             }
         }
-        Some(info)
     }
 
     /// Where a response to this Via goes (RFC 3261 §18.2.2 with RFC 3581): `received` over
@@ -94,89 +175,50 @@ impl ViaInfo {
             Some(Some(p)) => p,
             _ => self.port.unwrap_or(5060),
         };
-        let host = self.received.as_deref().unwrap_or(&self.host);
+        let host = self.received.unwrap_or(self.host);
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         match bare.parse::<IpAddr>() {
             Ok(ip) => Dest::Addr(SocketAddr::new(ip, port)),
             Err(_) => Dest::Host(host.to_string(), port),
         }
     }
-
-    /// The sent-by as `host[:port]`.
-    pub fn sent_by(&self) -> HostPort {
-        HostPort {
-            host: self.host.clone(),
-            port: self.port,
-        }
-    }
-}
-
-/// `host [ ":" port ]` where host is a name, an IPv4 address or a bracketed IPv6 address.
-fn split_host_port(s: &str) -> Option<(&str, Option<u16>)> {
-    let (host, port) = if s.starts_with('[') {
-        let close = s.find(']')?;
-        s[1..close].parse::<std::net::Ipv6Addr>().ok()?;
-        let rest = s[close + 1..].trim_start();
-        match rest.strip_prefix(':') {
-            Some(p) => (&s[..=close], Some(p.trim())),
-            None if rest.is_empty() => (&s[..=close], None),
-            None => return None,
-        }
-    } else {
-        let (h, p) = match s.split_once(':') {
-            Some((h, p)) => (h.trim_end(), Some(p.trim())),
-            None => (s, None),
-        };
-        if h.is_empty()
-            || !h
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-        {
-            return None;
-        }
-        (h, p)
-    };
-    let port = match port {
-        Some(p) => Some(p.parse::<u16>().ok().filter(|&p| p != 0)?),
-        None => None,
-    };
-    Some((host, port))
 }
 
 /// The client's top Via element with `received` (when the sent-by host is not the source address)
 /// and `rport` (when asked for) filled in, as the proxy must before forwarding (RFC 3581 §4).
 /// Returns `None` when the element needs no change.
-pub fn stamp_received(element: &str, via: &ViaInfo, source: SocketAddr) -> Option<String> {
+pub fn stamp_received(element: &str, via: &ViaInfo<'_>, source: SocketAddr) -> Option<String> {
+    use std::fmt::Write;
     let host = via.host.trim_start_matches('[').trim_end_matches(']');
     let host_is_source = host.parse::<IpAddr>().is_ok_and(|ip| ip == source.ip());
     let wants_rport = via.rport == Some(None);
     if host_is_source && !wants_rport {
         return None;
     }
-    let mut params: Vec<String> = element.split(';').map(|s| s.to_string()).collect();
+    let mut out = String::with_capacity(element.len() + 48);
     let mut have_received = false;
-    for p in params.iter_mut().skip(1) {
-        let name = p
-            .split('=')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        if name == "rport" && wants_rport {
-            *p = format!("rport={}", source.port());
-        } else if name == "received" {
-            *p = format!("received={}", source.ip());
+    for (i, p) in element.split(';').enumerate() {
+        if i > 0 {
+            out.push(';');
+        }
+        let name = p.split('=').next().unwrap_or("").trim();
+        if i > 0 && wants_rport && name.eq_ignore_ascii_case("rport") {
+            let _ = write!(out, "rport={}", source.port());
+        } else if i > 0 && name.eq_ignore_ascii_case("received") {
+            let _ = write!(out, "received={}", source.ip());
             have_received = true;
+        } else {
+            out.push_str(p);
         }
     }
     if !have_received {
-        params.push(format!("received={}", source.ip()));
+        let _ = write!(out, ";received={}", source.ip());
     }
-    Some(params.join(";"))
+    Some(out)
 }
 
 /// The edge's branch for a request whose previous hop's Via (after [`stamp_received`]) is `prev`.
-pub fn branch(keys: &FlowKeys, prev: &ViaInfo, call_id: &str, cseq: u32) -> String {
+pub fn branch(keys: &FlowKeys, prev: &ViaInfo<'_>, call_id: &str, cseq: u32) -> String {
     let mut scratch = String::with_capacity(64);
     let mac = keys.mac(&branch_input(
         prev,
@@ -194,7 +236,7 @@ pub fn branch(keys: &FlowKeys, prev: &ViaInfo, call_id: &str, cseq: u32) -> Stri
 pub fn verify_branch(
     keys: &FlowKeys,
     ours: &str,
-    prev: &ViaInfo,
+    prev: &ViaInfo<'_>,
     call_id: &str,
     cseq: u32,
 ) -> bool {
@@ -215,14 +257,14 @@ pub fn verify_branch(
 /// What the branch MAC covers, as parts borrowed from `prev` or held in `scratch` (the sent-by in
 /// lower case and the rport), so a branch costs no allocation beyond `scratch`'s.
 fn branch_input<'a>(
-    prev: &'a ViaInfo,
+    prev: &'a ViaInfo<'a>,
     call_id: &'a str,
     cseq: &'a [u8; 4],
     scratch: &'a mut String,
 ) -> [&'a [u8]; 7] {
     use std::fmt::Write;
     scratch.clear();
-    scratch.push_str(&prev.host);
+    scratch.push_str(prev.host);
     if let Some(p) = prev.port {
         let _ = write!(scratch, ":{p}");
     }
@@ -234,9 +276,9 @@ fn branch_input<'a>(
     let (sent_by, rport) = scratch.as_str().split_at(sent_by_end);
     [
         b"via-branch",
-        prev.branch.as_deref().unwrap_or("").as_bytes(),
+        prev.branch.unwrap_or("").as_bytes(),
         sent_by.as_bytes(),
-        prev.received.as_deref().unwrap_or("").as_bytes(),
+        prev.received.unwrap_or("").as_bytes(),
         rport.as_bytes(),
         call_id.as_bytes(),
         cseq,
@@ -259,8 +301,8 @@ mod tests {
         assert_eq!(v.transport, Transport::Tcp);
         assert_eq!(v.host, "10.0.0.1");
         assert_eq!(v.port, Some(5070));
-        assert_eq!(v.branch.as_deref(), Some("z9hG4bK776"));
-        assert_eq!(v.received.as_deref(), Some("1.2.3.4"));
+        assert_eq!(v.branch, Some("z9hG4bK776"));
+        assert_eq!(v.received, Some("1.2.3.4"));
         assert_eq!(v.rport, Some(None));
         assert!(ViaInfo::parse("garbage").is_none());
     }
@@ -273,10 +315,16 @@ mod tests {
         assert_eq!(v.transport, Transport::Udp);
         assert_eq!(v.host, "[2001:db8::1]");
         assert_eq!(v.port, Some(5062));
-        assert_eq!(v.branch.as_deref(), Some("z9hG4bKq"));
+        assert_eq!(v.branch, Some("z9hG4bKq"));
         assert_eq!(v.rport, Some(Some(7)));
         let v = ViaInfo::parse("SIP/2.0/TLS pbx.example.com;maddr=1.2.3.4;ttl=1").unwrap();
-        assert_eq!((v.host.as_str(), v.port), ("pbx.example.com", None));
+        assert_eq!((v.host, v.port), ("pbx.example.com", None));
+        let v = ViaInfo::parse("SIP/2.0/UDP h:5060 ; branch=z9hG4bKa ;rport ").unwrap();
+        assert_eq!(
+            (v.host, v.port, v.branch),
+            ("h", Some(5060), Some("z9hG4bKa"))
+        );
+        assert_eq!(v.rport, Some(None));
         for bad in [
             "SIP/2.0/UDP",
             "SIP/2.0/UDP ",
@@ -295,6 +343,11 @@ mod tests {
             "SIP/2.0/UDP [::1",
             "SIP/2.0/UDP [zz::1]:5060",
             "SIP/2.0/UDP [::1]x",
+            "SIP/2.0/UDP h x",
+            "SIP/2.0/UDPh",
+            "SIP/2.0/UDP h:",
+            "SIP/2.0/UDP h;branch=z9hG4bKx;=1",
+            "SIP/2.0/UDP h;branch=z9hG4bKx;ttl=",
         ] {
             assert!(ViaInfo::parse(bad).is_none(), "accepted {bad:?}");
         }

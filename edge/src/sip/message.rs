@@ -69,7 +69,7 @@ impl HeaderName {
         ];
         NAMES
             .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .find(|(n, _)| n.len() == name.len() && n.eq_ignore_ascii_case(name))
             .map(|(_, h)| *h)
             .unwrap_or(Other)
     }
@@ -101,6 +101,8 @@ pub enum StartLine {
 #[derive(Debug)]
 pub struct Message<'a> {
     pub buf: &'a [u8],
+    /// The start line and header lines (up to the CRLF of the last), checked UTF-8 once.
+    head: &'a str,
     pub start: StartLine,
     /// Byte offset just past the start line's CRLF: where new top headers go.
     pub start_end: usize,
@@ -115,13 +117,26 @@ pub fn head_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// RFC 3261 §25.1 `token` characters (methods, header and parameter names).
+#[inline]
 pub fn is_token(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
-        || matches!(
-            b,
-            b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~'
-        )
+    TOKEN[b as usize]
 }
+
+/// [`is_token`] as a table: one load per byte on the paths that scan every header name.
+static TOKEN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~'
+            );
+        i += 1;
+    }
+    t
+};
 
 fn is_ws(b: u8) -> bool {
     b == b' ' || b == b'\t'
@@ -181,54 +196,68 @@ impl<'a> Message<'a> {
     pub fn parse(buf: &'a [u8]) -> Result<Message<'a>, ParseError> {
         let end = head_end(buf).ok_or(ParseError::NoHeaderEnd)?;
         let head = &buf[..end + 2];
-        if std::str::from_utf8(head).is_err() {
-            return Err(ParseError::NotUtf8);
-        }
+        let text = std::str::from_utf8(head).map_err(|_| ParseError::NotUtf8)?;
         // RFC 3261 §25.1: no CTL outside CRLF line ends and HTAB (NUL and friends confuse
-        // C parsers downstream).
-        if head
-            .iter()
-            .any(|&b| (b < 0x20 && !matches!(b, b'\r' | b'\n' | b'\t')) || b == 0x7f)
-        {
+        // C parsers downstream). Counting CRs in the same branch-free pass finds a bare CR: every
+        // line ends in CRLF, so there must be exactly one per line.
+        let (control, crs) = head.iter().fold((false, 0usize), |(bad, crs), &b| {
+            let ctl = (b < 0x20 && b != b'\r' && b != b'\n' && b != b'\t') || b == 0x7f;
+            (bad | ctl, crs + usize::from(b == b'\r'))
+        });
+        if control {
             return Err(ParseError::Control);
         }
-        let mut lines = head_lines(head);
-        let first = lines.next().ok_or(ParseError::Syntax)??;
-        let start = start_line(&head[first.clone()])?;
-        let start_end = first.end + 2;
+        let mut lines = 0;
+        let mut start = StartLine::Response { code: 0 };
+        let mut start_end = 0;
+        let mut at = 0;
         let mut headers = Vec::with_capacity(16);
-        for line in lines {
-            let line = line?;
-            let text = &head[line.clone()];
-            if text.first().copied().is_some_and(is_ws) {
+        for nl in memchr::memchr_iter(b'\n', head) {
+            // An LF must end a CRLF (a bare CR is caught by the count below).
+            if nl <= at || head[nl - 1] != b'\r' {
+                return Err(ParseError::Syntax);
+            }
+            let line = at..nl - 1;
+            lines += 1;
+            let from = std::mem::replace(&mut at, nl + 1);
+            if lines == 1 {
+                start = start_line(&head[line])?;
+                start_end = at;
+                continue;
+            }
+            let bytes = &head[line.clone()];
+            if bytes.first().copied().is_some_and(is_ws) {
                 return Err(ParseError::Folding);
             }
-            let name_len = text.iter().take_while(|&&b| is_token(b)).count();
+            let name_len = bytes.iter().take_while(|&&b| is_token(b)).count();
             let mut colon = name_len;
-            while colon < text.len() && is_ws(text[colon]) {
+            while colon < bytes.len() && is_ws(bytes[colon]) {
                 colon += 1;
             }
-            if name_len == 0 || text.get(colon) != Some(&b':') {
+            if name_len == 0 || bytes.get(colon) != Some(&b':') {
                 return Err(ParseError::Syntax);
             }
             let mut v0 = colon + 1;
-            while v0 < text.len() && is_ws(text[v0]) {
+            while v0 < bytes.len() && is_ws(bytes[v0]) {
                 v0 += 1;
             }
-            let mut v1 = text.len();
-            while v1 > v0 && is_ws(text[v1 - 1]) {
+            let mut v1 = bytes.len();
+            while v1 > v0 && is_ws(bytes[v1 - 1]) {
                 v1 -= 1;
             }
-            // Token characters are ASCII, so the name is UTF-8.
-            let name = std::str::from_utf8(&text[..name_len]).map_err(|_| ParseError::NotUtf8)?;
             headers.push(Header {
-                name: HeaderName::classify(name),
-                line: line.start..line.end + 2,
-                value: line.start + v0..line.start + v1,
+                // Token characters are ASCII: a char boundary on both sides.
+                name: HeaderName::classify(&text[from..from + name_len]),
+                line: from..nl + 1,
+                value: from + v0..from + v1,
             });
+        }
+        if lines == 0 || crs != lines {
+            return Err(ParseError::Syntax);
         }
         Ok(Message {
             buf,
+            head: text,
             start,
             start_end,
             headers,
@@ -260,9 +289,10 @@ impl<'a> Message<'a> {
         }
     }
 
-    /// Text of a range of the header section (known to be UTF-8 by [`Message::parse`]).
+    /// Text of a range of the header section (known to be UTF-8 by [`Message::parse`]); empty
+    /// for a range outside it or not on character boundaries.
     pub fn text(&self, r: Range<usize>) -> &'a str {
-        std::str::from_utf8(&self.buf[r]).unwrap_or("")
+        self.head.get(r).unwrap_or("")
     }
 
     /// The value of the first header called `name`.
@@ -297,20 +327,19 @@ impl<'a> Message<'a> {
 
     /// Every comma-separated element of the headers called `name`, in order, as
     /// `(header index, absolute byte range of the element)`.
-    pub fn elements(&self, name: HeaderName) -> Vec<(usize, Range<usize>)> {
-        let mut out = Vec::new();
-        for (i, h) in self
-            .headers
+    pub fn elements(
+        &self,
+        name: HeaderName,
+    ) -> impl Iterator<Item = (usize, Range<usize>)> + use<'_, 'a> {
+        self.headers
             .iter()
             .enumerate()
-            .filter(|(_, h)| h.name == name)
-        {
-            let v = self.text(h.value.clone());
-            for r in super::split_list(v) {
-                out.push((i, h.value.start + r.start..h.value.start + r.end));
-            }
-        }
-        out
+            .filter(move |(_, h)| h.name == name)
+            .flat_map(|(i, h)| {
+                let at = h.value.start;
+                super::split_list(self.text(h.value.clone()))
+                    .map(move |r| (i, at + r.start..at + r.end))
+            })
     }
 
     /// The body as sent.
@@ -325,11 +354,17 @@ impl<'a> Message<'a> {
 
     /// The CSeq sequence number and method.
     pub fn cseq(&self) -> Option<(u32, &'a str)> {
+        // 1*DIGIT LWS Method (the value is trimmed at both ends by `parse`).
         let v = self.header(HeaderName::CSeq)?;
-        let mut it = v.split_whitespace();
-        let n = it.next()?.parse().ok()?;
-        let m = it.next()?;
-        it.next().is_none().then_some((n, m))
+        let (n, m) = v.split_once([' ', '\t'])?;
+        let m = m.trim_start_matches([' ', '\t']);
+        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || m.is_empty() {
+            return None;
+        }
+        if m.bytes().any(|b| b == b' ' || b == b'\t') {
+            return None;
+        }
+        Some((n.parse().ok()?, m))
     }
 
     /// The declared Content-Length, `Ok(None)` when absent, `Err` when unreadable.
@@ -339,30 +374,6 @@ impl<'a> Message<'a> {
             Some(v) => v.trim().parse().map(Some).map_err(|_| ParseError::Syntax),
         }
     }
-}
-
-/// The lines of a header section `head` (which ends with the CRLF of its last line), as ranges
-/// without their CRLF. A bare CR or LF inside a line is a syntax error.
-fn head_lines(head: &[u8]) -> impl Iterator<Item = Result<Range<usize>, ParseError>> + '_ {
-    let mut at = 0;
-    std::iter::from_fn(move || {
-        if at >= head.len() {
-            return None;
-        }
-        let rest = &head[at..];
-        let Some(nl) = memchr::memchr(b'\n', rest) else {
-            at = head.len();
-            return Some(Err(ParseError::Syntax));
-        };
-        let line = at..at + nl.saturating_sub(1);
-        let ok = nl > 0 && rest[nl - 1] == b'\r' && !rest[..nl - 1].contains(&b'\r');
-        at += nl + 1;
-        Some(if ok {
-            Ok(line)
-        } else {
-            Err(ParseError::Syntax)
-        })
-    })
 }
 
 #[cfg(test)]
@@ -392,7 +403,6 @@ abcd";
         assert_eq!(m.body(), b"abcd");
         let vias: Vec<&str> = m
             .elements(HeaderName::Via)
-            .into_iter()
             .map(|(_, r)| m.text(r))
             .collect();
         assert_eq!(vias.len(), 3);

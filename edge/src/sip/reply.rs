@@ -22,8 +22,7 @@ pub fn build(
 ) -> Vec<u8> {
     let mut out = String::with_capacity(512);
     let _ = write!(out, "SIP/2.0 {code} {reason}\r\n");
-    let vias = req.elements(HeaderName::Via);
-    for (i, (_, r)) in vias.iter().enumerate() {
+    for (i, (_, r)) in req.elements(HeaderName::Via).enumerate() {
         let v = match (i, top_via) {
             (0, Some(t)) => t,
             _ => req.text(r.clone()),
