@@ -2,7 +2,7 @@
 //! [`crate::sip::sanity::check_request`] plus a size limit, a Max-Forwards ceiling and Via loop
 //! detection — reported as security events (malformed traffic is how fuzzers and crashers probe).
 
-use crate::pipeline::{Action, Filter, Finding, RequestCx};
+use crate::pipeline::{Action, BuildError, Filter, Finding, RequestCx};
 use crate::policy::{self, RuleAction};
 use crate::proxy::Side;
 use crate::sip::HeaderName;
@@ -13,17 +13,32 @@ pub struct Sanity {
     /// This edge's advertised `host:port`s, lower-case: a request already carrying a Via with one of
     /// them has looped.
     own: Vec<(String, u16)>,
+    /// The hosts of `own`, to skip parsing Vias that cannot name this edge (nearly all).
+    own_hosts: Option<aho_corasick::AhoCorasick>,
 }
 
 impl Sanity {
-    pub fn new(cfg: &policy::Sanity, own: &[(String, u16)]) -> Sanity {
-        Sanity {
+    pub fn new(cfg: &policy::Sanity, own: &[(String, u16)]) -> Result<Sanity, BuildError> {
+        let own: Vec<(String, u16)> = own
+            .iter()
+            .map(|(h, p)| (h.trim_matches(['[', ']']).to_ascii_lowercase(), *p))
+            .collect();
+        let own_hosts = if own.is_empty() {
+            None
+        } else {
+            let hosts = own.iter().map(|(h, _)| h);
+            Some(
+                aho_corasick::AhoCorasick::builder()
+                    .ascii_case_insensitive(true)
+                    .build(hosts)
+                    .map_err(|e| BuildError::Invalid(format!("edge addresses: {e}")))?,
+            )
+        };
+        Ok(Sanity {
             cfg: cfg.clone(),
-            own: own
-                .iter()
-                .map(|(h, p)| (h.trim_matches(['[', ']']).to_ascii_lowercase(), *p))
-                .collect(),
-        }
+            own,
+            own_hosts,
+        })
     }
 
     fn finding(&self, code: u16, reason: &'static str) -> Finding {
@@ -40,6 +55,16 @@ impl Sanity {
 
     fn looped(&self, cx: &RequestCx<'_>) -> bool {
         let m = cx.sip.m;
+        let Some(hosts) = &self.own_hosts else {
+            return false;
+        };
+        // Vias that do not even contain one of our host names need no parse.
+        if !m
+            .all(HeaderName::Via)
+            .any(|h| hosts.is_match(m.text(h.value.clone())))
+        {
+            return false;
+        }
         m.elements(HeaderName::Via).any(|(_, r)| {
             crate::proxy::via::ViaInfo::parse(m.text(r.clone())).is_some_and(|v| {
                 let host = v.host.trim_matches(['[', ']']);
@@ -87,7 +112,11 @@ mod tests {
     use crate::filters::testkit::*;
 
     fn sanity() -> Sanity {
-        Sanity::new(&policy::Sanity::default(), &[("203.0.113.5".into(), 5060)])
+        Sanity::new(
+            &policy::Sanity::default(),
+            &[("203.0.113.5".into(), 5060), ("Edge.Example".into(), 5061)],
+        )
+        .unwrap()
     }
 
     fn verdict(raw: &str) -> Option<Finding> {
@@ -137,6 +166,21 @@ mod tests {
             "Via: SIP/2.0/UDP 203.0.113.5;branch=z9hG4bKsw1\r\nMax-Forwards",
         );
         assert_eq!(code(verdict(&looped)), 482);
+        let via = |v: &str| ok.replace("Max-Forwards", &format!("Via: {v}\r\nMax-Forwards"));
+        assert_eq!(
+            code(verdict(&via(
+                "SIP/2.0/TLS edge.EXAMPLE:5061;branch=z9hG4bKsw2"
+            ))),
+            482,
+            "host names compare without case"
+        );
+        for other in [
+            "SIP/2.0/UDP 203.0.113.5:5070;branch=z9hG4bKsw1",
+            "SIP/2.0/UDP 203.0.113.55;branch=z9hG4bKsw1",
+            "SIP/2.0/UDP edge.example;branch=z9hG4bKsw1",
+        ] {
+            assert_eq!(verdict(&via(other)).map(|f| f.rule), None, "{other}");
+        }
     }
 
     #[test]
@@ -150,7 +194,7 @@ mod tests {
             action: RuleAction::Drop,
             ..Default::default()
         };
-        let drop = Sanity::new(&cfg, &[]);
+        let drop = Sanity::new(&cfg, &[]).unwrap();
         assert_eq!(
             drop.request(&req_cx(&big, &m)).unwrap().action,
             Action::Drop

@@ -58,7 +58,7 @@ fn route(p: &Proxy, m: &Message<'_>, inb: &Inbound<'_>, side: Side) -> Result<De
     let top = ViaInfo::parse(top_text).ok_or_else(|| refusal(400, "Bad Via"))?;
     let stamped = via::stamp_received(top_text, &top, inb.source);
     let prev = match &stamped {
-        Some(s) => ViaInfo::parse(s).ok_or_else(|| refusal(400, "Bad Via"))?,
+        Some(s) => s.via(&top),
         None => top.clone(),
     };
 
@@ -212,7 +212,7 @@ fn route(p: &Proxy, m: &Message<'_>, inb: &Inbound<'_>, side: Side) -> Result<De
 
     let mut e = Edit::new(m.buf);
     if let Some(s) = &stamped {
-        e.replace(top_range, s.as_bytes());
+        e.replace(top_range, s.text.as_bytes());
     }
     remove_popped_routes(m, &routes, popped, &mut e);
     match (max_forwards, m.all(HeaderName::MaxForwards).next()) {
@@ -386,7 +386,14 @@ pub fn refuse(
         via::stamp_received(t, &ViaInfo::parse(t)?, inb.source)
     });
     let to_tag = format!("sw{code}");
-    let bytes = reply::build(m, code, reason, stamped.as_deref(), &to_tag, extra);
+    let bytes = reply::build(
+        m,
+        code,
+        reason,
+        stamped.as_ref().map(|s| s.text.as_str()),
+        &to_tag,
+        extra,
+    );
     Decision {
         action: Action::Reply(bytes),
         outcome: Outcome::Replied(code),

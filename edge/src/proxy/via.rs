@@ -184,10 +184,32 @@ impl<'a> ViaInfo<'a> {
     }
 }
 
+/// The client's top Via element with `received` and `rport` filled in (see [`stamp_received`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamped {
+    pub text: String,
+    /// Where the `received` value is in `text`.
+    received: std::ops::Range<usize>,
+    /// The `rport` value written, if one was asked for.
+    rport: Option<u16>,
+}
+
+impl Stamped {
+    /// The stamped element as [`ViaInfo::parse`] would read it, from `top` (the element before
+    /// stamping) without parsing it again.
+    pub fn via<'s>(&'s self, top: &ViaInfo<'s>) -> ViaInfo<'s> {
+        ViaInfo {
+            received: Some(&self.text[self.received.clone()]),
+            rport: self.rport.map(Some).or(top.rport),
+            ..top.clone()
+        }
+    }
+}
+
 /// The client's top Via element with `received` (when the sent-by host is not the source address)
 /// and `rport` (when asked for) filled in, as the proxy must before forwarding (RFC 3581 §4).
 /// Returns `None` when the element needs no change.
-pub fn stamp_received(element: &str, via: &ViaInfo<'_>, source: SocketAddr) -> Option<String> {
+pub fn stamp_received(element: &str, via: &ViaInfo<'_>, source: SocketAddr) -> Option<Stamped> {
     use std::fmt::Write;
     let host = via.host.trim_start_matches('[').trim_end_matches(']');
     let host_is_source = host.parse::<IpAddr>().is_ok_and(|ip| ip == source.ip());
@@ -196,7 +218,7 @@ pub fn stamp_received(element: &str, via: &ViaInfo<'_>, source: SocketAddr) -> O
         return None;
     }
     let mut out = String::with_capacity(element.len() + 48);
-    let mut have_received = false;
+    let mut received = None;
     for (i, p) in element.split(';').enumerate() {
         if i > 0 {
             out.push(';');
@@ -205,16 +227,28 @@ pub fn stamp_received(element: &str, via: &ViaInfo<'_>, source: SocketAddr) -> O
         if i > 0 && wants_rport && name.eq_ignore_ascii_case("rport") {
             let _ = write!(out, "rport={}", source.port());
         } else if i > 0 && name.eq_ignore_ascii_case("received") {
-            let _ = write!(out, "received={}", source.ip());
-            have_received = true;
+            out.push_str("received=");
+            let at = out.len();
+            let _ = write!(out, "{}", source.ip());
+            received = Some(at..out.len());
         } else {
             out.push_str(p);
         }
     }
-    if !have_received {
-        let _ = write!(out, ";received={}", source.ip());
-    }
-    Some(out)
+    let received = match received {
+        Some(r) => r,
+        None => {
+            out.push_str(";received=");
+            let at = out.len();
+            let _ = write!(out, "{}", source.ip());
+            at..out.len()
+        }
+    };
+    Some(Stamped {
+        text: out,
+        received,
+        rport: wants_rport.then_some(source.port()),
+    })
 }
 
 /// The edge's branch for a request whose previous hop's Via (after [`stamp_received`]) is `prev`.
@@ -360,21 +394,35 @@ mod tests {
         let v = ViaInfo::parse(e).unwrap();
         let stamped = stamp_received(e, &v, src).unwrap();
         assert_eq!(
-            stamped,
+            stamped.text,
             "SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKa;rport=40000;received=198.51.100.9"
         );
-        let sv = ViaInfo::parse(&stamped).unwrap();
+        let sv = ViaInfo::parse(&stamped.text).unwrap();
         assert_eq!(sv.response_target(), Dest::Addr(src));
+        assert_eq!(stamped.via(&v), sv, "derived as parsed");
 
         // No rport: received only, and the response goes to the sent-by port.
         let e = "SIP/2.0/UDP 10.0.0.1:5062;branch=z9hG4bKb";
         let v = ViaInfo::parse(e).unwrap();
         let stamped = stamp_received(e, &v, src).unwrap();
-        assert!(stamped.ends_with(";received=198.51.100.9"));
+        assert!(stamped.text.ends_with(";received=198.51.100.9"));
+        let sv = ViaInfo::parse(&stamped.text).unwrap();
         assert_eq!(
-            ViaInfo::parse(&stamped).unwrap().response_target(),
+            sv.response_target(),
             Dest::Addr("198.51.100.9:5062".parse().unwrap())
         );
+        assert_eq!(stamped.via(&v), sv, "derived as parsed");
+
+        // A stale received is replaced, a filled-in rport kept; IPv6 sources too.
+        let src6: SocketAddr = "[2001:db8::9]:5070".parse().unwrap();
+        let e = "SIP/2.0/UDP h.example;received=192.0.2.1;rport=9;branch=z9hG4bKd";
+        let v = ViaInfo::parse(e).unwrap();
+        let stamped = stamp_received(e, &v, src6).unwrap();
+        assert_eq!(
+            stamped.text,
+            "SIP/2.0/UDP h.example;received=2001:db8::9;rport=9;branch=z9hG4bKd"
+        );
+        assert_eq!(stamped.via(&v), ViaInfo::parse(&stamped.text).unwrap());
 
         // Sent-by already the source and no rport: untouched.
         let e = "SIP/2.0/UDP 198.51.100.9:40000;branch=z9hG4bKc";

@@ -41,6 +41,9 @@ pub enum HeaderName {
     Other,
 }
 
+/// How many [`HeaderName`]s there are (the per-message index of first occurrences has a slot each).
+const HEADER_KINDS: usize = HeaderName::Other as usize + 1;
+
 impl HeaderName {
     pub fn classify(name: &str) -> HeaderName {
         use HeaderName::*;
@@ -107,6 +110,9 @@ pub struct Message<'a> {
     /// Byte offset just past the start line's CRLF: where new top headers go.
     pub start_end: usize,
     pub headers: Vec<Header>,
+    /// For each known header name, 1 + the index in `headers` of its first line (0: absent), so
+    /// the dozen lookups each message gets cost no scan.
+    first: [u8; HEADER_KINDS],
     /// Byte offset of the body (just past the blank line).
     pub body_start: usize,
 }
@@ -198,12 +204,20 @@ impl<'a> Message<'a> {
         let head = &buf[..end + 2];
         let text = std::str::from_utf8(head).map_err(|_| ParseError::NotUtf8)?;
         // RFC 3261 §25.1: no CTL outside CRLF line ends and HTAB (NUL and friends confuse
-        // C parsers downstream). Counting CRs in the same branch-free pass finds a bare CR: every
-        // line ends in CRLF, so there must be exactly one per line.
-        let (control, crs) = head.iter().fold((false, 0usize), |(bad, crs), &b| {
-            let ctl = (b < 0x20 && b != b'\r' && b != b'\n' && b != b'\t') || b == 0x7f;
-            (bad | ctl, crs + usize::from(b == b'\r'))
-        });
+        // C parsers downstream). Counting CRs in the same pass finds a bare CR: every line ends in
+        // CRLF, so there must be exactly one per line. Branch-free over 64-byte chunks with byte
+        // accumulators, so the compiler vectorizes it.
+        let (mut control, mut crs) = (false, 0usize);
+        for chunk in head.chunks(64) {
+            let (mut ctl, mut cr) = (0u8, 0u8);
+            for &b in chunk {
+                let c = (b < 0x20) & (b != b'\r') & (b != b'\n') & (b != b'\t') | (b == 0x7f);
+                ctl |= u8::from(c);
+                cr += u8::from(b == b'\r');
+            }
+            control |= ctl != 0;
+            crs += usize::from(cr);
+        }
         if control {
             return Err(ParseError::Control);
         }
@@ -212,6 +226,7 @@ impl<'a> Message<'a> {
         let mut start_end = 0;
         let mut at = 0;
         let mut headers = Vec::with_capacity(16);
+        let mut first = [0u8; HEADER_KINDS];
         for nl in memchr::memchr_iter(b'\n', head) {
             // An LF must end a CRLF (a bare CR is caught by the count below).
             if nl <= at || head[nl - 1] != b'\r' {
@@ -245,9 +260,14 @@ impl<'a> Message<'a> {
             while v1 > v0 && is_ws(bytes[v1 - 1]) {
                 v1 -= 1;
             }
+            // Token characters are ASCII: a char boundary on both sides.
+            let name = HeaderName::classify(&text[from..from + name_len]);
+            let slot = &mut first[name as usize];
+            if *slot == 0 && headers.len() < usize::from(u8::MAX) {
+                *slot = headers.len() as u8 + 1;
+            }
             headers.push(Header {
-                // Token characters are ASCII: a char boundary on both sides.
-                name: HeaderName::classify(&text[from..from + name_len]),
+                name,
                 line: from..nl + 1,
                 value: from + v0..from + v1,
             });
@@ -261,6 +281,7 @@ impl<'a> Message<'a> {
             start,
             start_end,
             headers,
+            first,
             body_start: end + 4,
         })
     }
@@ -297,10 +318,15 @@ impl<'a> Message<'a> {
 
     /// The value of the first header called `name`.
     pub fn header(&self, name: HeaderName) -> Option<&'a str> {
-        self.headers
-            .iter()
-            .find(|h| h.name == name)
-            .map(|h| self.text(h.value.clone()))
+        let h = match self.first[name as usize] {
+            // Absent, or beyond the 255th header line (where the index stops): scan.
+            0 if self.headers.len() >= usize::from(u8::MAX) => {
+                self.headers.iter().find(|h| h.name == name)?
+            }
+            0 => return None,
+            i => &self.headers[usize::from(i) - 1],
+        };
+        Some(self.text(h.value.clone()))
     }
 
     /// The value of the first header whose name (as written, compact forms of known headers
@@ -415,6 +441,21 @@ abcd";
         );
         let last = m.headers.last().unwrap();
         assert_eq!(&INVITE[last.line.clone()], "Content-Length: 4\r\n");
+    }
+
+    #[test]
+    fn finds_headers_past_the_indexed_ones() {
+        let mut raw = String::from("OPTIONS sip:x@y SIP/2.0\r\n");
+        for i in 0..300 {
+            raw.push_str(&format!("X-{i}: {i}\r\n"));
+        }
+        raw.push_str("Call-ID: late\r\nCSeq: 1 OPTIONS\r\n\r\n");
+        let m = Message::parse(raw.as_bytes()).unwrap();
+        assert_eq!(m.call_id(), Some("late"));
+        assert_eq!(m.cseq(), Some((1, "OPTIONS")));
+        assert_eq!(m.header(HeaderName::Other), Some("0"));
+        assert_eq!(m.header(HeaderName::Via), None);
+        assert_eq!(m.header_named("x-299"), Some("299"));
     }
 
     #[test]
