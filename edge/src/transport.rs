@@ -2,8 +2,9 @@
 //! message to the proxy and carries out its [`Action`]. The transport knows nothing of policy.
 //!
 //! - [`udp`]: several `SO_REUSEPORT` sockets per listener, one receive task each.
-//! - [`tcp`]: accept with global and per-source limits, header and idle timeouts, a writer task per
-//!   connection and a registry so responses and PBX→phone requests reuse the phone's connection.
+//! - [`tcp`]: accept with global and per-source limits, header and idle timeouts, direct writes
+//!   (a writer task per connection for what the socket does not take at once) and a registry so
+//!   responses and PBX→phone requests reuse the phone's connection.
 //! - [`framer`]: Content-Length framing and keep-alives on streams.
 
 pub mod framer;
@@ -26,7 +27,7 @@ use tracing::{debug, warn};
 #[derive(Clone)]
 pub enum ReplyPath {
     Udp(Arc<UdpSocket>),
-    Stream(tokio::sync::mpsc::Sender<bytes::Bytes>),
+    Stream(Arc<tcp::Conn>),
 }
 
 /// Datagrams a UDP receive thread sends in one `sendmmsg` after its batch: replies and forwards
@@ -128,7 +129,7 @@ impl Dispatcher {
                 true
             }
             (ReplyPath::Udp(sock), None) => udp::send_now(sock, &bytes, to),
-            (ReplyPath::Stream(tx), _) => tx.try_send(bytes.into()).is_ok(),
+            (ReplyPath::Stream(conn), _) => conn.send(bytes.into()),
         };
         if !ok {
             self.send_error(Transport::Udp);

@@ -5,7 +5,7 @@ use sipwarden_tests::*;
 use std::io::{Read, Write};
 use std::net::{TcpStream, UdpSocket};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const EDGE_IP: &str = "127.0.0.1";
 
@@ -194,6 +194,29 @@ fn tcp_framing_errors_close_the_connection() {
     }
     drop(held);
     assert_eq!(http_get(edge.http, "/healthz").map(|r| r.0), Some(200));
+}
+
+#[test]
+fn tcp_idle_connections_are_closed_after_their_last_message() {
+    let extra = quiet_backend() + "[tcp]\nidle_timeout_ms = 600\n";
+    let edge = EdgeProc::start(EDGE_IP, &extra);
+    let mut s = TcpStream::connect(edge.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    // Pings 300 ms apart keep it open past one idle timeout: each read pushes the deadline.
+    let opened = Instant::now();
+    for _ in 0..4 {
+        s.write_all(b"\r\n\r\n").unwrap();
+        let mut pong = [0u8; 2];
+        s.read_exact(&mut pong).unwrap();
+        assert_eq!(&pong, b"\r\n");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(opened.elapsed() > Duration::from_millis(1000));
+    let (_, closed) = read_all(&mut s, Duration::from_secs(3));
+    assert!(closed, "an idle connection is closed");
+    assert!(edge
+        .metrics()
+        .contains(r#"sipwarden_edge_tcp_closed_total{reason="idle_timeout"} 1"#));
 }
 
 #[test]
