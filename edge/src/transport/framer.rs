@@ -101,7 +101,7 @@ impl Framer {
 /// Whether the bytes so far could begin a SIP message: a request line ending in `SIP/2.0`, or a
 /// status line; judged only once the first line is complete (or long enough to tell).
 fn looks_like_sip_start(buf: &[u8]) -> bool {
-    let line_end = buf.windows(2).position(|w| w == b"\r\n");
+    let line_end = memchr::memmem::find(buf, b"\r\n");
     let first = &buf[..line_end.unwrap_or(buf.len())];
     if first.iter().any(|&b| b < 0x20 && b != b'\t' || b == 0x7f) {
         return false;
@@ -114,9 +114,16 @@ fn looks_like_sip_start(buf: &[u8]) -> bool {
 
 /// The Content-Length (or compact `l`) of a header section ending in CRLF.
 fn content_length(head: &[u8]) -> Result<usize, FrameError> {
-    for line in head.split(|&b| b == b'\n').skip(1) {
+    let mut at = 0;
+    for nl in memchr::memchr_iter(b'\n', head) {
+        let line = &head[at..nl];
+        let first = at == 0;
+        at = nl + 1;
+        if first {
+            continue;
+        }
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
+        let Some(colon) = memchr::memchr(b':', line) else {
             continue;
         };
         let name = line[..colon].trim_ascii();

@@ -264,6 +264,30 @@ pub async fn accept_loop(
     }
 }
 
+/// Reads what the socket holds, without waiting. A read shorter than `buf` found the receive queue
+/// empty: it is reported to tokio as `WouldBlock` (keeping the bytes), which clears the socket's
+/// readiness at once instead of after one more read that would only return `EAGAIN` — a system
+/// call saved per message. Tokio clears only the readiness it reported, so bytes arriving after
+/// the read still wake the task.
+fn read_now(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let mut got = 0;
+    let r = stream.try_io(tokio::io::Interest::READABLE, || {
+        let n = nix::sys::socket::recv(fd, buf, nix::sys::socket::MsgFlags::empty())
+            .map_err(std::io::Error::from)?;
+        got = n;
+        if n > 0 && n < buf.len() {
+            return Err(ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match r {
+        Err(e) if e.kind() == ErrorKind::WouldBlock && got > 0 => Ok(got),
+        r => r,
+    }
+}
+
 /// Serves one connection: this task reads, frames and dispatches; a writer task drains what could
 /// not be sent at once.
 #[allow(clippy::too_many_arguments)]
@@ -295,7 +319,7 @@ async fn run(
     let timer = tokio::time::sleep_until(last_read + idle_timeout);
     tokio::pin!(timer);
     'conn: loop {
-        let n = match stream.try_read(&mut chunk) {
+        let n = match read_now(&stream, &mut chunk) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
