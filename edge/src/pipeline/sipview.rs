@@ -31,10 +31,15 @@ pub fn uri_aor(uri: &str) -> String {
     } else {
         host.split(':').next().unwrap_or(host)
     };
-    match user {
-        Some(u) => format!("{u}@{}", host.to_ascii_lowercase()),
-        None => host.to_ascii_lowercase(),
+    let mut aor = String::with_capacity(host.len() + user.map_or(0, |u| u.len() + 1));
+    if let Some(u) = user {
+        aor.push_str(u);
+        aor.push('@');
     }
+    let at = aor.len();
+    aor.push_str(host);
+    aor[at..].make_ascii_lowercase();
+    aor
 }
 
 impl<'a> SipView<'a> {
