@@ -142,7 +142,7 @@ pub fn start_kamailio(dir: &Path, port: u16, uas: &str, transport: &str) -> Proc
         .replace("@PORT@", &port.to_string())
         .replace("@UAS@", uas)
         .replace("@TRANSPORT@", transport)
-        .replace("@PIKE@", "100000000");
+        .replace("@PIKE@", "65000");
     let path = dir.join(format!("kamailio-{transport}.cfg"));
     std::fs::write(&path, cfg).unwrap();
     let log = std::fs::File::create(dir.join(format!("kamailio-{transport}.log"))).unwrap();
