@@ -137,13 +137,23 @@ fn main() {
         per_sent_ns.push(ns_sent);
         drop_rate.push(drops / wall);
         lost_share.push(100.0 * (sent - drops).max(0.0) / sent.max(1.0));
+        let per_drop = if drops >= 10_000.0 {
+            format!("{ns:.0} ns")
+        } else {
+            "— (too few gate drops to divide by)".to_string()
+        };
         println!(
-            "  run {run}: sent {:.0}/s, the edge's gate dropped {:.0}/s ({:.1}% dropped in the kernel: shield or full buffer); edge CPU {:.2} s without, {:.2} s with the flood → {ns:.0} ns per datagram the gate dropped, {ns_sent:.0} ns per datagram sent",
+            "  run {run}: sent {:.0}/s, the edge's gate dropped {:.0}/s ({:.1}% dropped in the kernel: shield or full buffer); edge CPU {:.2} s without, {:.2} s with the flood → {per_drop} per datagram the gate dropped, {ns_sent:.0} ns per datagram sent{}",
             sent / wall,
             drops / wall,
             100.0 * (sent - drops).max(0.0) / sent.max(1.0),
             cpu(&calm),
             cpu(&stormy),
+            if ns_sent < 0.0 {
+                " (negative: the difference is below the machine's noise)"
+            } else {
+                ""
+            },
         );
         println!(
             "    legitimate load: without flood p50 {:.3} ms, p99 {:.3} ms, {} ok, {} failed; with flood p50 {:.3} ms, p99 {:.3} ms, {} ok, {} failed",
