@@ -46,6 +46,11 @@ const HEADER_KINDS: usize = HeaderName::Other as usize + 1;
 
 impl HeaderName {
     pub fn classify(name: &str) -> HeaderName {
+        HeaderName::of(name.as_bytes())
+    }
+
+    /// [`HeaderName::classify`] of a name's bytes.
+    pub fn of(name: &[u8]) -> HeaderName {
         use HeaderName::*;
         const NAMES: &[(&str, HeaderName)] = &[
             ("via", Via),
@@ -72,7 +77,7 @@ impl HeaderName {
         ];
         NAMES
             .iter()
-            .find(|(n, _)| n.len() == name.len() && n.eq_ignore_ascii_case(name))
+            .find(|(n, _)| n.len() == name.len() && n.as_bytes().eq_ignore_ascii_case(name))
             .map(|(_, h)| *h)
             .unwrap_or(Other)
     }
@@ -113,6 +118,8 @@ pub struct Message<'a> {
     /// For each known header name, 1 + the index in `headers` of its first line (0: absent), so
     /// the dozen lookups each message gets cost no scan.
     first: [u8; HEADER_KINDS],
+    /// The CSeq number and where its method is, read once (every rule and the proxy ask).
+    cseq: Option<(u32, Range<usize>)>,
     /// Byte offset of the body (just past the blank line).
     pub body_start: usize,
 }
@@ -200,47 +207,33 @@ impl<'a> Message<'a> {
     /// error for every alternative it rejects on the way and cost more than the rest of the parse
     /// together; Via elements are parsed in `proxy::via`, and rsip still types URIs.
     pub fn parse(buf: &'a [u8]) -> Result<Message<'a>, ParseError> {
-        let end = head_end(buf).ok_or(ParseError::NoHeaderEnd)?;
-        let head = &buf[..end + 2];
-        let text = std::str::from_utf8(head).map_err(|_| ParseError::NotUtf8)?;
-        // RFC 3261 §25.1: no CTL outside CRLF line ends and HTAB (NUL and friends confuse
-        // C parsers downstream). Counting CRs in the same pass finds a bare CR: every line ends in
-        // CRLF, so there must be exactly one per line. Branch-free over 64-byte chunks with byte
-        // accumulators, so the compiler vectorizes it.
-        let (mut control, mut crs) = (false, 0usize);
-        for chunk in head.chunks(64) {
-            let (mut ctl, mut cr) = (0u8, 0u8);
-            for &b in chunk {
-                let c = (b < 0x20) & (b != b'\r') & (b != b'\n') & (b != b'\t') | (b == 0x7f);
-                ctl |= u8::from(c);
-                cr += u8::from(b == b'\r');
-            }
-            control |= ctl != 0;
-            crs += usize::from(cr);
-        }
-        if control {
-            return Err(ParseError::Control);
-        }
+        // One pass over the line ends: each line is split as it is found, and the first empty
+        // line ends the header section (the body is not scanned).
         let mut lines = 0;
         let mut start = StartLine::Response { code: 0 };
         let mut start_end = 0;
         let mut at = 0;
+        let mut end = None;
         let mut headers = Vec::with_capacity(16);
         let mut first = [0u8; HEADER_KINDS];
-        for nl in memchr::memchr_iter(b'\n', head) {
+        for nl in memchr::memchr_iter(b'\n', buf) {
             // An LF must end a CRLF (a bare CR is caught by the count below).
-            if nl <= at || head[nl - 1] != b'\r' {
+            if nl <= at || buf[nl - 1] != b'\r' {
                 return Err(ParseError::Syntax);
+            }
+            if nl == at + 1 {
+                end = Some(at);
+                break;
             }
             let line = at..nl - 1;
             lines += 1;
             let from = std::mem::replace(&mut at, nl + 1);
             if lines == 1 {
-                start = start_line(&head[line])?;
+                start = start_line(&buf[line])?;
                 start_end = at;
                 continue;
             }
-            let bytes = &head[line.clone()];
+            let bytes = &buf[line.clone()];
             if bytes.first().copied().is_some_and(is_ws) {
                 return Err(ParseError::Folding);
             }
@@ -260,8 +253,7 @@ impl<'a> Message<'a> {
             while v1 > v0 && is_ws(bytes[v1 - 1]) {
                 v1 -= 1;
             }
-            // Token characters are ASCII: a char boundary on both sides.
-            let name = HeaderName::classify(&text[from..from + name_len]);
+            let name = HeaderName::of(&bytes[..name_len]);
             let slot = &mut first[name as usize];
             if *slot == 0 && headers.len() < usize::from(u8::MAX) {
                 *slot = headers.len() as u8 + 1;
@@ -272,18 +264,63 @@ impl<'a> Message<'a> {
                 value: from + v0..from + v1,
             });
         }
+        let end = end.ok_or(ParseError::NoHeaderEnd)?;
+        // The start line and header lines, each with its CRLF.
+        let head = &buf[..end];
+        let text = std::str::from_utf8(head).map_err(|_| ParseError::NotUtf8)?;
+        // RFC 3261 §25.1: no CTL outside CRLF line ends and HTAB (NUL and friends confuse
+        // C parsers downstream). Counting CRs in the same pass finds a bare CR: every line ends in
+        // CRLF, so there must be exactly one per line. Branch-free over 64-byte chunks with byte
+        // accumulators, so the compiler vectorizes it.
+        let (mut control, mut crs) = (false, 0usize);
+        for chunk in head.chunks(64) {
+            let (mut ctl, mut cr) = (0u8, 0u8);
+            for &b in chunk {
+                let c = (b < 0x20) & (b != b'\r') & (b != b'\n') & (b != b'\t') | (b == 0x7f);
+                ctl |= u8::from(c);
+                cr += u8::from(b == b'\r');
+            }
+            control |= ctl != 0;
+            crs += usize::from(cr);
+        }
+        if control {
+            return Err(ParseError::Control);
+        }
         if lines == 0 || crs != lines {
             return Err(ParseError::Syntax);
         }
-        Ok(Message {
+        let mut m = Message {
             buf,
             head: text,
             start,
             start_end,
             headers,
             first,
-            body_start: end + 4,
-        })
+            body_start: end + 2,
+            cseq: None,
+        };
+        m.cseq = m.read_cseq();
+        Ok(m)
+    }
+
+    /// `1*DIGIT LWS Method` of the first CSeq (its value is trimmed at both ends by `parse`).
+    fn read_cseq(&self) -> Option<(u32, Range<usize>)> {
+        let h = match self.first[HeaderName::CSeq as usize] {
+            0 => self.headers.iter().find(|h| h.name == HeaderName::CSeq)?,
+            i => &self.headers[usize::from(i) - 1],
+        };
+        let v = self.text(h.value.clone());
+        let sp = v.find([' ', '\t'])?;
+        let n = &v[..sp];
+        let method_at = v.len() - v[sp..].trim_start_matches([' ', '\t']).len();
+        let method = &v[method_at..];
+        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || method.is_empty() {
+            return None;
+        }
+        if method.bytes().any(|b| b == b' ' || b == b'\t') {
+            return None;
+        }
+        Some((n.parse().ok()?, h.value.start + method_at..h.value.end))
     }
 
     /// The method of a request, `None` for a response.
@@ -380,17 +417,8 @@ impl<'a> Message<'a> {
 
     /// The CSeq sequence number and method.
     pub fn cseq(&self) -> Option<(u32, &'a str)> {
-        // 1*DIGIT LWS Method (the value is trimmed at both ends by `parse`).
-        let v = self.header(HeaderName::CSeq)?;
-        let (n, m) = v.split_once([' ', '\t'])?;
-        let m = m.trim_start_matches([' ', '\t']);
-        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || m.is_empty() {
-            return None;
-        }
-        if m.bytes().any(|b| b == b' ' || b == b'\t') {
-            return None;
-        }
-        Some((n.parse().ok()?, m))
+        let (n, method) = self.cseq.clone()?;
+        Some((n, self.text(method)))
     }
 
     /// The declared Content-Length, `Ok(None)` when absent, `Err` when unreadable.
@@ -444,6 +472,29 @@ abcd";
     }
 
     #[test]
+    fn cseq_is_digits_then_one_method() {
+        let with = |v: &str| {
+            let raw = format!("OPTIONS sip:x@y SIP/2.0\r\nCSeq: {v}\r\n\r\n");
+            Message::parse(raw.as_bytes())
+                .unwrap()
+                .cseq()
+                .map(|(n, m)| (n, m.to_string()))
+        };
+        assert_eq!(with("1 \t INVITE"), Some((1, "INVITE".into())));
+        assert_eq!(with("4294967295 BYE"), Some((u32::MAX, "BYE".into())));
+        for bad in [
+            "+1 INVITE",
+            "1 INVITE x",
+            "99999999999 INVITE",
+            "INVITE",
+            "1",
+            "x1 BYE",
+        ] {
+            assert_eq!(with(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn finds_headers_past_the_indexed_ones() {
         let mut raw = String::from("OPTIONS sip:x@y SIP/2.0\r\n");
         for i in 0..300 {
@@ -482,6 +533,19 @@ abcd";
         assert_eq!(
             &r[m.headers[0].line.clone()],
             "Via : SIP/2.0/UDP h;branch=z9hG4bKx \t\r\n"
+        );
+        // The body is not the header section's business: bare LFs and NULs there are fine.
+        let b = "OPTIONS sip:x@y SIP/2.0\r\nCall-ID: c\r\n\r\nbody\nwith\0stuff\r\n\r\n";
+        let m = Message::parse(b.as_bytes()).unwrap();
+        assert_eq!(m.body(), b"body\nwith\0stuff\r\n\r\n");
+        assert_eq!(m.headers.len(), 1);
+        assert_eq!(
+            Message::parse(b"\r\n\r\nOPTIONS").err(),
+            Some(ParseError::Syntax)
+        );
+        assert_eq!(
+            Message::parse(b"OPTIONS sip:x@y SIP/2.0\r\nCall-ID: c\r\n").err(),
+            Some(ParseError::NoHeaderEnd)
         );
         let q = "OPTIONS sip:x@y SIP/2.0\r\n\r\n";
         let m = Message::parse(q.as_bytes()).unwrap();
