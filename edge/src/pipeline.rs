@@ -52,6 +52,9 @@ pub struct Meta {
 pub struct RequestCx<'a> {
     pub meta: &'a Meta,
     pub sip: SipView<'a>,
+    /// Set by the `sanity` rule when the request passed `sip::sanity::check_request` (under the
+    /// policy's limits, which are never looser than the proxy's), so the proxy need not repeat it.
+    pub sane: std::cell::Cell<bool>,
 }
 
 /// A parsed response the proxy will relay.

@@ -288,14 +288,21 @@ impl Proxy {
         let side = self.side(inb);
         match Message::parse(inb.bytes) {
             Err(e) => malformed(inb.bytes, &e, side),
-            Ok(m) => self.handle_message(&m, inb, side),
+            Ok(m) => self.handle_message(&m, inb, side, false),
         }
     }
 
-    /// The request or response path for a parsed message from `side`.
-    pub fn handle_message(&self, m: &Message<'_>, inb: &Inbound<'_>, side: Side) -> Decision {
+    /// The request or response path for a parsed message from `side`. `sane`: the request
+    /// already passed `sip::sanity::check_request` (the `sanity` rule checked it).
+    pub fn handle_message(
+        &self,
+        m: &Message<'_>,
+        inb: &Inbound<'_>,
+        side: Side,
+        sane: bool,
+    ) -> Decision {
         if m.method().is_some() {
-            request::handle(self, m, inb, side)
+            request::handle(self, m, inb, side, sane)
         } else {
             response::handle(self, m, inb, side)
         }

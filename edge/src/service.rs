@@ -158,9 +158,10 @@ impl Service {
         let cx = RequestCx {
             meta,
             sip: SipView::new(m),
+            sane: Default::default(),
         };
         let decision = match self.firewall.request(&cx) {
-            Verdict::Allow => self.proxy.handle_message(m, inb, side),
+            Verdict::Allow => self.proxy.handle_message(m, inb, side, cx.sane.get()),
             Verdict::Reject {
                 code,
                 reason,
@@ -190,7 +191,7 @@ impl Service {
         meta: &crate::pipeline::Meta,
         span: &tracing::Span,
     ) -> Decision {
-        let decision = self.proxy.handle_message(m, inb, side);
+        let decision = self.proxy.handle_message(m, inb, side, false);
         let (peer, peer_transport) = match &decision.action {
             Action::Forward {
                 dest: Dest::Addr(a),

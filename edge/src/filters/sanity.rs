@@ -96,6 +96,7 @@ impl Filter for Sanity {
         if let Err(p) = crate::sip::sanity::check_request(cx.sip.m, self.cfg.max_forwards_limit) {
             return Some(self.finding(p.code, p.reason));
         }
+        cx.sane.set(true);
         if cx.sip.m.header(HeaderName::MaxForwards).is_none() {
             return Some(self.finding(400, "Missing Max-Forwards"));
         }
@@ -181,6 +182,21 @@ mod tests {
         ] {
             assert_eq!(verdict(&via(other)).map(|f| f.rule), None, "{other}");
         }
+    }
+
+    #[test]
+    fn a_request_that_passes_is_marked_sane_for_the_proxy() {
+        let ok = request("OPTIONS", "100", "200", "");
+        let meta = meta(T0, "192.0.2.1:5060", Side::Internet);
+        let m = parse(&ok);
+        let cx = req_cx(&meta, &m);
+        assert!(sanity().request(&cx).is_none());
+        assert!(cx.sane.get());
+        let bad = ok.replace("CSeq: 1 OPTIONS", "CSeq: 1 INVITE");
+        let m = parse(&bad);
+        let cx = req_cx(&meta, &m);
+        assert!(sanity().request(&cx).is_some());
+        assert!(!cx.sane.get(), "the proxy checks it again");
     }
 
     #[test]

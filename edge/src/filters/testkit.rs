@@ -62,6 +62,7 @@ pub fn parse(raw: &str) -> Message<'_> {
 
 pub fn req_cx<'a>(meta: &'a Meta, m: &'a Message<'a>) -> RequestCx<'a> {
     RequestCx {
+        sane: Default::default(),
         meta,
         sip: SipView::new(m),
     }

@@ -36,6 +36,7 @@ fn run(fw: &Firewall, source: &str) -> Verdict {
     let m = parse(&raw);
     let meta = meta(T0, source, Side::Internet);
     fw.request(&RequestCx {
+        sane: Default::default(),
         meta: &meta,
         sip: SipView::new(&m),
     })

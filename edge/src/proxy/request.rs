@@ -16,8 +16,14 @@ use std::net::{IpAddr, SocketAddr};
 /// Max-Forwards the edge sets when a request arrives without one.
 const DEFAULT_MAX_FORWARDS: u32 = 70;
 
-pub(super) fn handle(p: &Proxy, m: &Message<'_>, inb: &Inbound<'_>, side: Side) -> Decision {
-    match route(p, m, inb, side) {
+pub(super) fn handle(
+    p: &Proxy,
+    m: &Message<'_>,
+    inb: &Inbound<'_>,
+    side: Side,
+    sane: bool,
+) -> Decision {
+    match route(p, m, inb, side, sane) {
         Ok(d) => d,
         Err(Refusal { code, reason }) => {
             let retry: &[(&str, &str)] = if code == 503 {
@@ -43,9 +49,17 @@ fn refusal(code: u16, reason: impl Into<String>) -> Refusal {
     }
 }
 
-fn route(p: &Proxy, m: &Message<'_>, inb: &Inbound<'_>, side: Side) -> Result<Decision, Refusal> {
+fn route(
+    p: &Proxy,
+    m: &Message<'_>,
+    inb: &Inbound<'_>,
+    side: Side,
+    sane: bool,
+) -> Result<Decision, Refusal> {
     let method = m.method().unwrap_or_default();
-    crate::sip::sanity::check_request(m, u32::MAX).map_err(|e| refusal(e.code, e.reason))?;
+    if !sane {
+        crate::sip::sanity::check_request(m, u32::MAX).map_err(|e| refusal(e.code, e.reason))?;
+    }
     let (cseq, _) = m.cseq().ok_or_else(|| refusal(400, "Bad CSeq"))?;
     let call_id = m.call_id().unwrap_or_default();
     let ruri = m.request_uri().unwrap_or_default();
