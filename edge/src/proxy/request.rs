@@ -76,7 +76,7 @@ fn route(
         None => top.clone(),
     };
 
-    // Checked above: absent or a number above zero.
+    // Checked above (here, or by the sanity rule): absent or a number above zero.
     let max_forwards = m
         .header(HeaderName::MaxForwards)
         .and_then(|v| v.trim().parse::<u32>().ok());

@@ -305,10 +305,7 @@ impl<'a> Message<'a> {
 
     /// `1*DIGIT LWS Method` of the first CSeq (its value is trimmed at both ends by `parse`).
     fn read_cseq(&self) -> Option<(u32, Range<usize>)> {
-        let h = match self.first[HeaderName::CSeq as usize] {
-            0 => self.headers.iter().find(|h| h.name == HeaderName::CSeq)?,
-            i => &self.headers[usize::from(i) - 1],
-        };
+        let h = self.first_line(HeaderName::CSeq)?;
         let v = self.text(h.value.clone());
         let sp = v.find([' ', '\t'])?;
         let n = &v[..sp];
@@ -355,17 +352,20 @@ impl<'a> Message<'a> {
 
     /// The value of the first header called `name`.
     pub fn header(&self, name: HeaderName) -> Option<&'a str> {
-        let h = match self.first[name as usize] {
-            // Absent, or beyond the 255th header line (where the index stops): scan.
-            0 if self.headers.len() >= usize::from(u8::MAX) => {
-                self.headers.iter().find(|h| h.name == name)?
-            }
-            0 => return None,
-            i => &self.headers[usize::from(i) - 1],
-        };
-        Some(self.text(h.value.clone()))
+        self.first_line(name).map(|h| self.text(h.value.clone()))
     }
 
+    /// The first header line called `name`, found through the index of first occurrences.
+    fn first_line(&self, name: HeaderName) -> Option<&Header> {
+        match self.first[name as usize] {
+            // Absent, or beyond the 255th header line (where the index stops): scan.
+            0 if self.headers.len() >= usize::from(u8::MAX) => {
+                self.headers.iter().find(|h| h.name == name)
+            }
+            0 => None,
+            i => Some(&self.headers[usize::from(i) - 1]),
+        }
+    }
     /// The value of the first header whose name (as written, compact forms of known headers
     /// included) is `name`, ignoring case.
     pub fn header_named(&self, name: &str) -> Option<&'a str> {

@@ -102,7 +102,11 @@ impl Framer {
 /// status line; judged only once the first line is complete (or long enough to tell).
 fn looks_like_sip_start(buf: &[u8]) -> bool {
     let line_end = memchr::memmem::find(buf, b"\r\n");
-    let first = &buf[..line_end.unwrap_or(buf.len())];
+    let first = match line_end {
+        Some(e) => &buf[..e],
+        // A read can end between the CR and the LF of the first line.
+        None => buf.strip_suffix(b"\r").unwrap_or(buf),
+    };
     if first.iter().any(|&b| b < 0x20 && b != b'\t' || b == 0x7f) {
         return false;
     }
@@ -141,6 +145,24 @@ mod tests {
     use super::*;
 
     const MSG: &[u8] = b"MESSAGE sip:a@b SIP/2.0\r\nVia: SIP/2.0/TCP x\r\nl: 5\r\n\r\nhello";
+
+    #[test]
+    fn a_read_ending_between_cr_and_lf_is_not_garbage() {
+        let msg: &[u8] = b"OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/TCP x\r\nl: 0\r\n\r\n";
+        // Every split point, the one right after the start line's CR included (found when a
+        // loaded stream was closed as "not SIP").
+        for cut in 1..msg.len() {
+            let mut f = Framer::new(4096);
+            f.push(&msg[..cut]);
+            assert_eq!(f.next_frame(), Ok(None), "cut at {cut}");
+            f.push(&msg[cut..]);
+            assert_eq!(
+                f.next_frame(),
+                Ok(Some(Frame::Message(Bytes::copy_from_slice(msg)))),
+                "cut at {cut}"
+            );
+        }
+    }
 
     #[test]
     fn frames_across_partial_reads() {

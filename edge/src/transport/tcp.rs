@@ -78,6 +78,8 @@ impl Conn {
         let mut at = 0;
         while at < bytes.len() {
             match self.stream.try_write(&bytes[at..]) {
+                // A socket that takes nothing is full: the writer task waits for it.
+                Ok(0) => break,
                 Ok(n) => at += n,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -121,6 +123,7 @@ impl Conn {
                 break;
             }
             match self.stream.try_write(&front) {
+                Ok(0) => break,
                 Ok(n) => {
                     let mut q = self.queue();
                     if n >= front.len() {
