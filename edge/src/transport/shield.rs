@@ -199,7 +199,12 @@ mod tests {
 
     /// Sends from `from` to `to` and says whether `to` received it.
     fn delivered(from: &UdpSocket, to: &UdpSocket, tag: &[u8]) -> bool {
-        from.send_to(tag, to.local_addr().unwrap()).unwrap();
+        delivered_at(from, to.local_addr().unwrap(), to, tag)
+    }
+
+    /// Sends from `from` to `dest` and says whether `to` (bound there) received it.
+    fn delivered_at(from: &UdpSocket, dest: SocketAddr, to: &UdpSocket, tag: &[u8]) -> bool {
+        from.send_to(tag, dest).unwrap();
         let mut buf = [0u8; 64];
         // Bounded: the read timeout ends the wait.
         loop {
@@ -252,15 +257,7 @@ mod tests {
             }
             .parse()
             .unwrap();
-            s.send_to(tag, dest).unwrap();
-            let mut buf = [0u8; 64];
-            loop {
-                match target.recv(&mut buf) {
-                    Ok(n) if &buf[..n] == tag => return true,
-                    Ok(_) => continue,
-                    Err(_) => return false,
-                }
-            }
+            delivered_at(s, dest, target, tag)
         };
         let shield = Shield::new(1, &[edge.clone(), edge_v6.clone()]);
         assert!(to(&attacker, b"v6 before", &edge));
