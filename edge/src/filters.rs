@@ -31,13 +31,27 @@ pub mod sanity;
 pub mod scanner;
 pub mod tollfraud;
 
-use crate::pipeline::Action;
+use crate::pipeline::{Action, BuildError};
 use crate::policy::RuleAction;
+use aho_corasick::AhoCorasick;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Mutex, MutexGuard};
 
 /// `needle` (already lower-case ASCII) occurs in `hay`, ignoring ASCII case.
+/// One ASCII-case-insensitive Aho–Corasick automaton over `patterns` (which `what` names in the
+/// build error): a text is searched for all of them in one pass.
+pub fn automaton<I, P>(patterns: I, what: &str) -> Result<AhoCorasick, BuildError>
+where
+    I: IntoIterator<Item = P>,
+    P: AsRef<[u8]>,
+{
+    AhoCorasick::builder()
+        .ascii_case_insensitive(true)
+        .build(patterns)
+        .map_err(|e| BuildError::Invalid(format!("{what}: {e}")))
+}
+
 pub fn contains_ci(hay: &str, needle: &str) -> bool {
     let (h, n) = (hay.as_bytes(), needle.as_bytes());
     if n.is_empty() {

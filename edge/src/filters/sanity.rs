@@ -26,13 +26,10 @@ impl Sanity {
         let own_hosts = if own.is_empty() {
             None
         } else {
-            let hosts = own.iter().map(|(h, _)| h);
-            Some(
-                aho_corasick::AhoCorasick::builder()
-                    .ascii_case_insensitive(true)
-                    .build(hosts)
-                    .map_err(|e| BuildError::Invalid(format!("edge addresses: {e}")))?,
-            )
+            Some(super::automaton(
+                own.iter().map(|(h, _)| h),
+                "edge addresses",
+            )?)
         };
         Ok(Sanity {
             cfg: cfg.clone(),

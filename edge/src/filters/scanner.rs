@@ -1,7 +1,7 @@
 //! `scanner`: User-Agent and header fingerprints of SIP attack tools (SIPVicious, SIPPTS, sipcli,
 //! …). Scanners deserve no answer: the default action is a silent drop and a ban.
 
-use super::action_of;
+use super::{action_of, automaton};
 use crate::pipeline::{BuildError, Filter, Finding, RequestCx};
 use crate::policy;
 use crate::proxy::Side;
@@ -26,23 +26,15 @@ struct HeaderPatterns {
     patterns: Vec<String>,
 }
 
-fn automaton<I, P>(patterns: I) -> Result<AhoCorasick, BuildError>
-where
-    I: IntoIterator<Item = P>,
-    P: AsRef<[u8]>,
-{
-    AhoCorasick::builder()
-        .ascii_case_insensitive(true)
-        .build(patterns)
-        .map_err(|e| BuildError::Invalid(format!("policy.scanner patterns: {e}")))
-}
+/// What a pattern build error names.
+const PATTERNS: &str = "policy.scanner patterns";
 
 impl Scanner {
     pub fn new(cfg: &policy::Scanner) -> Result<Scanner, BuildError> {
         let user_agents = if cfg.user_agents.is_empty() {
             None
         } else {
-            Some(automaton(&cfg.user_agents)?)
+            Some(automaton(&cfg.user_agents, PATTERNS)?)
         };
         let mut names: Vec<&str> = Vec::new();
         for h in &cfg.headers {
@@ -62,7 +54,7 @@ impl Scanner {
                 Ok(HeaderPatterns {
                     name: name.to_string(),
                     kind: HeaderName::classify(name),
-                    automaton: automaton(&patterns)?,
+                    automaton: automaton(&patterns, PATTERNS)?,
                     patterns,
                 })
             })
