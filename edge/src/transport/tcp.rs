@@ -33,7 +33,7 @@ type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// The sending side of one connection.
 pub struct Conn {
-    stream: Arc<TcpStream>,
+    stream: TcpStream,
     queue: Mutex<Queue>,
     /// Wakes the writer task: bytes were queued, or the connection is closing.
     wake: Notify,
@@ -47,7 +47,7 @@ struct Queue {
 }
 
 impl Conn {
-    fn new(stream: Arc<TcpStream>) -> Arc<Conn> {
+    fn new(stream: TcpStream) -> Arc<Conn> {
         Arc::new(Conn {
             stream,
             queue: Mutex::new(Queue::default()),
@@ -140,7 +140,7 @@ impl Conn {
         q.closed = true;
         q.pending.clear();
         drop(q);
-        let _ = socket2::SockRef::from(&*self.stream).shutdown(std::net::Shutdown::Write);
+        let _ = socket2::SockRef::from(&self.stream).shutdown(std::net::Shutdown::Write);
     }
 }
 
@@ -210,10 +210,9 @@ impl Registry {
                     // Without it Nagle holds a small message back until the peer's delayed ACK
                     // (measured: 20–40 ms per request relayed over a connection the edge opened).
                     let _ = stream.set_nodelay(true);
-                    let stream = Arc::new(stream);
-                    let conn = Conn::new(stream.clone());
+                    let conn = Conn::new(stream);
                     conn.send(bytes);
-                    run(stream, conn, addr, listener, d, permit, false).await;
+                    run(conn, addr, listener, d, permit, false).await;
                 }
                 _ => {
                     debug!(%addr, "TCP connect failed");
@@ -260,10 +259,9 @@ pub async fn accept_loop(
             *n += 1;
         }
         let _ = stream.set_nodelay(true);
-        let stream = Arc::new(stream);
-        let conn = Conn::new(stream.clone());
+        let conn = Conn::new(stream);
         reg.tracker
-            .spawn(run(stream, conn, peer, idx, d.clone(), permit, true));
+            .spawn(run(conn, peer, idx, d.clone(), permit, true));
     }
 }
 
@@ -295,7 +293,6 @@ fn read_now(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
 /// not be sent at once.
 #[allow(clippy::too_many_arguments)]
 async fn run(
-    stream: Arc<TcpStream>,
     conn: Arc<Conn>,
     peer: SocketAddr,
     listener: usize,
@@ -322,13 +319,13 @@ async fn run(
     let timer = tokio::time::sleep_until(last_read + idle_timeout);
     tokio::pin!(timer);
     'conn: loop {
-        let n = match read_now(&stream, &mut chunk) {
+        let n = match read_now(&conn.stream, &mut chunk) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
                 tokio::select! {
                     _ = reg.stop.cancelled() => break,
-                    r = stream.readable() => if r.is_err() { break },
+                    r = conn.stream.readable() => if r.is_err() { break },
                     _ = &mut timer => {
                         let wait = if framer.has_partial() { header_timeout } else { idle_timeout };
                         let due = last_read + wait;
