@@ -164,6 +164,17 @@ impl HostPort {
     }
 }
 
+impl HostPort {
+    /// Appends `host[:port]` (what Display writes, without the formatting machinery).
+    pub fn push_to(&self, out: &mut String) {
+        out.push_str(&self.host);
+        if let Some(p) = self.port {
+            out.push(':');
+            out.push_str(itoa::Buffer::new().format(p));
+        }
+    }
+}
+
 impl std::fmt::Display for HostPort {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.port {
@@ -373,9 +384,17 @@ impl Proxy {
                 .trim_start_matches('[')
                 .trim_end_matches(']');
             let host_match = adv.eq_ignore_ascii_case(host)
-                || (!l.bind.ip().is_unspecified()
-                    && host.parse::<IpAddr>().is_ok_and(|ip| ip == l.bind.ip()));
+                || (!l.bind.ip().is_unspecified() && crate::sip::host_is(host, l.bind.ip()));
             host_match && (l.advertise.port == Some(port) || l.bind.port() == port)
+        })
+    }
+
+    /// [`Proxy::is_self`] for an address (a next hop), without writing it out as text.
+    pub fn is_self_addr(&self, a: SocketAddr) -> bool {
+        self.listeners.iter().any(|l| {
+            let host_match = crate::sip::host_is(&l.advertise.host, a.ip())
+                || (!l.bind.ip().is_unspecified() && l.bind.ip() == a.ip());
+            host_match && (l.advertise.port == Some(a.port()) || l.bind.port() == a.port())
         })
     }
 

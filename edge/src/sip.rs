@@ -7,6 +7,8 @@ pub mod message;
 pub mod reply;
 pub mod sanity;
 
+use std::net::IpAddr;
+
 pub use edit::Edit;
 pub use message::{HeaderName, Message, ParseError, StartLine};
 
@@ -105,28 +107,133 @@ pub fn split_list(value: &str) -> impl Iterator<Item = std::ops::Range<usize>> +
 /// The URI inside a name-addr (`"Bob" <sip:bob@x;lr>;tag=1` → `sip:bob@x;lr`), or the whole value
 /// when it is an addr-spec.
 pub fn addr_uri(value: &str) -> &str {
-    match (value.find('<'), value.rfind('>')) {
-        (Some(a), Some(b)) if a < b => &value[a + 1..b],
-        _ => value.split(';').next().unwrap_or(value).trim(),
+    let b = value.as_bytes();
+    match (memchr::memchr(b'<', b), memchr::memrchr(b'>', b)) {
+        (Some(a), Some(z)) if a < z => &value[a + 1..z],
+        _ => value[..memchr::memchr(b';', b).unwrap_or(b.len())].trim(),
     }
 }
 
 /// The value of parameter `name` in a header value's `;`-separated parameters after the URI
 /// (`tag` in `<sip:a@b>;tag=x`). `Some("")` for a parameter with no value.
 pub fn header_param<'a>(value: &'a str, name: &str) -> Option<&'a str> {
-    let params = match value.rfind('>') {
+    let b = value.as_bytes();
+    let mut rest = match memchr::memrchr(b'>', b) {
         Some(i) => &value[i + 1..],
-        None => value.split_once(';').map(|(_, p)| p).unwrap_or(""),
+        None => match memchr::memchr(b';', b) {
+            Some(i) => &value[i + 1..],
+            None => return None,
+        },
     };
-    params.split(';').find_map(|p| {
-        let (k, v) = p.split_once('=').unwrap_or((p, ""));
-        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-    })
+    loop {
+        let (p, next) = split_at_byte(rest, b';');
+        let (k, v) = match memchr::memchr(b'=', p.as_bytes()) {
+            Some(i) => (&p[..i], &p[i + 1..]),
+            None => (p, ""),
+        };
+        if k.trim().eq_ignore_ascii_case(name) {
+            return Some(v.trim());
+        }
+        rest = next?;
+    }
+}
+
+/// `s` up to the first `b` (ASCII), and what follows it if there is one.
+#[inline]
+pub fn split_at_byte(s: &str, b: u8) -> (&str, Option<&str>) {
+    match memchr::memchr(b, s.as_bytes()) {
+        Some(i) => (&s[..i], Some(&s[i + 1..])),
+        None => (s, None),
+    }
+}
+
+/// Appends `ip` as a Via `received` or URI host writes it (IPv6 without brackets); IPv4 without
+/// the formatting machinery, which cost more than the rest of stamping a Via.
+pub fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(a) => {
+            let mut digits = itoa::Buffer::new();
+            for (i, o) in a.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                out.push_str(digits.format(o));
+            }
+        }
+        IpAddr::V6(a) => {
+            use std::fmt::Write;
+            let _ = write!(out, "{a}");
+        }
+    }
+}
+
+/// Whether host text (a Via sent-by or URI host, IPv6 in brackets or not) names `ip`. IPv4 is
+/// compared as text (the canonical dotted quad is the only form an address parses from), the
+/// rest parsed.
+pub fn host_is(host: &str, ip: IpAddr) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match ip {
+        IpAddr::V4(a) => {
+            let mut parts = bare.as_bytes().split(|&b| b == b'.');
+            let mut digits = itoa::Buffer::new();
+            a.octets()
+                .into_iter()
+                .all(|o| parts.next() == Some(digits.format(o).as_bytes()))
+                && parts.next().is_none()
+        }
+        IpAddr::V6(_) => bare.parse::<IpAddr>().is_ok_and(|h| h == ip),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_is_matches_what_parsing_would() {
+        let v4: IpAddr = "198.51.100.9".parse().unwrap();
+        let v6: IpAddr = "2001:db8::9".parse().unwrap();
+        for (host, ip, want) in [
+            ("198.51.100.9", v4, true),
+            ("[198.51.100.9]", v4, true),
+            ("198.51.100.90", v4, false),
+            ("198.51.100", v4, false),
+            ("198.51.100.9.1", v4, false),
+            ("198.051.100.9", v4, false),
+            ("pbx.example", v4, false),
+            ("[2001:DB8:0::9]", v6, true),
+            ("2001:db8::9", v6, true),
+            ("2001:db8::8", v6, false),
+            ("198.51.100.9", v6, false),
+        ] {
+            assert_eq!(host_is(host, ip), want, "{host} {ip}");
+            let parsed = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .is_ok_and(|h| h == ip);
+            assert_eq!(host_is(host, ip), parsed, "as parsing says: {host}");
+        }
+        let mut s = String::new();
+        push_ip(&mut s, v4);
+        s.push(' ');
+        push_ip(&mut s, "0.0.0.255".parse().unwrap());
+        s.push(' ');
+        push_ip(&mut s, v6);
+        assert_eq!(s, "198.51.100.9 0.0.0.255 2001:db8::9");
+    }
+
+    #[test]
+    fn header_params_and_addr_uri() {
+        assert_eq!(header_param("<sip:a@b;x=1>;tag=9 ; Lr", "tag"), Some("9"));
+        assert_eq!(header_param("<sip:a@b;x=1>;tag=9 ; Lr", "lr"), Some(""));
+        assert_eq!(header_param("<sip:a@b;x=1>;tag=9", "x"), None);
+        assert_eq!(header_param("sip:a@b;tag= 7 ", "TAG"), Some("7"));
+        assert_eq!(header_param("sip:a@b", "tag"), None);
+        assert_eq!(addr_uri("\"B\" <sip:b@x;lr>;tag=1"), "sip:b@x;lr");
+        assert_eq!(addr_uri(" sip:b@x ;tag=1"), "sip:b@x");
+        assert_eq!(addr_uri(">sip:b@x<"), ">sip:b@x<");
+    }
 
     #[test]
     fn split_list_respects_quotes_and_brackets() {

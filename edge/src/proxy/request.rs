@@ -104,8 +104,9 @@ fn route(
     }
     let next_route = routes.get(popped).map(|(_, r)| addr_uri(m.text(r.clone())));
 
-    // The next hop.
-    let in_flow = FlowToken {
+    // The next hop. The phone's flow is the inbound one for requests from the Internet (built
+    // only when a token is signed for it), else the one a Route token or the target names.
+    let in_flow = || FlowToken {
         transport: inb.transport,
         addr: inb.source,
         edge: p.edge_id.clone(),
@@ -128,7 +129,7 @@ fn route(
                 .backends
                 .select(call_id, hint)
                 .ok_or_else(|| refusal(503, "Service Unavailable (no healthy PBX)"))?;
-            (b.transport, Dest::Addr(b.address), Some(in_flow.clone()))
+            (b.transport, Dest::Addr(b.address), None)
         }
         Side::Pbx => match token {
             // Another edge holds this phone's flow (its TCP/TLS connection, its NAT binding):
@@ -144,7 +145,7 @@ fn route(
                 let (transport, dest) =
                     uri_target(target).ok_or_else(|| refusal(400, "Bad Request-URI or Route"))?;
                 if let Dest::Addr(a) = dest {
-                    if p.is_self(&a.ip().to_string(), Some(a.port())) {
+                    if p.is_self_addr(a) {
                         return Err(refusal(482, "Loop Detected"));
                     }
                 }
@@ -166,13 +167,12 @@ fn route(
     let in_l = &p.listeners[inb.listener.min(p.listeners.len() - 1)];
 
     let mut top_lines = String::with_capacity(256);
-    let _ = write!(
-        top_lines,
-        "Via: SIP/2.0/{} {};branch={}",
-        out_transport.via_token(),
-        out.advertise,
-        via::branch(&p.keys, &prev, call_id, cseq)
-    );
+    top_lines.push_str("Via: SIP/2.0/");
+    top_lines.push_str(out_transport.via_token());
+    top_lines.push(' ');
+    out.advertise.push_to(&mut top_lines);
+    top_lines.push_str(";branch=");
+    via::push_branch(&mut top_lines, &p.keys, &prev, call_id, cseq);
     // Marks requests that carried credentials, so the brute-force rule can tell a wrong password
     // from a first challenge when the PBX's answer comes back through this Via.
     if m.header(HeaderName::Authorization).is_some()
@@ -191,7 +191,10 @@ fn route(
     let initial = header_param(m.header(HeaderName::To).unwrap_or(""), "tag").is_none();
     let dialog_creating = matches!(method, "INVITE" | "SUBSCRIBE" | "REFER" | "NOTIFY");
     if dialog_creating && initial {
-        let token = phone_flow.as_ref().map(|f| p.keys.sign(f));
+        let token = match (side, &phone_flow) {
+            (Side::Internet, _) => Some(p.keys.sign(&in_flow())),
+            (Side::Pbx, f) => f.as_ref().map(|f| p.keys.sign(f)),
+        };
         // Double Record-Route (RFC 5658) when the two legs use different listeners: the first
         // entry is what the far (UAS) side uses, the second what the near (UAC) side uses.
         if out_listener != inb.listener {
@@ -220,7 +223,7 @@ fn route(
         }
     }
     if method == "REGISTER" && side == Side::Internet {
-        let token = p.keys.sign(&in_flow);
+        let token = p.keys.sign(&in_flow());
         push_edge_uri(&mut top_lines, "Path", Some(&token), out, out_transport);
     }
 
@@ -229,10 +232,13 @@ fn route(
         e.replace(top_range, s.text.as_bytes());
     }
     remove_popped_routes(m, &routes, popped, &mut e);
+    let mut digits = itoa::Buffer::new();
     match (max_forwards, m.all(HeaderName::MaxForwards).next()) {
-        (Some(n), Some(h)) => e.replace(h.value.clone(), (n - 1).to_string()),
+        (Some(n), Some(h)) => e.replace(h.value.clone(), digits.format(n - 1).as_bytes().to_vec()),
         _ => {
-            let _ = write!(top_lines, "Max-Forwards: {DEFAULT_MAX_FORWARDS}\r\n");
+            top_lines.push_str("Max-Forwards: ");
+            top_lines.push_str(digits.format(DEFAULT_MAX_FORWARDS));
+            top_lines.push_str("\r\n");
         }
     }
     e.insert(m.start_end, top_lines);
@@ -258,12 +264,18 @@ fn push_edge_uri(
     l: &super::ListenerInfo,
     transport: Transport,
 ) {
-    let user = token.map(|t| format!("{t}@")).unwrap_or_default();
-    let tp = match transport {
-        Transport::Udp => String::new(),
-        t => format!(";transport={}", t.as_str()),
-    };
-    let _ = write!(out, "{name}: <sip:{user}{}{tp};lr>\r\n", l.advertise);
+    out.push_str(name);
+    out.push_str(": <sip:");
+    if let Some(t) = token {
+        out.push_str(t);
+        out.push('@');
+    }
+    l.advertise.push_to(out);
+    if transport != Transport::Udp {
+        out.push_str(";transport=");
+        out.push_str(transport.as_str());
+    }
+    out.push_str(";lr>\r\n");
 }
 
 /// Removes the first `popped` Route elements: whole header lines where all their elements went,

@@ -7,6 +7,7 @@ use super::Dest;
 use crate::flow::FlowKeys;
 use crate::sip::message::is_token;
 use crate::sip::Transport;
+use crate::sip::{host_is, push_ip, split_at_byte};
 use std::net::{IpAddr, SocketAddr};
 
 /// RFC 3261 magic cookie, then our own marker.
@@ -210,26 +211,26 @@ impl Stamped {
 /// and `rport` (when asked for) filled in, as the proxy must before forwarding (RFC 3581 §4).
 /// Returns `None` when the element needs no change.
 pub fn stamp_received(element: &str, via: &ViaInfo<'_>, source: SocketAddr) -> Option<Stamped> {
-    use std::fmt::Write;
-    let host = via.host.trim_start_matches('[').trim_end_matches(']');
-    let host_is_source = host.parse::<IpAddr>().is_ok_and(|ip| ip == source.ip());
     let wants_rport = via.rport == Some(None);
-    if host_is_source && !wants_rport {
+    if !wants_rport && host_is(via.host, source.ip()) {
         return None;
     }
     let mut out = String::with_capacity(element.len() + 48);
     let mut received = None;
-    for (i, p) in element.split(';').enumerate() {
-        if i > 0 {
-            out.push(';');
-        }
-        let name = p.split('=').next().unwrap_or("").trim();
-        if i > 0 && wants_rport && name.eq_ignore_ascii_case("rport") {
-            let _ = write!(out, "rport={}", source.port());
-        } else if i > 0 && name.eq_ignore_ascii_case("received") {
+    let (first, mut rest) = split_at_byte(element, b';');
+    out.push_str(first);
+    while let Some(params) = rest {
+        let (p, next) = split_at_byte(params, b';');
+        rest = next;
+        out.push(';');
+        let name = p[..memchr::memchr(b'=', p.as_bytes()).unwrap_or(p.len())].trim();
+        if wants_rport && name.eq_ignore_ascii_case("rport") {
+            out.push_str("rport=");
+            out.push_str(itoa::Buffer::new().format(source.port()));
+        } else if name.eq_ignore_ascii_case("received") {
             out.push_str("received=");
             let at = out.len();
-            let _ = write!(out, "{}", source.ip());
+            push_ip(&mut out, source.ip());
             received = Some(at..out.len());
         } else {
             out.push_str(p);
@@ -240,7 +241,7 @@ pub fn stamp_received(element: &str, via: &ViaInfo<'_>, source: SocketAddr) -> O
         None => {
             out.push_str(";received=");
             let at = out.len();
-            let _ = write!(out, "{}", source.ip());
+            push_ip(&mut out, source.ip());
             at..out.len()
         }
     };
@@ -251,18 +252,30 @@ pub fn stamp_received(element: &str, via: &ViaInfo<'_>, source: SocketAddr) -> O
     })
 }
 
-/// The edge's branch for a request whose previous hop's Via (after [`stamp_received`]) is `prev`.
-pub fn branch(keys: &FlowKeys, prev: &ViaInfo<'_>, call_id: &str, cseq: u32) -> String {
-    let mut scratch = String::with_capacity(64);
+/// Appends the edge's branch for a request whose previous hop's Via (after [`stamp_received`]) is
+/// `prev`.
+pub fn push_branch(
+    out: &mut String,
+    keys: &FlowKeys,
+    prev: &ViaInfo<'_>,
+    call_id: &str,
+    cseq: u32,
+) {
+    let mut scratch = SentBy::default();
     let mac = keys.mac(&branch_input(
         prev,
         call_id,
         &cseq.to_be_bytes(),
         &mut scratch,
     ));
-    let mut out = String::with_capacity(BRANCH_PREFIX.len() + 24);
     out.push_str(BRANCH_PREFIX);
-    out.push_str(&data_encoding::BASE32_DNSSEC.encode(&mac[..BRANCH_MAC_BYTES]));
+    data_encoding::BASE32_DNSSEC.encode_append(&mac[..BRANCH_MAC_BYTES], out);
+}
+
+/// The edge's branch for `prev` (see [`push_branch`]).
+pub fn branch(keys: &FlowKeys, prev: &ViaInfo<'_>, call_id: &str, cseq: u32) -> String {
+    let mut out = String::with_capacity(BRANCH_PREFIX.len() + 24);
+    push_branch(&mut out, keys, prev, call_id, cseq);
     out
 }
 
@@ -277,43 +290,84 @@ pub fn verify_branch(
     let Some(enc) = ours.strip_prefix(BRANCH_PREFIX) else {
         return false;
     };
-    let Ok(tag) = data_encoding::BASE32_DNSSEC.decode(enc.as_bytes()) else {
+    let b32 = &data_encoding::BASE32_DNSSEC;
+    if b32.decode_len(enc.len()) != Ok(BRANCH_MAC_BYTES) {
         return false;
-    };
-    let mut scratch = String::with_capacity(64);
-    tag.len() == BRANCH_MAC_BYTES
-        && keys.verify_mac(
-            &branch_input(prev, call_id, &cseq.to_be_bytes(), &mut scratch),
-            &tag,
-        )
+    }
+    let mut tag = [0u8; BRANCH_MAC_BYTES];
+    if b32.decode_mut(enc.as_bytes(), &mut tag).is_err() {
+        return false;
+    }
+    let mut scratch = SentBy::default();
+    keys.verify_mac(
+        &branch_input(prev, call_id, &cseq.to_be_bytes(), &mut scratch),
+        &tag,
+    )
+}
+
+/// Room for the sent-by in lower case and the rport digits that [`branch_input`] hashes: on the
+/// stack, unless the host is too long for it.
+struct SentBy {
+    stack: [u8; 96],
+    heap: Vec<u8>,
+}
+
+impl Default for SentBy {
+    fn default() -> Self {
+        SentBy {
+            stack: [0; 96],
+            heap: Vec::new(),
+        }
+    }
+}
+
+impl SentBy {
+    /// Writes `host[:port]` lower-cased, then the rport digits; returns the two.
+    fn fill(&mut self, host: &str, port: Option<u16>, rport: Option<u16>) -> (&[u8], &[u8]) {
+        let mut p = itoa::Buffer::new();
+        let port = port.map_or("", |n| p.format(n));
+        let mut r = itoa::Buffer::new();
+        let rport = rport.map_or("", |n| r.format(n));
+        let colon = usize::from(!port.is_empty());
+        let sent_by = host.len() + colon + port.len();
+        let need = sent_by + rport.len();
+        let buf = if need <= self.stack.len() {
+            &mut self.stack[..need]
+        } else {
+            self.heap.resize(need, 0);
+            &mut self.heap[..]
+        };
+        buf[..host.len()].copy_from_slice(host.as_bytes());
+        buf[..host.len()].make_ascii_lowercase();
+        if colon == 1 {
+            buf[host.len()] = b':';
+        }
+        buf[host.len() + colon..sent_by].copy_from_slice(port.as_bytes());
+        buf[sent_by..].copy_from_slice(rport.as_bytes());
+        let buf: &[u8] = buf;
+        buf.split_at(sent_by)
+    }
 }
 
 /// What the branch MAC covers, as parts borrowed from `prev` or held in `scratch` (the sent-by in
-/// lower case and the rport), so a branch costs no allocation beyond `scratch`'s.
+/// lower case and the rport), so a branch allocates nothing.
 fn branch_input<'a>(
     prev: &'a ViaInfo<'a>,
     call_id: &'a str,
     cseq: &'a [u8; 4],
-    scratch: &'a mut String,
+    scratch: &'a mut SentBy,
 ) -> [&'a [u8]; 7] {
-    use std::fmt::Write;
-    scratch.clear();
-    scratch.push_str(prev.host);
-    if let Some(p) = prev.port {
-        let _ = write!(scratch, ":{p}");
-    }
-    scratch.make_ascii_lowercase();
-    let sent_by_end = scratch.len();
-    if let Some(Some(p)) = prev.rport {
-        let _ = write!(scratch, "{p}");
-    }
-    let (sent_by, rport) = scratch.as_str().split_at(sent_by_end);
+    let rport = match prev.rport {
+        Some(Some(p)) => Some(p),
+        _ => None,
+    };
+    let (sent_by, rport) = scratch.fill(prev.host, prev.port, rport);
     [
         b"via-branch",
         prev.branch.unwrap_or("").as_bytes(),
-        sent_by.as_bytes(),
+        sent_by,
         prev.received.unwrap_or("").as_bytes(),
-        rport.as_bytes(),
+        rport,
         call_id.as_bytes(),
         cseq,
     ]
@@ -453,5 +507,52 @@ mod tests {
         assert!(!verify_branch(&k, "z9hG4bKother", &prev, "call-1", 7));
         let other = FlowKeys::new(["another-cluster-secret"]).unwrap();
         assert!(!verify_branch(&other, &b1, &prev, "call-1", 7));
+    }
+
+    #[test]
+    fn branch_covers_the_lowercased_sent_by_and_rport() {
+        let k = keys();
+        let prev = ViaInfo::parse(
+            "SIP/2.0/UDP PBX.Example:5070;branch=z9hG4bK1;rport=5071;received=1.2.3.4",
+        )
+        .unwrap();
+        let parts: [&[u8]; 7] = [
+            b"via-branch",
+            b"z9hG4bK1",
+            b"pbx.example:5070",
+            b"1.2.3.4",
+            b"5071",
+            b"call",
+            &7u32.to_be_bytes(),
+        ];
+        let expect = data_encoding::BASE32_DNSSEC.encode(&k.mac(&parts)[..BRANCH_MAC_BYTES]);
+        assert_eq!(
+            branch(&k, &prev, "call", 7),
+            format!("{BRANCH_PREFIX}{expect}")
+        );
+
+        // A host too long for the stack room still hashes (and verifies) in full.
+        let long = format!(
+            "SIP/2.0/UDP {}.example:5060;branch=z9hG4bK2",
+            "a".repeat(200)
+        );
+        let prev = ViaInfo::parse(&long).unwrap();
+        let b = branch(&k, &prev, "call", 7);
+        assert!(verify_branch(&k, &b, &prev, "call", 7));
+        let shorter = format!(
+            "SIP/2.0/UDP {}.example:5060;branch=z9hG4bK2",
+            "a".repeat(199)
+        );
+        assert!(!verify_branch(
+            &k,
+            &b,
+            &ViaInfo::parse(&shorter).unwrap(),
+            "call",
+            7
+        ));
+        // Wrong lengths and alphabets are refused without decoding into the tag.
+        assert!(!verify_branch(&k, &format!("{b}x"), &prev, "call", 7));
+        let bad_char = format!("{}!", &b[..b.len() - 1]);
+        assert!(!verify_branch(&k, &bad_char, &prev, "call", 7));
     }
 }

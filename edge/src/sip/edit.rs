@@ -1,13 +1,43 @@
 //! Forwarding by splicing: a list of non-overlapping byte edits over the original message, applied
 //! in one pass into one new buffer. The body and every untouched header are copied as they were.
 
+use std::borrow::Cow;
 use std::ops::Range;
+
+/// The bytes an edit puts in: borrowed when they outlive the edit (the stamped Via), owned
+/// otherwise.
+#[derive(Debug)]
+pub struct Piece<'a>(Cow<'a, [u8]>);
+
+impl<'a> From<&'a [u8]> for Piece<'a> {
+    fn from(b: &'a [u8]) -> Self {
+        Piece(Cow::Borrowed(b))
+    }
+}
+
+impl<'a> From<&'a str> for Piece<'a> {
+    fn from(s: &'a str) -> Self {
+        Piece(Cow::Borrowed(s.as_bytes()))
+    }
+}
+
+impl From<Vec<u8>> for Piece<'_> {
+    fn from(b: Vec<u8>) -> Self {
+        Piece(Cow::Owned(b))
+    }
+}
+
+impl From<String> for Piece<'_> {
+    fn from(s: String) -> Self {
+        Piece(Cow::Owned(s.into_bytes()))
+    }
+}
 
 /// Edits to make to `buf`; insertions at the same offset keep the order they were added in.
 #[derive(Debug)]
 pub struct Edit<'a> {
     buf: &'a [u8],
-    ops: Vec<(Range<usize>, Vec<u8>)>,
+    ops: Vec<(Range<usize>, Piece<'a>)>,
 }
 
 impl<'a> Edit<'a> {
@@ -19,25 +49,25 @@ impl<'a> Edit<'a> {
     }
 
     /// Inserts `bytes` before offset `at`.
-    pub fn insert(&mut self, at: usize, bytes: impl Into<Vec<u8>>) {
+    pub fn insert(&mut self, at: usize, bytes: impl Into<Piece<'a>>) {
         self.ops.push((at..at, bytes.into()));
     }
 
     /// Replaces `range` with `bytes`.
-    pub fn replace(&mut self, range: Range<usize>, bytes: impl Into<Vec<u8>>) {
+    pub fn replace(&mut self, range: Range<usize>, bytes: impl Into<Piece<'a>>) {
         self.ops.push((range, bytes.into()));
     }
 
     /// Removes `range`.
     pub fn remove(&mut self, range: Range<usize>) {
-        self.ops.push((range, Vec::new()));
+        self.ops.push((range, Piece(Cow::Borrowed(&[]))));
     }
 
     /// Applies the edits. Overlapping edits are a bug in the caller; the later one is skipped
     /// rather than producing a corrupt message.
     pub fn finish(mut self) -> Vec<u8> {
         self.ops.sort_by_key(|(r, _)| (r.start, r.end));
-        let extra: usize = self.ops.iter().map(|(_, b)| b.len()).sum();
+        let extra: usize = self.ops.iter().map(|(_, b)| b.0.len()).sum();
         let mut out = Vec::with_capacity(self.buf.len() + extra);
         let mut pos = 0;
         for (r, bytes) in &self.ops {
@@ -46,7 +76,7 @@ impl<'a> Edit<'a> {
                 continue;
             }
             out.extend_from_slice(&self.buf[pos..r.start]);
-            out.extend_from_slice(bytes);
+            out.extend_from_slice(&bytes.0);
             pos = r.end;
         }
         out.extend_from_slice(&self.buf[pos..]);

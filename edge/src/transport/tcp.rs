@@ -350,7 +350,7 @@ async fn run(
                 }
                 Ok(Some(Frame::Message(msg))) => {
                     let inb = Inbound {
-                        bytes: &msg,
+                        bytes: msg,
                         source: peer,
                         transport: Transport::Tcp,
                         listener,
