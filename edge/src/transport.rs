@@ -30,11 +30,14 @@ pub enum ReplyPath {
     Stream(Arc<tcp::Conn>),
 }
 
-/// Datagrams a UDP receive thread sends in one `sendmmsg` after its batch: replies and forwards
-/// that leave through the listener it serves.
+/// What a receive loop sends after its batch instead of message by message: datagrams that leave
+/// through the listener a UDP receive thread serves (one `sendmmsg`), and stream writes joined per
+/// connection (one send for everything a batch relays over a connection — on loopback each send
+/// also runs the receiver's TCP input and wake-up, the largest kernel cost of a relayed message).
 pub struct Outbox {
     listener: usize,
     queue: Vec<(SocketAddr, Vec<u8>)>,
+    streams: Vec<(Arc<tcp::Conn>, Vec<u8>)>,
 }
 
 impl Outbox {
@@ -42,6 +45,33 @@ impl Outbox {
         Outbox {
             listener,
             queue: Vec::with_capacity(udp::BATCH),
+            streams: Vec::new(),
+        }
+    }
+
+    /// For a stream reader: datagrams go out at once, stream writes wait for the batch's end.
+    pub fn streams_only() -> Outbox {
+        Outbox {
+            listener: usize::MAX,
+            queue: Vec::new(),
+            streams: Vec::new(),
+        }
+    }
+
+    /// Holds `bytes` for `conn`, after what is already held for it.
+    fn hold(&mut self, conn: &Arc<tcp::Conn>, bytes: Vec<u8>) {
+        match self.streams.iter_mut().find(|(c, _)| Arc::ptr_eq(c, conn)) {
+            Some((_, held)) => held.extend_from_slice(&bytes),
+            None => self.streams.push((conn.clone(), bytes)),
+        }
+    }
+
+    /// Writes the held stream bytes, each connection's in one send.
+    pub fn flush_streams(&mut self, d: &Dispatcher) {
+        for (conn, bytes) in self.streams.drain(..) {
+            if !conn.send(bytes.into()) {
+                d.send_error(Transport::Tcp);
+            }
         }
     }
 }
@@ -129,7 +159,11 @@ impl Dispatcher {
                 true
             }
             (ReplyPath::Udp(sock), None) => udp::send_now(sock, &bytes, to),
-            (ReplyPath::Stream(conn), _) => conn.send(bytes.into()),
+            (ReplyPath::Stream(conn), Some(out)) => {
+                out.hold(conn, bytes);
+                true
+            }
+            (ReplyPath::Stream(conn), None) => conn.send(bytes.into()),
         };
         if !ok {
             self.send_error(Transport::Udp);
@@ -197,7 +231,7 @@ impl Dispatcher {
                 }
             }
             Transport::Tcp | Transport::Tls => {
-                if !self.tcp.send(self, addr, listener, bytes.into()) {
+                if !self.tcp.send(self, addr, listener, bytes, outbox) {
                     self.send_error(transport);
                 }
             }

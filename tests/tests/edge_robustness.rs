@@ -281,3 +281,112 @@ fn sigterm_drains_and_exits_cleanly() {
     let log = edge.log();
     assert!(log.contains("draining") && log.contains("stopped"), "{log}");
 }
+
+/// Splits whole messages (`Content-Length: 0`) off the front of `text`; keeps those whose Call-ID
+/// starts with `pipe-` (health-check probes and the rest are not the test's).
+fn take_pipelined(text: &mut String, got: &mut Vec<String>) {
+    while let Some(end) = text.find("\r\n\r\n") {
+        let msg: String = text.drain(..end + 4).collect();
+        if msg.contains("Call-ID: pipe-") {
+            got.push(msg);
+        }
+    }
+}
+
+/// Reads from `s` until `want` of the test's messages have come or `limit` passes.
+fn read_pipelined(s: &mut TcpStream, want: usize, limit: Duration) -> Vec<String> {
+    let deadline = Instant::now() + limit;
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let (mut text, mut got) = (String::new(), Vec::new());
+    let mut buf = [0u8; 8192];
+    while got.len() < want && Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+            Err(_) => {}
+        }
+        take_pipelined(&mut text, &mut got);
+    }
+    got
+}
+
+fn cseq_of(msg: &str) -> u32 {
+    msg.lines()
+        .find_map(|l| l.strip_prefix("CSeq: "))
+        .and_then(|v| v.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Requests pipelined in one TCP write are relayed to a TCP PBX (the edge sends what one read
+/// relays per connection in one write) and the answers pipelined back: every message arrives,
+/// whole and in order, both ways.
+#[test]
+fn tcp_pipelined_requests_are_relayed_in_order_both_ways() {
+    const N: usize = 40;
+    let pbx = std::net::TcpListener::bind("127.0.0.41:0").unwrap();
+    let pbx_port = pbx.local_addr().unwrap().port();
+    let extra = format!(
+        "[[backends]]\naddress = \"127.0.0.41:{pbx_port}\"\ntransport = \"tcp\"\n[health]\ninterval_ms = 60000\ntimeout_ms = 50000\nfall = 5\n"
+    );
+    let edge = EdgeProc::start(EDGE_IP, &extra);
+    // The PBX: the edge's health probe and its relay may come on separate connections; the
+    // requests are answered on the one they came on, all in one write.
+    let pbx_side = std::thread::spawn(move || {
+        pbx.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut conns: Vec<(TcpStream, String, Vec<String>)> = Vec::new();
+        let mut buf = [0u8; 8192];
+        while Instant::now() < deadline && !conns.iter().any(|c| c.2.len() >= N) {
+            if let Ok((c, _)) = pbx.accept() {
+                c.set_nonblocking(false).unwrap();
+                c.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+                conns.push((c, String::new(), Vec::new()));
+            }
+            for (c, text, got) in conns.iter_mut() {
+                if let Ok(n) = c.read(&mut buf) {
+                    text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    take_pipelined(text, got);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let Some((mut conn, _, requests)) = conns.into_iter().max_by_key(|c| c.2.len()) else {
+            return (Vec::new(), None);
+        };
+        let mut answers = String::new();
+        for r in &requests {
+            answers.push_str("SIP/2.0 200 OK\r\n");
+            for l in r.lines().filter(|l| {
+                ["Via: ", "From: ", "To: ", "Call-ID: ", "CSeq: "]
+                    .iter()
+                    .any(|k| l.starts_with(k))
+            }) {
+                answers.push_str(l);
+                answers.push_str("\r\n");
+            }
+            answers.push_str("Content-Length: 0\r\n\r\n");
+        }
+        conn.write_all(answers.as_bytes()).unwrap();
+        let order: Vec<u32> = requests.iter().map(|r| cseq_of(r)).collect();
+        (order, Some(conn))
+    });
+
+    let mut phone = TcpStream::connect(edge.addr()).unwrap();
+    let me = phone.local_addr().unwrap();
+    let mut burst = String::new();
+    for i in 1..=N {
+        burst.push_str(&format!(
+            "OPTIONS sip:pbx@example.com SIP/2.0\r\nVia: SIP/2.0/TCP {me};branch=z9hG4bKpipe{i};rport\r\nFrom: <sip:alice@example.com>;tag=p\r\nTo: <sip:pbx@example.com>\r\nCall-ID: pipe-{i}\r\nCSeq: {i} OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        ));
+    }
+    phone.write_all(burst.as_bytes()).unwrap();
+    let answers = read_pipelined(&mut phone, N, Duration::from_secs(10));
+    let (relayed, _pbx_conn) = pbx_side.join().unwrap();
+    let want: Vec<u32> = (1..=N as u32).collect();
+    assert_eq!(relayed, want, "requests reach the PBX whole and in order");
+    let back: Vec<u32> = answers.iter().map(|a| cseq_of(a)).collect();
+    assert_eq!(back, want, "answers reach the phone whole and in order");
+    assert!(answers.iter().all(|a| a.starts_with("SIP/2.0 200 OK\r\n")));
+}

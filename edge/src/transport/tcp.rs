@@ -8,7 +8,7 @@
 //! caused were a third of the edge's CPU per relayed message).
 
 use super::framer::{Frame, FrameError, Framer};
-use super::{Dispatcher, ReplyPath};
+use super::{Dispatcher, Outbox, ReplyPath};
 use crate::config;
 use crate::metrics::{Metrics, ReasonLabels};
 use crate::proxy::Inbound;
@@ -144,9 +144,18 @@ impl Conn {
     }
 }
 
+/// Connections by peer, and what waits for the ones being opened.
+#[derive(Default)]
+struct Conns {
+    live: Map<SocketAddr, Arc<Conn>>,
+    /// Messages for a peer whose connection the edge is opening, in the order sent: they go out
+    /// first on it (a burst to a new peer opens one connection and keeps its order).
+    connecting: Map<SocketAddr, Vec<Bytes>>,
+}
+
 /// Live connections and the limits on them.
 pub struct Registry {
-    conns: Mutex<Map<SocketAddr, Arc<Conn>>>,
+    conns: Mutex<Conns>,
     per_source: Mutex<Map<IpAddr, usize>>,
     slots: Arc<Semaphore>,
     cfg: config::Tcp,
@@ -163,7 +172,7 @@ impl Registry {
         stop: CancellationToken,
     ) -> Registry {
         Registry {
-            conns: Mutex::new(Map::default()),
+            conns: Mutex::new(Conns::default()),
             per_source: Mutex::new(Map::default()),
             slots: Arc::new(Semaphore::new(cfg.max_connections)),
             cfg,
@@ -180,28 +189,41 @@ impl Registry {
             .inc();
     }
 
-    /// Queues `bytes` for `addr` on its live connection, or opens one. `false` when it cannot be
-    /// queued at all.
+    /// Sends `bytes` to `addr` on its live connection (held in `outbox` until its batch ends,
+    /// when there is one), or opens one. `false` when it cannot be queued at all.
     pub fn send(
         &self,
         d: &Arc<Dispatcher>,
         addr: SocketAddr,
         listener: usize,
-        bytes: Bytes,
+        bytes: Vec<u8>,
+        outbox: Option<&mut Outbox>,
     ) -> bool {
-        let existing = self
-            .conns
-            .lock()
-            .expect("registry lock")
-            .get(&addr)
-            .cloned();
-        if let Some(conn) = existing {
-            return conn.send(bytes);
+        let mut conns = self.conns.lock().expect("registry lock");
+        if let Some(conn) = conns.live.get(&addr).cloned() {
+            drop(conns);
+            return match outbox {
+                Some(out) => {
+                    out.hold(&conn, bytes);
+                    true
+                }
+                None => conn.send(bytes.into()),
+            };
+        }
+        if let Some(waiting) = conns.connecting.get_mut(&addr) {
+            if waiting.len() >= WRITE_QUEUE {
+                return false;
+            }
+            waiting.push(bytes.into());
+            return true;
         }
         let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            drop(conns);
             self.closed("connection_limit");
             return false;
         };
+        conns.connecting.insert(addr, vec![bytes.into()]);
+        drop(conns);
         let d = d.clone();
         let timeout = Duration::from_millis(self.cfg.connect_timeout_ms);
         self.tracker.spawn(async move {
@@ -211,11 +233,32 @@ impl Registry {
                     // (measured: 20–40 ms per request relayed over a connection the edge opened).
                     let _ = stream.set_nodelay(true);
                     let conn = Conn::new(stream);
-                    conn.send(bytes);
+                    {
+                        // Under the registry lock: no send can find the connection before the
+                        // messages that waited for it are on it.
+                        let mut conns = d.tcp.conns.lock().expect("registry lock");
+                        for b in conns.connecting.remove(&addr).unwrap_or_default() {
+                            if !conn.send(b) {
+                                d.send_error(Transport::Tcp);
+                            }
+                        }
+                        conns.live.insert(addr, conn.clone());
+                    }
                     run(conn, addr, listener, d, permit, false).await;
                 }
                 _ => {
                     debug!(%addr, "TCP connect failed");
+                    let lost = d
+                        .tcp
+                        .conns
+                        .lock()
+                        .expect("registry lock")
+                        .connecting
+                        .remove(&addr)
+                        .map_or(0, |w| w.len());
+                    for _ in 0..lost {
+                        d.send_error(Transport::Tcp);
+                    }
                     d.tcp.closed("connect_failed");
                 }
             }
@@ -304,6 +347,7 @@ async fn run(
     reg.conns
         .lock()
         .expect("registry lock")
+        .live
         .insert(peer, conn.clone());
     d.metrics.tcp_connections.inc();
     let writer = reg.tracker.spawn(conn.clone().write_queued());
@@ -313,6 +357,9 @@ async fn run(
     let header_timeout = Duration::from_millis(reg.cfg.header_timeout_ms);
     let idle_timeout = Duration::from_millis(reg.cfg.idle_timeout_ms);
     let reply = ReplyPath::Stream(conn.clone());
+    // Everything relayed from one read goes out per connection in one send, after the read's
+    // messages are handled.
+    let mut out = Outbox::streams_only();
     // One timer per connection, re-armed only when it fires early or a partial message needs an
     // earlier deadline: resetting a timer on every read cost more than the read.
     let mut last_read = Instant::now();
@@ -355,7 +402,7 @@ async fn run(
                         transport: Transport::Tcp,
                         listener,
                     };
-                    let _ = d.dispatch(inb, &reply, None);
+                    let _ = d.dispatch(inb, &reply, Some(&mut out));
                 }
                 Err(e) => {
                     if matches!(
@@ -369,6 +416,7 @@ async fn run(
                             conn.send(r.into());
                         }
                     }
+                    out.flush_streams(&d);
                     d.malformed(Transport::Tcp, peer, &e.to_string());
                     reg.closed(match e {
                         FrameError::TooLarge(_) => "too_large",
@@ -379,14 +427,15 @@ async fn run(
                 }
             }
         }
+        out.flush_streams(&d);
         if framer.has_partial() && timer.deadline() > last_read + header_timeout {
             timer.as_mut().reset(last_read + header_timeout);
         }
     }
     {
         let mut conns = reg.conns.lock().expect("registry lock");
-        if conns.get(&peer).is_some_and(|c| Arc::ptr_eq(c, &conn)) {
-            conns.remove(&peer);
+        if conns.live.get(&peer).is_some_and(|c| Arc::ptr_eq(c, &conn)) {
+            conns.live.remove(&peer);
         }
     }
     if inbound {

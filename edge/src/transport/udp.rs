@@ -133,6 +133,7 @@ pub fn recv_thread(
             }
         }
         flush(fd, &mut tx_headers, &mut out, &dispatcher);
+        out.flush_streams(&dispatcher);
     }
 }
 
