@@ -146,7 +146,7 @@ pub fn start_kamailio(dir: &Path, port: u16, uas: &str, transport: &str) -> Proc
     let path = dir.join(format!("kamailio-{transport}.cfg"));
     std::fs::write(&path, cfg).unwrap();
     let log = std::fs::File::create(dir.join(format!("kamailio-{transport}.log"))).unwrap();
-    let p = Proc::spawn(
+    let p = Proc::spawn_group(
         "kamailio",
         Command::new(kamailio)
             .args(["-DD", "-E", "-x", "tlsf", "-m", "256", "-M", "16", "-f"])

@@ -32,7 +32,7 @@ impl Kamailio {
         std::fs::create_dir_all(&run).expect("runtime dir");
         let log = dir.join(format!("kamailio-{port}.log"));
         let out = std::fs::File::create(&log).expect("log");
-        let proc = Proc::spawn(
+        let proc = Proc::spawn_group(
             "kamailio",
             Command::new(bin)
                 .arg("-f")

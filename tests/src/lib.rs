@@ -66,10 +66,12 @@ pub fn require_tool(tool: &str, package: &str) -> PathBuf {
     panic!("`{tool}` is not installed: install the Debian package `{package}` (apt-get install {package}); the README's test command does this");
 }
 
-/// A child process killed (and reaped) on drop.
+/// A child process killed (and reaped) on drop; with [`Proc::spawn_group`], its whole process
+/// group (servers that fork workers, which outlive a killed parent).
 pub struct Proc {
     pub child: std::process::Child,
     pub name: String,
+    group: bool,
 }
 
 impl Proc {
@@ -81,7 +83,17 @@ impl Proc {
         Proc {
             child,
             name: name.into(),
+            group: false,
         }
+    }
+
+    /// As [`Proc::spawn`], in a process group of its own that is killed whole on drop (Kamailio's
+    /// TCP workers survive a SIGKILL of the main process).
+    pub fn spawn_group(name: &str, cmd: &mut Command) -> Proc {
+        use std::os::unix::process::CommandExt;
+        let mut p = Proc::spawn(name, cmd.process_group(0));
+        p.group = true;
+        p
     }
 
     pub fn pid(&self) -> u32 {
@@ -111,6 +123,11 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if self.group {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", self.pid())])
+                .status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
