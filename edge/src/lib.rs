@@ -252,9 +252,10 @@ impl Edge {
         }
 
         for (idx, socks) in udp_socks.iter().enumerate() {
-            for (n, s) in socks.iter().enumerate() {
-                let (s, d, stop, rt) = (
-                    s.clone(),
+            let group = udp::Group::new(socks.clone());
+            for n in 0..group.len() {
+                let (group, d, stop, rt) = (
+                    group.clone(),
                     dispatcher.clone(),
                     stop.clone(),
                     tokio::runtime::Handle::current(),
@@ -265,7 +266,7 @@ impl Edge {
                 std::thread::Builder::new()
                     .name(format!("udp-{idx}-{n}"))
                     .spawn(move || {
-                        udp::recv_thread(s, idx, max, d, stop, rt);
+                        udp::recv_thread(group, n, idx, max, d, stop, rt);
                         drop(token);
                     })
                     .map_err(|e| StartError::Bind {

@@ -390,3 +390,111 @@ fn tcp_pipelined_requests_are_relayed_in_order_both_ways() {
     assert_eq!(back, want, "answers reach the phone whole and in order");
     assert!(answers.iter().all(|a| a.starts_with("SIP/2.0 200 OK\r\n")));
 }
+
+/// The kernel thread id of the edge's thread named `name` (`/proc/<pid>/task/*/comm`).
+fn thread_named(pid: u32, name: &str) -> Option<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+        .find(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .and_then(|t| t.file_name().to_str()?.parse().ok())
+}
+
+/// With two UDP sockets, a receive thread that cannot run (held here in a ptrace stop, as if the
+/// host gave its core away) does not strand the flows the kernel hashed to its socket: its
+/// sibling takes them. Sixteen phones (sixteen source ports, so both sockets get some) each get
+/// their OPTIONS answered through the PBX while `udp-0-0` is stopped.
+#[test]
+fn a_stalled_udp_thread_does_not_strand_its_flows() {
+    use nix::sys::ptrace;
+    use nix::sys::wait::{waitpid, WaitPidFlag};
+    use nix::unistd::Pid;
+
+    let pbx = UdpSocket::bind("127.0.0.42:0").unwrap();
+    let pbx_port = pbx.local_addr().unwrap().port();
+    let extra = format!(
+        "[[backends]]\naddress = \"127.0.0.42:{pbx_port}\"\n[health]\ninterval_ms = 60000\ntimeout_ms = 50000\nfall = 5\n"
+    );
+    let edge = EdgeProc::start(EDGE_IP, &extra);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The PBX answers everything (health probes included) with 200.
+    let pbx_side = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            pbx.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let mut buf = [0u8; 65536];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((n, from)) = pbx.recv_from(&mut buf) else {
+                    continue;
+                };
+                let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if !m.starts_with("OPTIONS ") {
+                    continue;
+                }
+                let mut ok = String::from("SIP/2.0 200 OK\r\n");
+                for l in m.lines().filter(|l| {
+                    ["Via: ", "From: ", "To: ", "Call-ID: ", "CSeq: "]
+                        .iter()
+                        .any(|k| l.starts_with(k))
+                }) {
+                    ok.push_str(l);
+                    ok.push_str("\r\n");
+                }
+                ok.push_str("Content-Length: 0\r\n\r\n");
+                let _ = pbx.send_to(ok.as_bytes(), from);
+            }
+        })
+    };
+
+    let tid = thread_named(edge.proc.pid(), "udp-0-0").expect("receive thread udp-0-0");
+    let tid = Pid::from_raw(tid);
+    ptrace::seize(tid, ptrace::Options::empty()).expect("ptrace the receive thread");
+    ptrace::interrupt(tid).expect("stop the receive thread");
+    waitpid(tid, Some(WaitPidFlag::__WALL)).expect("the receive thread stopped");
+
+    let phones: Vec<UdpSocket> = (0..16)
+        .map(|_| {
+            let s = UdpSocket::bind("127.0.0.43:0").unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    let request = |i: usize, s: &UdpSocket| {
+        let me = s.local_addr().unwrap();
+        format!(
+            "OPTIONS sip:pbx@example.com SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKstall{i};rport\r\nFrom: <sip:p{i}@example.com>;tag=s{i}\r\nTo: <sip:pbx@example.com>\r\nCall-ID: stall-{i}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    let mut answered = [false; 16];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 65536];
+    // Unanswered phones retransmit every 100 ms (as RFC 3261 timer A would, roughly).
+    while answered.iter().any(|a| !a) && Instant::now() < deadline {
+        for (i, s) in phones.iter().enumerate() {
+            if !answered[i] {
+                s.send_to(request(i, s).as_bytes(), edge.addr()).unwrap();
+            }
+        }
+        let round = Instant::now() + Duration::from_millis(100);
+        while Instant::now() < round {
+            for (i, s) in phones.iter().enumerate() {
+                if let Ok(n) = s.recv(&mut buf) {
+                    answered[i] |= buf[..n].starts_with(b"SIP/2.0 200 ");
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let still_stopped =
+        std::fs::read_to_string(format!("/proc/{}/task/{}/stat", edge.proc.pid(), tid))
+            .is_ok_and(|s| s.split_whitespace().nth(2) == Some("t"));
+    let _ = ptrace::detach(tid, None);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    pbx_side.join().unwrap();
+    assert!(still_stopped, "udp-0-0 stayed stopped through the test");
+    assert!(
+        answered.iter().all(|a| *a),
+        "every phone answered while udp-0-0 was stopped: {answered:?}"
+    );
+}
