@@ -129,8 +129,19 @@ fn main() {
                 for t in &targets[..2] {
                     let mut best = 0;
                     let mut rate = step;
+                    let mut retried = false;
                     loop {
                         let run = load(root.path(), &t.addr, w, transport, rate, seconds);
+                        if run.ok == 0 && run.failed == 0 && !retried {
+                            // SIPp produced no result at all (it did not start, or its UAS peer
+                            // had died): not a verdict on the proxy. Once more with a fresh UAS.
+                            println!("  {}: {rate}/s gave no result; again", t.name);
+                            retried = true;
+                            drop(uas_proc);
+                            uas_proc = start_uas(root.path(), uas_port, transport);
+                            continue;
+                        }
+                        retried = false;
                         if !passed(&run, rate, seconds) {
                             println!(
                                 "  {}: {rate}/s failed ({} ok, {} failed, {:.1} s)",
