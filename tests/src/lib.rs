@@ -66,6 +66,22 @@ pub fn require_tool(tool: &str, package: &str) -> PathBuf {
     panic!("`{tool}` is not installed: install the Debian package `{package}` (apt-get install {package}); the README's test command does this");
 }
 
+/// A `200 OK` to `request` (a whole message as text) as a minimal UAS would send it: its Via,
+/// From, To, Call-ID and CSeq lines, in order, and no body.
+pub fn ok_for(request: &str) -> String {
+    let mut ok = String::from("SIP/2.0 200 OK\r\n");
+    for l in request.lines().filter(|l| {
+        ["Via: ", "From: ", "To: ", "Call-ID: ", "CSeq: "]
+            .iter()
+            .any(|k| l.starts_with(k))
+    }) {
+        ok.push_str(l);
+        ok.push_str("\r\n");
+    }
+    ok.push_str("Content-Length: 0\r\n\r\n");
+    ok
+}
+
 /// A child process killed (and reaped) on drop; with [`Proc::spawn_group`], its whole process
 /// group (servers that fork workers, which outlive a killed parent).
 pub struct Proc {

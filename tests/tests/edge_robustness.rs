@@ -355,19 +355,7 @@ fn tcp_pipelined_requests_are_relayed_in_order_both_ways() {
         let Some((mut conn, _, requests)) = conns.into_iter().max_by_key(|c| c.2.len()) else {
             return (Vec::new(), None);
         };
-        let mut answers = String::new();
-        for r in &requests {
-            answers.push_str("SIP/2.0 200 OK\r\n");
-            for l in r.lines().filter(|l| {
-                ["Via: ", "From: ", "To: ", "Call-ID: ", "CSeq: "]
-                    .iter()
-                    .any(|k| l.starts_with(k))
-            }) {
-                answers.push_str(l);
-                answers.push_str("\r\n");
-            }
-            answers.push_str("Content-Length: 0\r\n\r\n");
-        }
+        let answers: String = requests.iter().map(|r| ok_for(r)).collect();
         conn.write_all(answers.as_bytes()).unwrap();
         let order: Vec<u32> = requests.iter().map(|r| cseq_of(r)).collect();
         (order, Some(conn))
@@ -432,17 +420,7 @@ fn a_stalled_udp_thread_does_not_strand_its_flows() {
                 if !m.starts_with("OPTIONS ") {
                     continue;
                 }
-                let mut ok = String::from("SIP/2.0 200 OK\r\n");
-                for l in m.lines().filter(|l| {
-                    ["Via: ", "From: ", "To: ", "Call-ID: ", "CSeq: "]
-                        .iter()
-                        .any(|k| l.starts_with(k))
-                }) {
-                    ok.push_str(l);
-                    ok.push_str("\r\n");
-                }
-                ok.push_str("Content-Length: 0\r\n\r\n");
-                let _ = pbx.send_to(ok.as_bytes(), from);
+                let _ = pbx.send_to(ok_for(&m).as_bytes(), from);
             }
         })
     };

@@ -177,17 +177,7 @@ fn pbx_recv(pbx: &UdpSocket) -> Option<String> {
         if !m.starts_with("OPTIONS ") {
             return Some(m);
         }
-        let keep = ["Via", "From", "To", "Call-ID", "CSeq"];
-        let mut ok = String::from("SIP/2.0 200 OK\r\n");
-        for l in m
-            .lines()
-            .filter(|l| keep.iter().any(|k| l.starts_with(&format!("{k}: "))))
-        {
-            ok.push_str(l);
-            ok.push_str("\r\n");
-        }
-        ok.push_str("Content-Length: 0\r\n\r\n");
-        pbx.send_to(ok.as_bytes(), from).ok()?;
+        pbx.send_to(ok_for(&m).as_bytes(), from).ok()?;
     }
     None
 }

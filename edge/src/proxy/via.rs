@@ -272,7 +272,8 @@ pub fn push_branch(
     data_encoding::BASE32_DNSSEC.encode_append(&mac[..BRANCH_MAC_BYTES], out);
 }
 
-/// The edge's branch for `prev` (see [`push_branch`]).
+/// The edge's branch for `prev` as a string (see [`push_branch`]; the proxy writes it in place).
+#[cfg(test)]
 pub fn branch(keys: &FlowKeys, prev: &ViaInfo<'_>, call_id: &str, cseq: u32) -> String {
     let mut out = String::with_capacity(BRANCH_PREFIX.len() + 24);
     push_branch(&mut out, keys, prev, call_id, cseq);
