@@ -162,9 +162,7 @@ impl HostPort {
             port: Some(a.port()),
         }
     }
-}
 
-impl HostPort {
     /// Appends `host[:port]` (what Display writes, without the formatting machinery).
     pub fn push_to(&self, out: &mut String) {
         out.push_str(&self.host);

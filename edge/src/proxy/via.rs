@@ -358,11 +358,7 @@ fn branch_input<'a>(
     cseq: &'a [u8; 4],
     scratch: &'a mut SentBy,
 ) -> [&'a [u8]; 7] {
-    let rport = match prev.rport {
-        Some(Some(p)) => Some(p),
-        _ => None,
-    };
-    let (sent_by, rport) = scratch.fill(prev.host, prev.port, rport);
+    let (sent_by, rport) = scratch.fill(prev.host, prev.port, prev.rport.flatten());
     [
         b"via-branch",
         prev.branch.unwrap_or("").as_bytes(),
