@@ -1,9 +1,12 @@
 //! The edge's Prometheus metrics (`sipwarden_edge_…`), registered once and encoded as text for
 //! `/metrics`. Labels stay low-cardinality: methods outside the standard set count as `other`.
 
-use prometheus_client::encoding::{text::encode, EncodeLabelSet};
-use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+use prometheus_client::encoding::NoLabelSet;
+use prometheus_client::encoding::{text::encode, EncodeLabelSet, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge, MetricType};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MessageLabels {
@@ -68,6 +71,7 @@ pub struct Metrics {
     pub limit_pushes: Family<ReasonLabels, Counter>,
     pub reports_queued: Gauge,
     pub reports_dropped: Counter,
+    pub udp_delay: Delay,
 }
 
 impl Default for Metrics {
@@ -175,8 +179,16 @@ impl Default for Metrics {
             "Auto-bans dropped from a full report queue (oldest first)",
             reports_dropped.clone(),
         );
+        let udp_delay = Delay::default();
+        registry.register(
+            "udp_delay_seconds",
+            "UDP datagrams: time from the kernel's receipt to the send of what the edge made of \
+             them (waiting for a receive thread, then handling)",
+            udp_delay.clone(),
+        );
         Metrics {
             registry,
+            udp_delay,
             reports_queued,
             reports_dropped,
             controller_connected,
@@ -204,6 +216,78 @@ impl Metrics {
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
         sipwarden_shared::promtext::to_prometheus_text(&out)
+    }
+}
+
+/// Upper bounds of [`Delay`]'s buckets, µs; a last bucket holds the rest.
+pub const DELAY_BOUNDS_US: [u64; 10] =
+    [25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 100_000];
+
+/// A latency histogram filled in bulk: a receive thread counts its batch's datagrams in a
+/// [`DelayTally`] of its own and adds it here once per batch (a few atomic additions), where
+/// `prometheus_client`'s histogram takes a lock per observation.
+#[derive(Clone, Debug, Default)]
+pub struct Delay(Arc<DelayInner>);
+
+#[derive(Debug, Default)]
+struct DelayInner {
+    buckets: [AtomicU64; DELAY_BOUNDS_US.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+/// One thread's delays not yet added to a [`Delay`].
+#[derive(Debug, Default)]
+pub struct DelayTally {
+    buckets: [u64; DELAY_BOUNDS_US.len() + 1],
+    sum_ns: u64,
+}
+
+impl DelayTally {
+    pub fn record(&mut self, ns: u64) {
+        let i = DELAY_BOUNDS_US.partition_point(|&b| b * 1_000 < ns);
+        self.buckets[i] += 1;
+        self.sum_ns = self.sum_ns.saturating_add(ns);
+    }
+}
+
+impl Delay {
+    /// Adds `tally` and empties it.
+    pub fn add(&self, tally: &mut DelayTally) {
+        for (shared, n) in self.0.buckets.iter().zip(tally.buckets.iter_mut()) {
+            if *n > 0 {
+                shared.fetch_add(std::mem::take(n), Ordering::Relaxed);
+            }
+        }
+        if tally.sum_ns > 0 {
+            self.0
+                .sum_ns
+                .fetch_add(std::mem::take(&mut tally.sum_ns), Ordering::Relaxed);
+        }
+    }
+
+    /// Count, sum in seconds and per-bucket (upper bound in seconds, count) — not cumulative.
+    pub fn get(&self) -> (u64, f64, Vec<(f64, u64)>) {
+        let bounds = DELAY_BOUNDS_US
+            .iter()
+            .map(|&us| us as f64 / 1e6)
+            .chain(std::iter::once(f64::MAX));
+        let buckets: Vec<(f64, u64)> = bounds
+            .zip(self.0.buckets.iter().map(|b| b.load(Ordering::Relaxed)))
+            .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = self.0.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        (count, sum, buckets)
+    }
+}
+
+impl EncodeMetric for Delay {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let (count, sum, buckets) = self.get();
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
     }
 }
 
@@ -330,5 +414,37 @@ mod tests {
             r#"sipwarden_edge_messages_total{kind="request",method="INVITE",direction="from_internet",outcome="forwarded"} 1"#
         ), "{text}");
         assert_eq!(method_label("FOO"), "other");
+    }
+
+    #[test]
+    fn delays_land_in_their_buckets_and_encode_cumulatively() {
+        let m = Metrics::default();
+        let mut t = DelayTally::default();
+        for ns in [10_000, 25_000, 25_001, 700_000, 3_000_000_000] {
+            t.record(ns);
+        }
+        m.udp_delay.add(&mut t);
+        // The tally is emptied: adding it again changes nothing.
+        m.udp_delay.add(&mut t);
+        let (count, sum, buckets) = m.udp_delay.get();
+        assert_eq!(count, 5);
+        assert!((sum - 3.000_760_001).abs() < 1e-9, "{sum}");
+        // A bound is inclusive: 10 and 25 µs are at most 25 µs, 25.001 µs is not; 700 µs is at
+        // most 1 ms; 3 s is past every bound.
+        assert_eq!(buckets[0], (25e-6, 2));
+        assert_eq!(buckets[1], (50e-6, 1));
+        assert_eq!(buckets[5], (1e-3, 1));
+        assert_eq!(buckets[DELAY_BOUNDS_US.len()].1, 1);
+        let text = m.encode();
+        for line in [
+            r#"sipwarden_edge_udp_delay_seconds_bucket{le="0.000025"} 2"#,
+            r#"sipwarden_edge_udp_delay_seconds_bucket{le="0.00005"} 3"#,
+            r#"sipwarden_edge_udp_delay_seconds_bucket{le="0.0005"} 3"#,
+            r#"sipwarden_edge_udp_delay_seconds_bucket{le="0.001"} 4"#,
+            r#"sipwarden_edge_udp_delay_seconds_bucket{le="+Inf"} 5"#,
+            "sipwarden_edge_udp_delay_seconds_count 5",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 }

@@ -87,6 +87,7 @@ fn main() {
         name: "edge",
         pid: Some(edge.proc.pid()),
         addr: edge.addr(),
+        metrics: None,
     };
     let cpu = |r: &Run| r.cpu.map_or(0.0, |(u, s)| u + s);
     println!(

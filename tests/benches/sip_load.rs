@@ -11,6 +11,10 @@
 //! - round-trip percentiles of an OPTIONS probe (200/s, from its own address, µs clock) sent
 //!   through the proxy during the load, next to the same load and probe sent to the UAS directly,
 //!   so the latency a proxy adds is p(proxy) − p(direct);
+//! - over UDP, the edge's own delay per datagram (its `udp_delay_seconds` histogram over the run:
+//!   every datagram, from the kernel's receive timestamp to the send of what the edge made of it,
+//!   p99 interpolated within a bucket) — the part of the added latency the edge itself holds,
+//!   free of the load generators' scheduling that the probe difference also carries;
 //! - failed transactions.
 //!
 //! With `SW_BENCH_MAX=1` it then looks for each proxy's maximum rate with under 0.1% failures:
@@ -33,6 +37,8 @@ struct Figures {
     user_share: Vec<f64>,
     p50_ms: Vec<f64>,
     p99_ms: Vec<f64>,
+    /// The edge's own p99 delay per UDP datagram (kernel receipt to send), ms, per run.
+    own_p99_ms: Vec<f64>,
     ok: u64,
     failed: u64,
 }
@@ -43,6 +49,9 @@ fn record(f: &mut Figures, run: Run) {
     if let Some((user, sys)) = run.cpu.filter(|_| run.ok > 0) {
         f.per_unit_us.push((user + sys) * 1e6 / run.ok as f64);
         f.user_share.push(100.0 * user / (user + sys).max(1e-9));
+    }
+    if let Some(p99) = bucket_quantile(&run.edge_delay, 0.99) {
+        f.own_p99_ms.push(p99 * 1e3);
     }
     if !run.rtts.is_empty() {
         f.p50_ms.push(percentile(&run.rtts, 0.50));
@@ -91,16 +100,19 @@ fn main() {
                 name: "edge",
                 pid: Some(edge.proc.pid()),
                 addr: edge.addr(),
+                metrics: Some(edge.http),
             },
             Target {
                 name: "kamailio",
                 pid: Some(kamailio.pid()),
                 addr: format!("{PROXY_IP}:{kam_port}"),
+                metrics: None,
             },
             Target {
                 name: "direct",
                 pid: None,
                 addr: uas.clone(),
+                metrics: None,
             },
         ];
         // The registered-source rule lets only registered sources call: register the UAC's
@@ -170,15 +182,24 @@ fn main() {
                             percentile(&direct.rtts, 0.99),
                         );
                         println!(
-                            "  {} at {half}/s (half the maximum): p50 {p50:.3} ms, p99 {p99:.3} ms; direct p50 {d50:.3}, p99 {d99:.3}; added p99 {:.3} ms; {} failed",
+                            "  {} at {half}/s (half the maximum): p50 {p50:.3} ms, p99 {p99:.3} ms; direct p50 {d50:.3}, p99 {d99:.3}; added p99 {:.3} ms{}; {} failed",
                             t.name,
                             p99 - d99,
+                            own_delay(&run),
                             run.failed
                         );
                     }
                 }
             }
         }
+    }
+}
+
+/// The edge's own UDP delay figures of a run, for a report line ("" for other targets).
+fn own_delay(run: &Run) -> String {
+    match bucket_quantile(&run.edge_delay, 0.99) {
+        Some(p99) => format!("; own delay per datagram p99 {:.3} ms", p99 * 1e3),
+        None => String::new(),
     }
 }
 
@@ -195,8 +216,16 @@ fn report(w: Workload, rate: u32, targets: &[Target], figs: &[Figures; 3]) {
         } else {
             String::new()
         };
+        let own = if f.own_p99_ms.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", own delay per datagram p99 {} ms",
+                spread_with(&f.own_p99_ms, 3)
+            )
+        };
         println!(
-            "    {:<8} {cpu}p50 {} ms, p99 {} ms, {} ok, {} failed",
+            "    {:<8} {cpu}p50 {} ms, p99 {} ms{own}, {} ok, {} failed",
             t.name,
             spread_with(&f.p50_ms, 3),
             spread_with(&f.p99_ms, 3),

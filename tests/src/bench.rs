@@ -193,6 +193,9 @@ pub struct Run {
     pub rtts: Vec<f64>,
     /// The proxy's (user, system) CPU seconds over the run, when a proxy was measured.
     pub cpu: Option<(f64, f64)>,
+    /// For the edge over UDP: its own delay histogram over the run, (upper bound in seconds,
+    /// cumulative datagrams) — every datagram, from the kernel's receipt to the send.
+    pub edge_delay: Vec<(f64, u64)>,
 }
 
 /// Offers `rate` scenarios/s of `w` for `seconds` through `target` over `transport`.
@@ -251,6 +254,7 @@ pub fn load(
         wall,
         rtts: Vec::new(),
         cpu: None,
+        edge_delay: Vec::new(),
     }
 }
 
@@ -293,6 +297,50 @@ pub struct Target {
     pub name: &'static str,
     pub pid: Option<u32>,
     pub addr: String,
+    /// The edge's HTTP address, to read its own UDP delay histogram around a run.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// The edge's `udp_delay_seconds` histogram: (upper bound in seconds, cumulative count).
+pub fn udp_delay_buckets(http: SocketAddr) -> Vec<(f64, u64)> {
+    let Some((200, text)) = http_get(http, "/metrics") else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| l.strip_prefix("sipwarden_edge_udp_delay_seconds_bucket{le=\""))
+        .filter_map(|l| {
+            let (le, count) = l.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The `q` quantile of a cumulative histogram, in seconds, interpolated within its bucket as
+/// Prometheus' `histogram_quantile` does; `None` when empty or when it falls in the last,
+/// unbounded bucket.
+pub fn bucket_quantile(buckets: &[(f64, u64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let mut below = (0.0, 0u64);
+    for &(le, count) in buckets {
+        if count as f64 >= rank {
+            if le.is_infinite() {
+                return None;
+            }
+            let share = (rank - below.1 as f64) / (count - below.1).max(1) as f64;
+            return Some(below.0 + (le - below.0) * share);
+        }
+        below = (le, count);
+    }
+    None
 }
 
 /// OPTIONS sent every [`PROBE_EVERY`] to `target` over `transport` from an address of its own
@@ -375,6 +423,7 @@ pub const PROBE_EVERY: Duration = Duration::from_millis(5);
 
 pub fn measure(dir: &Path, t: &Target, w: Workload, transport: &str, rate: u32, secs: u32) -> Run {
     let before = t.pid.map(cpu_ticks);
+    let delays_before = t.metrics.map(udp_delay_buckets);
     let stop = Arc::new(AtomicBool::new(false));
     let prober = {
         let (target, transport, stop) =
@@ -384,6 +433,16 @@ pub fn measure(dir: &Path, t: &Target, w: Workload, transport: &str, rate: u32, 
     let mut run = load(dir, &t.addr, w, transport, rate, secs);
     stop.store(true, Ordering::Relaxed);
     run.rtts = prober.join().unwrap_or_default();
+    if let (Some(http), Some(b0)) = (t.metrics, delays_before) {
+        let b1 = udp_delay_buckets(http);
+        run.edge_delay = b1
+            .iter()
+            .map(|&(le, n)| {
+                let n0 = b0.iter().find(|b| b.0 == le).map_or(0, |b| b.1);
+                (le, n.saturating_sub(n0))
+            })
+            .collect();
+    }
     if let (Some(pid), Some((u0, s0))) = (t.pid, before) {
         let (u1, s1) = cpu_ticks(pid);
         run.cpu = Some(((u1 - u0) as f64 / HZ, (s1 - s0) as f64 / HZ));
@@ -405,4 +464,30 @@ pub fn env_num(name: &str, default: u32) -> u32 {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bucket_quantile;
+
+    #[test]
+    fn quantiles_interpolate_within_their_bucket() {
+        // 100 observations: 50 at most 1 ms, 90 at most 2 ms, all at most 4 ms.
+        let b = [(0.001, 50), (0.002, 90), (0.004, 100), (f64::INFINITY, 100)];
+        assert_eq!(bucket_quantile(&b, 0.5), Some(0.001));
+        let p70 = bucket_quantile(&b, 0.7).unwrap();
+        assert!((p70 - 0.0015).abs() < 1e-12, "{p70}");
+        let p95 = bucket_quantile(&b, 0.95).unwrap();
+        assert!((p95 - 0.003).abs() < 1e-12, "{p95}");
+        // In the unbounded bucket, or nothing observed: no figure.
+        assert_eq!(
+            bucket_quantile(&[(0.001, 1), (f64::INFINITY, 2)], 0.99),
+            None
+        );
+        assert_eq!(
+            bucket_quantile(&[(0.001, 0), (f64::INFINITY, 0)], 0.99),
+            None
+        );
+        assert_eq!(bucket_quantile(&[], 0.99), None);
+    }
 }

@@ -406,6 +406,20 @@ fn prometheus_scrapes_the_edge_and_the_controller() {
         "Prometheus sees the 3 REGISTERs: {:?}",
         query(registers)
     );
+    // Every datagram the edge received is in its delay histogram: at least the 3 REGISTERs and
+    // their 3 answers; Prometheus reads it as a histogram (a quantile comes out, under a second
+    // on an idle loopback).
+    let delayed = query("sipwarden_edge_udp_delay_seconds_count");
+    assert!(
+        delayed.is_some_and(|n| n >= 6.0),
+        "UDP delay count: {delayed:?}"
+    );
+    let p99 =
+        query("histogram_quantile(0.99, sum by (le) (sipwarden_edge_udp_delay_seconds_bucket))");
+    assert!(
+        p99.is_some_and(|s| s > 0.0 && s < 1.0),
+        "UDP delay p99: {p99:?}"
+    );
     assert!(
         wait_until(Duration::from_secs(10), || query(
             "sipwarden_controller_raft_is_leader"

@@ -19,7 +19,11 @@ use super::{Dispatcher, Outbox, ReplyPath};
 use crate::proxy::Inbound;
 use crate::sip::Transport;
 use nix::errno::Errno;
-use nix::sys::socket::{recvmmsg, sendmmsg, sendto, MsgFlags, MultiHeaders, SockaddrStorage};
+use nix::sys::socket::{
+    recvmmsg, sendmmsg, sendto, setsockopt, sockopt, ControlMessageOwned, MsgFlags, MultiHeaders,
+    SockaddrStorage,
+};
+use nix::sys::time::TimeSpec;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
@@ -49,6 +53,8 @@ pub fn bind(addr: SocketAddr, n: usize) -> std::io::Result<Vec<Arc<UdpSocket>>> 
         s.set_read_timeout(Some(POLL))?;
         s.bind(&at.into())?;
         let sock: UdpSocket = s.into();
+        // The kernel's receive time of each datagram, for the delay histogram.
+        setsockopt(&sock, sockopt::ReceiveTimestampns, &true).map_err(std::io::Error::from)?;
         at = sock.local_addr()?;
         out.push(Arc::new(sock));
     }
@@ -122,6 +128,9 @@ struct Receiver {
     out: Outbox,
     reply: ReplyPath,
     tally: super::shield::DropTally,
+    /// Kernel receive times (ns since the Unix epoch) of the batch's datagrams.
+    received_at: Vec<u64>,
+    delays: crate::metrics::DelayTally,
 }
 
 impl Receiver {
@@ -141,6 +150,11 @@ impl Receiver {
                 Err(_) => return,
             };
             for msg in received {
+                if let Ok(mut cmsgs) = msg.cmsgs() {
+                    if let Some(ControlMessageOwned::ScmTimestampns(ts)) = cmsgs.next() {
+                        self.received_at.push(unix_ns(&ts));
+                    }
+                }
                 let Some(source) = msg.address.as_ref().and_then(socket_addr) else {
                     continue;
                 };
@@ -170,7 +184,23 @@ impl Receiver {
         }
         flush(own, &mut self.tx, &mut self.out, d);
         self.out.flush_streams(d);
+        if !self.received_at.is_empty() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |t| t.as_nanos() as u64);
+            for at in self.received_at.drain(..) {
+                // A wall clock stepped back counts as no delay.
+                self.delays.record(now.saturating_sub(at));
+            }
+            d.metrics.udp_delay.add(&mut self.delays);
+        }
     }
+}
+
+fn unix_ns(ts: &TimeSpec) -> u64 {
+    (ts.tv_sec().max(0) as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec().max(0) as u64)
 }
 
 /// Receives datagrams on socket `me` of `group` until `stop`, each handed to the dispatcher; what
@@ -194,11 +224,13 @@ pub fn recv_thread(
         listener,
         max_datagram,
         bufs: (0..BATCH).map(|_| vec![0u8; max_datagram + 1]).collect(),
-        rx: MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None),
+        rx: MultiHeaders::<SockaddrStorage>::preallocate(BATCH, Some(nix::cmsg_space!(TimeSpec))),
         tx: MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None),
         out: Outbox::new(listener),
         reply: ReplyPath::Udp(sock),
         tally: super::shield::DropTally::default(),
+        received_at: Vec::with_capacity(BATCH),
+        delays: Default::default(),
     };
     let limit = STALLED.as_micros() as u64;
     // Per sibling: not looked at again before this time.
