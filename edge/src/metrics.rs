@@ -220,8 +220,9 @@ impl Metrics {
 }
 
 /// Upper bounds of [`Delay`]'s buckets, µs; a last bucket holds the rest.
-pub const DELAY_BOUNDS_US: [u64; 10] =
-    [25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 100_000];
+pub const DELAY_BOUNDS_US: [u64; 12] = [
+    25, 50, 100, 250, 500, 750, 1_000, 1_500, 2_500, 5_000, 10_000, 100_000,
+];
 
 /// A latency histogram filled in bulk: a receive thread counts its batch's datagrams in a
 /// [`DelayTally`] of its own and adds it here once per batch (a few atomic additions), where
@@ -430,17 +431,17 @@ mod tests {
         assert_eq!(count, 5);
         assert!((sum - 3.000_760_001).abs() < 1e-9, "{sum}");
         // A bound is inclusive: 10 and 25 µs are at most 25 µs, 25.001 µs is not; 700 µs is at
-        // most 1 ms; 3 s is past every bound.
+        // most 750 µs; 3 s is past every bound.
         assert_eq!(buckets[0], (25e-6, 2));
         assert_eq!(buckets[1], (50e-6, 1));
-        assert_eq!(buckets[5], (1e-3, 1));
+        assert_eq!(buckets[5], (750e-6, 1));
         assert_eq!(buckets[DELAY_BOUNDS_US.len()].1, 1);
         let text = m.encode();
         for line in [
             r#"sipwarden_edge_udp_delay_seconds_bucket{le="0.000025"} 2"#,
             r#"sipwarden_edge_udp_delay_seconds_bucket{le="0.00005"} 3"#,
             r#"sipwarden_edge_udp_delay_seconds_bucket{le="0.0005"} 3"#,
-            r#"sipwarden_edge_udp_delay_seconds_bucket{le="0.001"} 4"#,
+            r#"sipwarden_edge_udp_delay_seconds_bucket{le="0.00075"} 4"#,
             r#"sipwarden_edge_udp_delay_seconds_bucket{le="+Inf"} 5"#,
             "sipwarden_edge_udp_delay_seconds_count 5",
         ] {
