@@ -124,13 +124,38 @@ struct Receiver {
     max_datagram: usize,
     bufs: Vec<Vec<u8>>,
     rx: MultiHeaders<SockaddrStorage>,
-    tx: MultiHeaders<SockaddrStorage>,
-    out: Outbox,
     reply: ReplyPath,
     tally: super::shield::DropTally,
-    /// Kernel receive times (ns since the Unix epoch) of the batch's datagrams.
+    sending: Sending,
+}
+
+/// What a batch has produced and not yet sent, and when the datagrams behind it arrived.
+struct Sending {
+    tx: MultiHeaders<SockaddrStorage>,
+    out: Outbox,
+    /// Kernel receive times (ns since the Unix epoch) of the datagrams handled since the last
+    /// send.
     received_at: Vec<u64>,
     delays: crate::metrics::DelayTally,
+}
+
+impl Sending {
+    /// Sends what is queued through `own` (streams to their connections), then counts the delay
+    /// of each datagram handled since the last send.
+    fn send(&mut self, own: i32, d: &Dispatcher) {
+        flush(own, &mut self.tx, &mut self.out, d);
+        self.out.flush_streams(d);
+        if !self.received_at.is_empty() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |t| t.as_nanos() as u64);
+            for at in self.received_at.drain(..) {
+                // A wall clock stepped back counts as no delay.
+                self.delays.record(now.saturating_sub(at));
+            }
+            d.metrics.udp_delay.add(&mut self.delays);
+        }
+    }
 }
 
 impl Receiver {
@@ -152,7 +177,7 @@ impl Receiver {
             for msg in received {
                 if let Ok(mut cmsgs) = msg.cmsgs() {
                     if let Some(ControlMessageOwned::ScmTimestampns(ts)) = cmsgs.next() {
-                        self.received_at.push(unix_ns(&ts));
+                        self.sending.received_at.push(unix_ns(&ts));
                     }
                 }
                 let Some(source) = msg.address.as_ref().and_then(socket_addr) else {
@@ -176,24 +201,13 @@ impl Receiver {
                     transport: Transport::Udp,
                     listener: self.listener,
                 };
-                if d.dispatch(inb, &self.reply, Some(&mut self.out)) && d.shield.pps > 0 {
+                if d.dispatch(inb, &self.reply, Some(&mut self.sending.out)) && d.shield.pps > 0 {
                     let now = d.service.firewall.clock.now_ms();
                     self.tally.count(&d.shield, source.ip(), now);
                 }
             }
         }
-        flush(own, &mut self.tx, &mut self.out, d);
-        self.out.flush_streams(d);
-        if !self.received_at.is_empty() {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |t| t.as_nanos() as u64);
-            for at in self.received_at.drain(..) {
-                // A wall clock stepped back counts as no delay.
-                self.delays.record(now.saturating_sub(at));
-            }
-            d.metrics.udp_delay.add(&mut self.delays);
-        }
+        self.sending.send(own, d);
     }
 }
 
@@ -225,12 +239,14 @@ pub fn recv_thread(
         max_datagram,
         bufs: (0..BATCH).map(|_| vec![0u8; max_datagram + 1]).collect(),
         rx: MultiHeaders::<SockaddrStorage>::preallocate(BATCH, Some(nix::cmsg_space!(TimeSpec))),
-        tx: MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None),
-        out: Outbox::new(listener),
         reply: ReplyPath::Udp(sock),
         tally: super::shield::DropTally::default(),
-        received_at: Vec::with_capacity(BATCH),
-        delays: Default::default(),
+        sending: Sending {
+            tx: MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None),
+            out: Outbox::new(listener),
+            received_at: Vec::with_capacity(BATCH),
+            delays: Default::default(),
+        },
     };
     let limit = STALLED.as_micros() as u64;
     // Per sibling: not looked at again before this time.
