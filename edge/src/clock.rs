@@ -27,6 +27,13 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Wall-clock nanoseconds since the Unix epoch (the clock of kernel receive timestamps).
+pub fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 impl Clock {
     /// The system clock.
     pub fn system() -> Clock {

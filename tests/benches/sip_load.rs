@@ -13,8 +13,9 @@
 //!   so the latency a proxy adds is p(proxy) − p(direct);
 //! - over UDP, the edge's own delay per datagram (its `udp_delay_seconds` histogram over the run:
 //!   every datagram, from the kernel's receive timestamp to the send of what the edge made of it,
-//!   p99 interpolated within a bucket) — the part of the added latency the edge itself holds,
-//!   free of the load generators' scheduling that the probe difference also carries;
+//!   p99 interpolated within a bucket): what the edge adds to every message between its arrival
+//!   in the kernel and its leaving, where the probe samples 200 a second. On a host shared with
+//!   SIPp most of it is the wait for a core.
 //! - failed transactions.
 //!
 //! With `SW_BENCH_MAX=1` it then looks for each proxy's maximum rate with under 0.1% failures:

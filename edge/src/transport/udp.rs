@@ -146,9 +146,7 @@ impl Sending {
         flush(own, &mut self.tx, &mut self.out, d);
         self.out.flush_streams(d);
         if !self.received_at.is_empty() {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |t| t.as_nanos() as u64);
+            let now = crate::clock::unix_ns();
             for at in self.received_at.drain(..) {
                 // A wall clock stepped back counts as no delay.
                 self.delays.record(now.saturating_sub(at));
