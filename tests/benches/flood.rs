@@ -104,6 +104,7 @@ fn main() {
             "udp",
             rate,
             seconds,
+            false,
         )
     };
     for run in 1..=runs {

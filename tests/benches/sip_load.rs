@@ -40,6 +40,9 @@ struct Figures {
     p99_ms: Vec<f64>,
     /// The edge's own p99 delay per UDP datagram (kernel receipt to send), ms, per run.
     own_p99_ms: Vec<f64>,
+    /// From loopback captures: p99 transit per message and per transaction, ms, per run.
+    transit_msg_p99_ms: Vec<f64>,
+    transit_txn_p99_ms: Vec<f64>,
     ok: u64,
     failed: u64,
 }
@@ -53,6 +56,10 @@ fn record(f: &mut Figures, run: Run) {
     }
     if let Some(p99) = bucket_quantile(&run.edge_delay, 0.99) {
         f.own_p99_ms.push(p99 * 1e3);
+    }
+    if let Some(t) = run.transit.as_ref().filter(|t| !t.transactions.is_empty()) {
+        f.transit_msg_p99_ms.push(percentile(&t.messages, 0.99));
+        f.transit_txn_p99_ms.push(percentile(&t.transactions, 0.99));
     }
     if !run.rtts.is_empty() {
         f.p50_ms.push(percentile(&run.rtts, 0.50));
@@ -83,6 +90,11 @@ fn main() {
     let runs = env_num("SW_BENCH_RUNS", 3) as usize;
     let find_max = std::env::var("SW_BENCH_MAX").is_ok_and(|v| v == "1");
     let step = env_num("SW_BENCH_MAX_STEP", 2500);
+    // Captures cost the shared cores something, so the fixed-rate runs (whose CPU figures are the
+    // point) take them only when asked; the runs at half the maximum (latency) unless told not to.
+    let capture_env = std::env::var("SW_BENCH_CAPTURE").ok();
+    let capture_fixed = capture_env.as_deref() == Some("1");
+    let capture_half = capture_env.as_deref() != Some("0");
     let root = tempfile::tempdir().unwrap();
 
     println!(
@@ -132,7 +144,8 @@ fn main() {
                 let mut figs: [Figures; 3] = Default::default();
                 for _ in 0..runs {
                     for (k, t) in targets.iter().enumerate() {
-                        let run = measure(root.path(), t, w, transport, rate, seconds);
+                        let run =
+                            measure(root.path(), t, w, transport, rate, seconds, capture_fixed);
                         record(&mut figs[k], run);
                     }
                 }
@@ -175,18 +188,21 @@ fn main() {
                     uas_proc = start_uas(root.path(), uas_port, transport);
                     if best >= 2 {
                         let half = best / 2;
-                        let run = measure(root.path(), t, w, transport, half, seconds);
-                        let direct = measure(root.path(), &targets[2], w, transport, half, seconds);
+                        let run =
+                            measure(root.path(), t, w, transport, half, seconds, capture_half);
+                        let direct =
+                            measure(root.path(), &targets[2], w, transport, half, seconds, false);
                         let (p50, p99) = (percentile(&run.rtts, 0.5), percentile(&run.rtts, 0.99));
                         let (d50, d99) = (
                             percentile(&direct.rtts, 0.5),
                             percentile(&direct.rtts, 0.99),
                         );
                         println!(
-                            "  {} at {half}/s (half the maximum): p50 {p50:.3} ms, p99 {p99:.3} ms; direct p50 {d50:.3}, p99 {d99:.3}; added p99 {:.3} ms{}; {} failed",
+                            "  {} at {half}/s (half the maximum): p50 {p50:.3} ms, p99 {p99:.3} ms; direct p50 {d50:.3}, p99 {d99:.3}; added p99 {:.3} ms{}{}; {} failed",
                             t.name,
                             p99 - d99,
                             own_delay(&run),
+                            transit_line(run.transit.as_ref()),
                             run.failed
                         );
                     }
@@ -202,6 +218,22 @@ fn own_delay(run: &Run) -> String {
         Some(p99) => format!("; own delay per datagram p99 {:.3} ms", p99 * 1e3),
         None => String::new(),
     }
+}
+
+/// A capture's transit figures, for a report line ("" without a capture).
+fn transit_line(t: Option<&sipwarden_tests::capture::Transit>) -> String {
+    let Some(t) = t.filter(|t| !t.messages.is_empty()) else {
+        return String::new();
+    };
+    format!(
+        "; transit (capture) per message p50 {:.3} p99 {:.3} ms, per transaction p99 {:.3} ms over {} transactions ({} unmatched, {} dropped by the kernel)",
+        percentile(&t.messages, 0.5),
+        percentile(&t.messages, 0.99),
+        percentile(&t.transactions, 0.99),
+        t.transactions.len(),
+        t.unmatched,
+        t.dropped
+    )
 }
 
 fn report(w: Workload, rate: u32, targets: &[Target], figs: &[Figures; 3]) {
@@ -225,8 +257,17 @@ fn report(w: Workload, rate: u32, targets: &[Target], figs: &[Figures; 3]) {
                 spread_with(&f.own_p99_ms, 3)
             )
         };
+        let transit = if f.transit_txn_p99_ms.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", transit p99 per message {} ms, per transaction {} ms",
+                spread_with(&f.transit_msg_p99_ms, 3),
+                spread_with(&f.transit_txn_p99_ms, 3)
+            )
+        };
         println!(
-            "    {:<8} {cpu}p50 {} ms, p99 {} ms{own}, {} ok, {} failed",
+            "    {:<8} {cpu}p50 {} ms, p99 {} ms{own}{transit}, {} ok, {} failed",
             t.name,
             spread_with(&f.p50_ms, 3),
             spread_with(&f.p99_ms, 3),

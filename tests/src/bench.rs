@@ -1,8 +1,9 @@
 //! The load benchmarks' rig (`benches/sip_load.rs`, `benches/flood.rs`): the proxies under test
 //! (the release edge with the default policy and 10,000 bans; Kamailio with
-//! `bench/kamailio-proxy.cfg`), SIPp as UAC and UAS, CPU from /proc, and a latency probe with a
-//! microsecond clock.
+//! `bench/kamailio-proxy.cfg`), SIPp as UAC and UAS, CPU from /proc, a latency probe with a
+//! microsecond clock, and a loopback capture for each message's transit ([`crate::capture`]).
 
+use crate::capture::{transit, Capture, Transit};
 use crate::*;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -196,6 +197,9 @@ pub struct Run {
     /// For the edge over UDP: its own delay histogram over the run, (upper bound in seconds,
     /// cumulative datagrams) — every datagram, from the kernel's receipt to the send.
     pub edge_delay: Vec<(f64, u64)>,
+    /// Over UDP, when asked for: each message's transit through the proxy in a loopback capture
+    /// of a few seconds of the run.
+    pub transit: Option<Transit>,
 }
 
 /// Offers `rate` scenarios/s of `w` for `seconds` through `target` over `transport`.
@@ -255,6 +259,7 @@ pub fn load(
         rtts: Vec::new(),
         cpu: None,
         edge_delay: Vec::new(),
+        transit: None,
     }
 }
 
@@ -421,7 +426,18 @@ User-Agent: sipwarden-bench-probe\r\nContent-Length: 0\r\n\r\n",
 /// How often the latency probe sends (200/s).
 pub const PROBE_EVERY: Duration = Duration::from_millis(5);
 
-pub fn measure(dir: &Path, t: &Target, w: Workload, transport: &str, rate: u32, secs: u32) -> Run {
+/// One run of `w` at `rate` for `secs` through `t`, with the latency probe alongside, the proxy's
+/// CPU and, for the edge, its own delay histogram. With `capture` (over UDP, through a proxy),
+/// a loopback capture from the run's second second for up to 3 s gives each message's transit.
+pub fn measure(
+    dir: &Path,
+    t: &Target,
+    w: Workload,
+    transport: &str,
+    rate: u32,
+    secs: u32,
+    capture: bool,
+) -> Run {
     let before = t.pid.map(cpu_ticks);
     let delays_before = t.metrics.map(udp_delay_buckets);
     let stop = Arc::new(AtomicBool::new(false));
@@ -430,9 +446,16 @@ pub fn measure(dir: &Path, t: &Target, w: Workload, transport: &str, rate: u32, 
             (t.addr.parse().unwrap(), transport.to_string(), stop.clone());
         std::thread::spawn(move || probe(target, &transport, stop))
     };
+    let capturer = (capture && transport == "udp" && t.pid.is_some()).then(|| {
+        let (dir, stop) = (dir.to_path_buf(), stop.clone());
+        let proxy: SocketAddr = t.addr.parse().unwrap();
+        let span = Duration::from_secs(u64::from(secs.saturating_sub(2).clamp(1, 3)));
+        std::thread::spawn(move || capture_window(&dir, proxy, span, &stop))
+    });
     let mut run = load(dir, &t.addr, w, transport, rate, secs);
     stop.store(true, Ordering::Relaxed);
     run.rtts = prober.join().unwrap_or_default();
+    run.transit = capturer.and_then(|c| c.join().ok().flatten());
     if let (Some(http), Some(b0)) = (t.metrics, delays_before) {
         let b1 = udp_delay_buckets(http);
         run.edge_delay = b1
@@ -448,6 +471,33 @@ pub fn measure(dir: &Path, t: &Target, w: Workload, transport: &str, rate: u32, 
         run.cpu = Some(((u1 - u0) as f64 / HZ, (s1 - s0) as f64 / HZ));
     }
     run
+}
+
+/// After the load's first second, a capture of `span` (cut short by `stop`), read back as the
+/// transit of each message through `proxy`.
+fn capture_window(
+    dir: &Path,
+    proxy: SocketAddr,
+    span: Duration,
+    stop: &AtomicBool,
+) -> Option<Transit> {
+    // Sleeps in short steps so that a load that ends early ends the capture too.
+    let wait = |d: Duration| {
+        let until = Instant::now() + d;
+        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        !stop.load(Ordering::Relaxed)
+    };
+    if !wait(Duration::from_secs(1)) {
+        return None;
+    }
+    let cap = Capture::start(dir, proxy.port())?;
+    wait(span);
+    let (datagrams, dropped) = cap.finish();
+    let mut t = transit(&datagrams, proxy);
+    t.dropped = dropped;
+    Some(t)
 }
 
 pub fn env_list(name: &str, default: &str) -> Vec<String> {

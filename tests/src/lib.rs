@@ -8,6 +8,7 @@
 //! processes.
 
 pub mod bench;
+pub mod capture;
 pub mod controller;
 pub mod kamailio;
 pub mod mmdb;
@@ -56,14 +57,19 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 
 /// The path of `tool`, or a panic that names the Debian package providing it.
 pub fn require_tool(tool: &str, package: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin")]) {
-        let p = dir.join(tool);
-        if p.is_file() {
-            return p;
-        }
+    if let Some(p) = find_tool(tool) {
+        return p;
     }
     panic!("`{tool}` is not installed: install the Debian package `{package}` (apt-get install {package}); the README's test command does this");
+}
+
+/// The path of `tool` on `PATH` or in `/usr/sbin`, if installed.
+pub fn find_tool(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
 }
 
 /// A `200 OK` to `request` (a whole message as text) as a minimal UAS would send it: its Via,
@@ -293,9 +299,6 @@ address = "{ip}:{sip_port}"
 [[listeners]]
 transport = "tcp"
 address = "{ip}:{sip_port}"
-
-[udp]
-sockets = 2
 
 [http]
 listen = "127.0.0.1:{http_port}"

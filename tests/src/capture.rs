@@ -1,0 +1,351 @@
+//! Loopback capture for the load benchmark: how long a proxy holds each UDP message, measured the
+//! same way for the edge and for Kamailio, from outside both.
+//!
+//! `tcpdump` stamps each datagram (kernel time, ns) as its sender hands it to loopback. A message
+//! to the proxy and the proxy's forward of it are matched by Call-ID, CSeq and the start line's
+//! method or status code, which a stateless proxy passes on unchanged; the difference is the
+//! message's transit through the proxy: the hop to it, the wait for a core, the handling. That is
+//! what the proxy adds to the message, since its second hop replaces the direct one. A transaction's
+//! figure is its request's transit plus its final response's.
+//!
+//! The latency probe cannot give this: it blocks right after each send, so the proxy it wakes gets
+//! the probe's core at once, where a SIPp that goes on sending keeps it. The edge's own delay
+//! histogram sees every datagram but only the edge's.
+
+use crate::{find_tool, wait_until, Proc};
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use pcap_file::pcap::PcapReader;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// Packets one capture keeps at most (about 150 MB of SIP over UDP).
+const MAX_PACKETS: u32 = 300_000;
+
+/// A running `tcpdump` on `lo`, writing to a file.
+pub struct Capture {
+    proc: Proc,
+    file: PathBuf,
+    log: PathBuf,
+}
+
+/// One captured UDP datagram.
+#[derive(Clone, Debug)]
+pub struct Datagram {
+    /// Kernel timestamp, ns since the Unix epoch.
+    pub at_ns: u64,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// What a proxy added to the messages of a capture, ms, each list sorted.
+#[derive(Debug, Default)]
+pub struct Transit {
+    /// Per message: its forward's timestamp minus its own.
+    pub messages: Vec<f64>,
+    /// Per transaction: its request's transit plus its final response's.
+    pub transactions: Vec<f64>,
+    /// Messages to the proxy with no forward in the capture (dropped, or cut off by its end).
+    pub unmatched: usize,
+    /// Datagrams the kernel dropped before tcpdump read them (its own count).
+    pub dropped: u64,
+}
+
+impl Capture {
+    /// Starts `tcpdump` on `lo` for UDP to or from `port`, writing into `dir`; `None` (with a note
+    /// on stderr) when tcpdump is not installed or does not start listening within 5 s.
+    pub fn start(dir: &Path, port: u16) -> Option<Capture> {
+        let Some(tcpdump) = find_tool("tcpdump") else {
+            eprintln!("tcpdump is not installed (apt-get install tcpdump): no capture");
+            return None;
+        };
+        let file = dir.join(format!("capture-{port}.pcap"));
+        let log = dir.join(format!("capture-{port}.log"));
+        let proc = Proc::spawn(
+            "tcpdump",
+            Command::new(tcpdump)
+                .args(["-i", "lo", "-nn", "-q", "-B", "32768"])
+                .args([
+                    "--time-stamp-precision=nano",
+                    "-c",
+                    &MAX_PACKETS.to_string(),
+                ])
+                .arg("-w")
+                .arg(&file)
+                .arg(format!("udp port {port}"))
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).ok()?),
+        );
+        let listening = wait_until(Duration::from_secs(5), || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("listening on"))
+        });
+        let capture = Capture { proc, file, log };
+        if !listening {
+            eprintln!("tcpdump did not start listening: no capture");
+            return None;
+        }
+        Some(capture)
+    }
+
+    /// Stops the capture (SIGINT, so tcpdump writes out what it holds) and reads it back, with the
+    /// number of datagrams the kernel dropped on the way to tcpdump.
+    pub fn finish(mut self) -> (Vec<Datagram>, u64) {
+        self.proc.signal("INT");
+        if self.proc.wait_exit(Duration::from_secs(5)).is_none() {
+            eprintln!("tcpdump did not stop on SIGINT; killed, its capture may be cut short");
+        }
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let dropped = log
+            .lines()
+            .find(|l| l.ends_with("packets dropped by kernel"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        let datagrams = std::fs::File::open(&self.file)
+            .map(|f| read_pcap(std::io::BufReader::new(f)))
+            .unwrap_or_default();
+        let _ = std::fs::remove_file(&self.file);
+        (datagrams, dropped)
+    }
+}
+
+/// The UDP datagrams of a pcap stream with Ethernet framing (as `lo` captures are); anything else
+/// in it is skipped, and a truncated file yields what came before the cut.
+pub fn read_pcap(input: impl std::io::Read) -> Vec<Datagram> {
+    let Ok(mut reader) = PcapReader::new(input) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    while let Some(Ok(packet)) = reader.next_packet() {
+        let Ok(sliced) = SlicedPacket::from_ethernet(&packet.data) else {
+            continue;
+        };
+        let (src_ip, dst_ip) = match &sliced.net {
+            Some(NetSlice::Ipv4(ip)) => (
+                IpAddr::V4(ip.header().source_addr()),
+                IpAddr::V4(ip.header().destination_addr()),
+            ),
+            Some(NetSlice::Ipv6(ip)) => (
+                IpAddr::V6(ip.header().source_addr()),
+                IpAddr::V6(ip.header().destination_addr()),
+            ),
+            _ => continue,
+        };
+        let Some(TransportSlice::Udp(udp)) = &sliced.transport else {
+            continue;
+        };
+        out.push(Datagram {
+            at_ns: packet.timestamp.as_nanos() as u64,
+            src: SocketAddr::new(src_ip, udp.source_port()),
+            dst: SocketAddr::new(dst_ip, udp.destination_port()),
+            payload: udp.payload().to_vec(),
+        });
+    }
+    out
+}
+
+/// What identifies a SIP message across a stateless proxy: Call-ID, CSeq, and the start line's
+/// method or status code.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct MessageKey {
+    call_id: String,
+    cseq: String,
+    start: String,
+}
+
+fn message_key(payload: &[u8]) -> Option<MessageKey> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let head = text.split("\r\n\r\n").next()?;
+    let mut lines = head.split("\r\n");
+    let first = lines.next()?;
+    let start = match first.strip_prefix("SIP/2.0 ") {
+        Some(rest) => rest.get(..3)?.to_string(),
+        None => first.split(' ').next()?.to_string(),
+    };
+    let (mut call_id, mut cseq) = (None, None);
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let name = name.trim();
+        if name.eq_ignore_ascii_case("call-id") || name == "i" {
+            call_id = Some(value.trim().to_string());
+        } else if name.eq_ignore_ascii_case("cseq") {
+            cseq = Some(value.split_whitespace().collect::<Vec<_>>().join(" "));
+        }
+    }
+    Some(MessageKey {
+        call_id: call_id?,
+        cseq: cseq?,
+        start,
+    })
+}
+
+/// The transit of each message through the proxy at `proxy`, and of each transaction (request
+/// and final response). A retransmission is matched by its first copy in each direction.
+pub fn transit(datagrams: &[Datagram], proxy: SocketAddr) -> Transit {
+    let mut arrived: HashMap<MessageKey, u64> = HashMap::new();
+    let mut left: HashMap<MessageKey, u64> = HashMap::new();
+    for d in datagrams {
+        let Some(key) = message_key(&d.payload) else {
+            continue;
+        };
+        if d.dst == proxy {
+            arrived.entry(key).or_insert(d.at_ns);
+        } else if d.src == proxy {
+            left.entry(key).or_insert(d.at_ns);
+        }
+    }
+    let mut out = Transit::default();
+    let mut held: HashMap<&MessageKey, f64> = HashMap::new();
+    for (key, &t0) in &arrived {
+        match left.get(key) {
+            Some(&t1) if t1 >= t0 => {
+                let ms = (t1 - t0) as f64 / 1e6;
+                out.messages.push(ms);
+                held.insert(key, ms);
+            }
+            _ => out.unmatched += 1,
+        }
+    }
+    for (key, ms) in &held {
+        let Ok(code) = key.start.parse::<u16>() else {
+            continue;
+        };
+        if code < 200 {
+            continue;
+        }
+        let request = MessageKey {
+            start: key.cseq.rsplit(' ').next().unwrap_or_default().to_string(),
+            ..(*key).clone()
+        };
+        if let Some(req_ms) = held.get(&request) {
+            out.transactions.push(req_ms + ms);
+        }
+    }
+    out.messages.sort_by(f64::total_cmp);
+    out.transactions.sort_by(f64::total_cmp);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::PacketBuilder;
+    use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
+    use pcap_file::{DataLink, TsResolution};
+
+    const UAC: &str = "127.0.0.3:5090";
+    const PROXY: &str = "127.0.0.2:5070";
+    const UAS: &str = "127.0.0.1:5080";
+
+    fn sip(start: &str, call: &str, cseq: &str) -> Vec<u8> {
+        format!("{start}\r\nVia: SIP/2.0/UDP x;branch=z9hG4bK1\r\nCall-ID: {call}\r\nCSeq: {cseq}\r\nContent-Length: 0\r\n\r\n").into_bytes()
+    }
+
+    fn datagram(at_us: u64, src: &str, dst: &str, payload: Vec<u8>) -> Datagram {
+        Datagram {
+            at_ns: at_us * 1000,
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            payload,
+        }
+    }
+
+    #[test]
+    fn a_transaction_adds_its_request_and_final_response() {
+        let req = || sip("OPTIONS sip:a@b SIP/2.0", "c1", "1 OPTIONS");
+        let ok = || sip("SIP/2.0 200 OK", "c1", "1 OPTIONS");
+        let trying = || sip("SIP/2.0 100 Trying", "c1", "1 OPTIONS");
+        let caps = [
+            datagram(1_000, UAC, PROXY, req()),
+            datagram(1_300, PROXY, UAS, req()),
+            datagram(1_400, UAS, PROXY, trying()),
+            datagram(1_450, PROXY, UAC, trying()),
+            datagram(1_500, UAS, PROXY, ok()),
+            datagram(1_700, PROXY, UAC, ok()),
+            // A retransmission of the request: its first copy counts.
+            datagram(1_800, UAC, PROXY, req()),
+            // A second transaction whose forward never left.
+            datagram(
+                2_000,
+                UAC,
+                PROXY,
+                sip("OPTIONS sip:a@b SIP/2.0", "c2", "1 OPTIONS"),
+            ),
+        ];
+        let t = transit(&caps, PROXY.parse().unwrap());
+        assert_eq!(t.messages, vec![0.05, 0.2, 0.3]);
+        assert_eq!(t.transactions, vec![0.5]);
+        assert_eq!(t.unmatched, 1);
+    }
+
+    #[test]
+    fn messages_are_told_apart_by_call_cseq_and_start_line() {
+        let k = |p: Vec<u8>| message_key(&p).unwrap();
+        let invite = k(sip("INVITE sip:a@b SIP/2.0", "c", "1 INVITE"));
+        assert_eq!(invite.start, "INVITE");
+        assert_ne!(invite, k(sip("INVITE sip:a@b SIP/2.0", "c", "2 INVITE")));
+        assert_ne!(invite, k(sip("INVITE sip:a@b SIP/2.0", "d", "1 INVITE")));
+        assert_eq!(k(sip("SIP/2.0 180 Ringing", "c", "1  INVITE")).start, "180");
+        // Compact Call-ID, any case, extra blanks in CSeq.
+        let compact = k(b"BYE sip:a SIP/2.0\r\ni: c\r\ncseq:  2   BYE\r\n\r\n".to_vec());
+        assert_eq!(
+            (compact.call_id.as_str(), compact.cseq.as_str()),
+            ("c", "2 BYE")
+        );
+        assert!(message_key(b"\r\n\r\n").is_none());
+        assert!(message_key(b"OPTIONS sip:a SIP/2.0\r\nCSeq: 1 OPTIONS\r\n\r\n").is_none());
+    }
+
+    #[test]
+    fn pcap_with_ethernet_framing_reads_back_udp_only() {
+        let mut file = Vec::new();
+        let header = PcapHeader {
+            datalink: DataLink::ETHERNET,
+            ts_resolution: TsResolution::NanoSecond,
+            ..Default::default()
+        };
+        let mut w = PcapWriter::with_header(&mut file, header).unwrap();
+        let udp = |from: SocketAddr, to: SocketAddr, body: &[u8]| {
+            let (IpAddr::V4(a), IpAddr::V4(b)) = (from.ip(), to.ip()) else {
+                unreachable!()
+            };
+            let mut bytes = Vec::new();
+            PacketBuilder::ethernet2([0; 6], [0; 6])
+                .ipv4(a.octets(), b.octets(), 64)
+                .udp(from.port(), to.port())
+                .write(&mut bytes, body)
+                .unwrap();
+            bytes
+        };
+        let one = udp(UAC.parse().unwrap(), PROXY.parse().unwrap(), b"hello");
+        let tcp = {
+            let mut bytes = Vec::new();
+            PacketBuilder::ethernet2([0; 6], [0; 6])
+                .ipv4([127, 0, 0, 3], [127, 0, 0, 2], 64)
+                .tcp(5090, 5070, 1, 1000)
+                .write(&mut bytes, b"x")
+                .unwrap();
+            bytes
+        };
+        let at = Duration::new(1_700_000_000, 123_456_789);
+        for (t, data) in [(at, &one), (at, &tcp)] {
+            w.write_packet(&PcapPacket::new(t, data.len() as u32, data))
+                .unwrap();
+        }
+        w.into_writer();
+        let got = read_pcap(&file[..]);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].at_ns, 1_700_000_000_123_456_789);
+        assert_eq!(got[0].src, UAC.parse().unwrap());
+        assert_eq!(got[0].dst, PROXY.parse().unwrap());
+        assert_eq!(got[0].payload, b"hello");
+        // A file cut in the middle of a record yields the records before it.
+        assert_eq!(read_pcap(&file[..file.len() - 3]).len(), 1);
+        assert!(read_pcap(&b"not a pcap"[..]).is_empty());
+    }
+}
