@@ -127,8 +127,12 @@ pub struct Listener {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Udp {
-    /// Sockets bound to each UDP listener with `SO_REUSEPORT`, each with its own receive task.
+    /// Sockets bound to each UDP listener with `SO_REUSEPORT`; the kernel hashes each flow to one.
     pub sockets: usize,
+    /// Receive threads blocking on each socket. With two, a datagram that arrives while one
+    /// thread is busy or waiting for a core wakes the other instead of queueing behind it, for
+    /// more wake-ups and so more CPU per message.
+    pub threads_per_socket: usize,
     pub max_datagram: usize,
     /// Datagrams a second from one banned IPv4 source, dropped by the gate, that move the source
     /// into the kernel shield (a BPF socket filter that drops it before user space); 0 disables.
@@ -264,6 +268,9 @@ impl Default for Udp {
     fn default() -> Self {
         Udp {
             sockets: std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 16)),
+            // Two threads per socket cut the tail on a host shared with other busy processes,
+            // but cost 10–25% more CPU per message (see ARCHITECTURE.md): one is the default.
+            threads_per_socket: 1,
             max_datagram: 65_507,
             shield_pps: 1000,
         }
@@ -374,6 +381,9 @@ impl EdgeConfig {
         }
         if self.udp.sockets == 0 || self.udp.sockets > 64 {
             return bad("udp.sockets must be 1 to 64".into());
+        }
+        if self.udp.threads_per_socket == 0 || self.udp.threads_per_socket > 8 {
+            return bad("udp.threads_per_socket must be 1 to 8".into());
         }
         if self.udp.max_datagram < 1024 || self.udp.max_datagram > 65_535 {
             return bad("udp.max_datagram must be 1024 to 65535".into());
@@ -489,6 +499,12 @@ priority = 2
             ("SIPWARDEN_BACKENDS__0__WEIGHT", "0", "backends[0].weight"),
             ("SIPWARDEN_LISTENERS", "[]", "listeners"),
             ("SIPWARDEN_TCP__NOPE", "1", "nope"),
+            (
+                "SIPWARDEN_UDP__THREADS_PER_SOCKET",
+                "0",
+                "udp.threads_per_socket",
+            ),
+            ("SIPWARDEN_UDP__SOCKETS", "65", "udp.sockets"),
             (
                 "SIPWARDEN_BACKENDS__0__ADDRESS",
                 "not-an-address",

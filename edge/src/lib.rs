@@ -252,7 +252,12 @@ impl Edge {
         }
 
         for (idx, socks) in udp_socks.iter().enumerate() {
-            let group = udp::Group::new(socks.clone());
+            // `threads_per_socket` threads block on each socket; entry n is thread n's socket.
+            let per_thread = socks
+                .iter()
+                .flat_map(|s| std::iter::repeat_n(s.clone(), cfg.udp.threads_per_socket))
+                .collect();
+            let group = udp::Group::new(per_thread);
             for n in 0..group.len() {
                 let (group, d, stop, rt) = (
                     group.clone(),

@@ -388,12 +388,32 @@ fn thread_named(pid: u32, name: &str) -> Option<i32> {
         .and_then(|t| t.file_name().to_str()?.parse().ok())
 }
 
-/// With two UDP sockets, a receive thread that cannot run (held here in a ptrace stop, as if the
-/// host gave its core away) does not strand the flows the kernel hashed to its socket: its
-/// sibling takes them. Sixteen phones (sixteen source ports, so both sockets get some) each get
-/// their OPTIONS answered through the PBX while `udp-0-0` is stopped.
+/// With two UDP sockets and one thread on each, a receive thread that cannot run (held here in a
+/// ptrace stop, as if the host gave its core away) does not strand the flows the kernel hashed to
+/// its socket: the other socket's thread sees it stalled and takes them. Sixteen phones (sixteen
+/// source ports, so both sockets get some) each get their OPTIONS answered through the PBX while
+/// `udp-0-0` is stopped.
 #[test]
 fn a_stalled_udp_thread_does_not_strand_its_flows() {
+    stalled_thread_strands_nothing(&[
+        ("SIPWARDEN_UDP__SOCKETS", "2"),
+        ("SIPWARDEN_UDP__THREADS_PER_SOCKET", "1"),
+    ]);
+}
+
+/// With one socket and two threads on it (`udp.threads_per_socket = 2`), the thread that is not
+/// stopped is woken for every datagram while its sibling cannot run.
+#[test]
+fn a_stalled_udp_thread_leaves_its_socket_to_the_other_thread() {
+    stalled_thread_strands_nothing(&[
+        ("SIPWARDEN_UDP__SOCKETS", "1"),
+        ("SIPWARDEN_UDP__THREADS_PER_SOCKET", "2"),
+    ]);
+}
+
+/// Sixteen phones get their OPTIONS answered through the PBX while the edge's receive thread
+/// `udp-0-0` is held in a ptrace stop, with the UDP layout of `env`.
+fn stalled_thread_strands_nothing(env: &[(&str, &str)]) {
     use nix::sys::ptrace;
     use nix::sys::wait::{waitpid, WaitPidFlag};
     use nix::unistd::Pid;
@@ -403,7 +423,7 @@ fn a_stalled_udp_thread_does_not_strand_its_flows() {
     let extra = format!(
         "[[backends]]\naddress = \"127.0.0.42:{pbx_port}\"\n[health]\ninterval_ms = 60000\ntimeout_ms = 50000\nfall = 5\n"
     );
-    let edge = EdgeProc::start(EDGE_IP, &extra);
+    let edge = EdgeProc::start_with_env(EDGE_IP, &extra, env);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // The PBX answers everything (health probes included) with 200.
     let pbx_side = {
