@@ -252,12 +252,7 @@ impl Edge {
         }
 
         for (idx, socks) in udp_socks.iter().enumerate() {
-            // `threads_per_socket` threads block on each socket; entry n is thread n's socket.
-            let per_thread = socks
-                .iter()
-                .flat_map(|s| std::iter::repeat_n(s.clone(), cfg.udp.threads_per_socket))
-                .collect();
-            let group = udp::Group::new(per_thread);
+            let group = udp::Group::new(socks.clone(), cfg.udp.threads_per_socket);
             for n in 0..group.len() {
                 let (group, d, stop, rt) = (
                     group.clone(),
