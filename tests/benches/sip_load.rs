@@ -16,6 +16,11 @@
 //!   p99 interpolated within a bucket): what the edge adds to every message between its arrival
 //!   in the kernel and its leaving, where the probe samples 200 a second. On a host shared with
 //!   SIPp most of it is the wait for a core.
+//! - over UDP with a loopback capture (at half the maximum, or in every run with
+//!   `SW_BENCH_CAPTURE=1`): each message's transit through the proxy, and the response time of
+//!   every transaction at the UAC through the proxy and straight to the UAS, so that the p99 a
+//!   proxy adds end to end is p99(proxy) − p99(direct) over all the load's transactions, not the
+//!   probe's few;
 //! - failed transactions.
 //!
 //! With `SW_BENCH_MAX=1` it then looks for each proxy's maximum rate with under 0.1% failures:
@@ -43,6 +48,8 @@ struct Figures {
     /// From loopback captures: p99 transit per message and per transaction, ms, per run.
     transit_msg_p99_ms: Vec<f64>,
     transit_txn_p99_ms: Vec<f64>,
+    /// From the same captures: p99 response time at the UAC, ms, per run.
+    response_p99_ms: Vec<f64>,
     ok: u64,
     failed: u64,
 }
@@ -60,6 +67,9 @@ fn record(f: &mut Figures, run: Run) {
     if let Some(t) = run.transit.as_ref().filter(|t| !t.transactions.is_empty()) {
         f.transit_msg_p99_ms.push(percentile(&t.messages, 0.99));
         f.transit_txn_p99_ms.push(percentile(&t.transactions, 0.99));
+    }
+    if !run.response.is_empty() {
+        f.response_p99_ms.push(percentile(&run.response, 0.99));
     }
     if !run.rtts.is_empty() {
         f.p50_ms.push(percentile(&run.rtts, 0.50));
@@ -190,19 +200,27 @@ fn main() {
                         let half = best / 2;
                         let run =
                             measure(root.path(), t, w, transport, half, seconds, capture_half);
-                        let direct =
-                            measure(root.path(), &targets[2], w, transport, half, seconds, false);
+                        let direct = measure(
+                            root.path(),
+                            &targets[2],
+                            w,
+                            transport,
+                            half,
+                            seconds,
+                            capture_half,
+                        );
                         let (p50, p99) = (percentile(&run.rtts, 0.5), percentile(&run.rtts, 0.99));
                         let (d50, d99) = (
                             percentile(&direct.rtts, 0.5),
                             percentile(&direct.rtts, 0.99),
                         );
                         println!(
-                            "  {} at {half}/s (half the maximum): p50 {p50:.3} ms, p99 {p99:.3} ms; direct p50 {d50:.3}, p99 {d99:.3}; added p99 {:.3} ms{}{}; {} failed",
+                            "  {} at {half}/s (half the maximum): p50 {p50:.3} ms, p99 {p99:.3} ms; direct p50 {d50:.3}, p99 {d99:.3}; added p99 {:.3} ms{}{}{}; {} failed",
                             t.name,
                             p99 - d99,
                             own_delay(&run),
                             transit_line(run.transit.as_ref()),
+                            response_line(&run.response, &direct.response),
                             run.failed
                         );
                     }
@@ -236,6 +254,21 @@ fn transit_line(t: Option<&sipwarden_tests::capture::Transit>) -> String {
     )
 }
 
+/// The UAC's response times from captures through a proxy and straight to the UAS under the same
+/// load, for a report line ("" without both).
+fn response_line(through: &[f64], direct: &[f64]) -> String {
+    if through.is_empty() || direct.is_empty() {
+        return String::new();
+    }
+    let (p99, d99) = (percentile(through, 0.99), percentile(direct, 0.99));
+    format!(
+        "; response time at the UAC (capture) p50 {:.3} p99 {p99:.3} ms, direct p50 {:.3} p99 {d99:.3} ms: added p99 {:.3} ms",
+        percentile(through, 0.5),
+        percentile(direct, 0.5),
+        p99 - d99
+    )
+}
+
 fn report(w: Workload, rate: u32, targets: &[Target], figs: &[Figures; 3]) {
     println!("  {rate}/s offered:");
     for (t, f) in targets.iter().zip(figs) {
@@ -266,8 +299,16 @@ fn report(w: Workload, rate: u32, targets: &[Target], figs: &[Figures; 3]) {
                 spread_with(&f.transit_txn_p99_ms, 3)
             )
         };
+        let response = if f.response_p99_ms.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", response p99 at the UAC (capture) {} ms",
+                spread_with(&f.response_p99_ms, 3)
+            )
+        };
         println!(
-            "    {:<8} {cpu}p50 {} ms, p99 {} ms{own}{transit}, {} ok, {} failed",
+            "    {:<8} {cpu}p50 {} ms, p99 {} ms{own}{transit}{response}, {} ok, {} failed",
             t.name,
             spread_with(&f.p50_ms, 3),
             spread_with(&f.p99_ms, 3),
@@ -277,8 +318,18 @@ fn report(w: Workload, rate: u32, targets: &[Target], figs: &[Figures; 3]) {
     }
     let ratio = median(&figs[0].per_unit_us) / median(&figs[1].per_unit_us);
     let added = |f: &Figures| median(&f.p99_ms) - median(&figs[2].p99_ms);
+    let captured = if figs.iter().all(|f| !f.response_p99_ms.is_empty()) {
+        let added = |f: &Figures| median(&f.response_p99_ms) - median(&figs[2].response_p99_ms);
+        format!(
+            "; p99 added at the UAC (capture): edge {:.3} ms, kamailio {:.3} ms",
+            added(&figs[0]),
+            added(&figs[1])
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "    edge/kamailio CPU {ratio:.2}; p99 added: edge {:.3} ms, kamailio {:.3} ms",
+        "    edge/kamailio CPU {ratio:.2}; p99 added (probe): edge {:.3} ms, kamailio {:.3} ms{captured}",
         added(&figs[0]),
         added(&figs[1])
     );

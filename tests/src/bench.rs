@@ -3,7 +3,7 @@
 //! `bench/kamailio-proxy.cfg`), SIPp as UAC and UAS, CPU from /proc, a latency probe with a
 //! microsecond clock, and a loopback capture for each message's transit ([`crate::capture`]).
 
-use crate::capture::{transit, Capture, Transit};
+use crate::capture::{response_times, transit, Capture, Datagram, Transit};
 use crate::*;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -200,6 +200,11 @@ pub struct Run {
     /// Over UDP, when asked for: each message's transit through the proxy in a loopback capture
     /// of a few seconds of the run.
     pub transit: Option<Transit>,
+    /// From the same capture: the response time of each of the UAC's transactions, ms, sorted
+    /// (through the proxy, or straight to the UAS).
+    pub response: Vec<f64>,
+    /// The SIPp UAC's address.
+    pub uac: SocketAddr,
 }
 
 /// Offers `rate` scenarios/s of `w` for `seconds` through `target` over `transport`.
@@ -221,6 +226,7 @@ pub fn load(
     }
     std::fs::write(&users, csv).unwrap();
     let stats = work.path().join("screen.txt");
+    let uac = SocketAddr::new(UAC_IP.parse().unwrap(), free_port(UAC_IP));
     let started = Instant::now();
     let _ = Command::new(sipp)
         .current_dir(work.path())
@@ -229,7 +235,7 @@ pub fn load(
         .arg(w.scenario())
         .arg("-inf")
         .arg(&users)
-        .args(["-i", UAC_IP, "-p", &free_port(UAC_IP).to_string()])
+        .args(["-i", UAC_IP, "-p", &uac.port().to_string()])
         .args(["-t", if transport == "tcp" { "t1" } else { "u1" }])
         .args(["-s", "probe", "-r", &rate.to_string()])
         .args(["-m", &calls.to_string(), "-l", "20000"])
@@ -260,6 +266,8 @@ pub fn load(
         cpu: None,
         edge_delay: Vec::new(),
         transit: None,
+        response: Vec::new(),
+        uac,
     }
 }
 
@@ -429,8 +437,9 @@ User-Agent: sipwarden-bench-probe\r\nContent-Length: 0\r\n\r\n",
 pub const PROBE_EVERY: Duration = Duration::from_millis(5);
 
 /// One run of `w` at `rate` for `secs` through `t`, with the latency probe alongside, the proxy's
-/// CPU and, for the edge, its own delay histogram. With `capture` (over UDP, through a proxy),
-/// a loopback capture from the run's second second for up to 3 s gives each message's transit.
+/// CPU and, for the edge, its own delay histogram. With `capture` (over UDP), a loopback capture
+/// from the run's second second for up to 3 s gives the UAC's response times and, through a
+/// proxy, each message's transit.
 pub fn measure(
     dir: &Path,
     t: &Target,
@@ -448,16 +457,24 @@ pub fn measure(
             (t.addr.parse().unwrap(), transport.to_string(), stop.clone());
         std::thread::spawn(move || probe(target, &transport, stop))
     };
-    let capturer = (capture && transport == "udp" && t.pid.is_some()).then(|| {
+    let capturer = (capture && transport == "udp").then(|| {
         let (dir, stop) = (dir.to_path_buf(), stop.clone());
-        let proxy: SocketAddr = t.addr.parse().unwrap();
+        let target: SocketAddr = t.addr.parse().unwrap();
         let span = Duration::from_secs(u64::from(secs.saturating_sub(2).clamp(1, 3)));
-        std::thread::spawn(move || capture_window(&dir, proxy, span, &stop))
+        std::thread::spawn(move || capture_window(&dir, target, span, &stop))
     });
     let mut run = load(dir, &t.addr, w, transport, rate, secs);
     stop.store(true, Ordering::Relaxed);
     run.rtts = prober.join().unwrap_or_default();
-    run.transit = capturer.and_then(|c| c.join().ok().flatten());
+    if let Some((datagrams, dropped)) = capturer.and_then(|c| c.join().ok().flatten()) {
+        let target: SocketAddr = t.addr.parse().unwrap();
+        run.response = response_times(&datagrams, run.uac, target);
+        if t.pid.is_some() {
+            let mut through = transit(&datagrams, target);
+            through.dropped = dropped;
+            run.transit = Some(through);
+        }
+    }
     if let (Some(http), Some(b0)) = (t.metrics, delays_before) {
         let b1 = udp_delay_buckets(http);
         run.edge_delay = b1
@@ -475,14 +492,14 @@ pub fn measure(
     run
 }
 
-/// After the load's first second, a capture of `span` (cut short by `stop`), read back as the
-/// transit of each message through `proxy`.
+/// After the load's first second, a capture of `span` (cut short by `stop`) of UDP to and from
+/// `target`, read back, with the number of datagrams the kernel dropped on the way to tcpdump.
 fn capture_window(
     dir: &Path,
-    proxy: SocketAddr,
+    target: SocketAddr,
     span: Duration,
     stop: &AtomicBool,
-) -> Option<Transit> {
+) -> Option<(Vec<Datagram>, u64)> {
     // Sleeps in short steps so that a load that ends early ends the capture too.
     let wait = |d: Duration| {
         let until = Instant::now() + d;
@@ -494,12 +511,9 @@ fn capture_window(
     if !wait(Duration::from_secs(1)) {
         return None;
     }
-    let cap = Capture::start(dir, proxy.port())?;
+    let cap = Capture::start(dir, target.port())?;
     wait(span);
-    let (datagrams, dropped) = cap.finish();
-    let mut t = transit(&datagrams, proxy);
-    t.dropped = dropped;
-    Some(t)
+    Some(cap.finish())
 }
 
 pub fn env_list(name: &str, default: &str) -> Vec<String> {

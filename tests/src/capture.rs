@@ -231,6 +231,44 @@ pub fn transit(datagrams: &[Datagram], proxy: SocketAddr) -> Transit {
     out
 }
 
+/// Response times at the UAC `uac` through `target` (a proxy, or the UAS itself), ms, sorted:
+/// from each request the UAC sent to `target` to the final response `target` sent back (first
+/// copies). The latency a proxy adds to a transaction, end to end, is the difference between these
+/// through the proxy and straight to the UAS under the same load: besides the proxy's own hold, it
+/// counts what the proxy's way of sending does to the hops after it.
+pub fn response_times(datagrams: &[Datagram], uac: SocketAddr, target: SocketAddr) -> Vec<f64> {
+    let mut sent: HashMap<MessageKey, u64> = HashMap::new();
+    let mut answered: HashMap<MessageKey, u64> = HashMap::new();
+    for d in datagrams {
+        let Some(key) = message_key(&d.payload) else {
+            continue;
+        };
+        let final_status = key.start.parse::<u16>().map(|code| code >= 200);
+        match final_status {
+            Err(_) if d.src == uac && d.dst == target => {
+                sent.entry(key).or_insert(d.at_ns);
+            }
+            Ok(true) if d.src == target && d.dst == uac => {
+                let request = MessageKey {
+                    start: key.cseq.rsplit(' ').next().unwrap_or_default().to_string(),
+                    ..key
+                };
+                answered.entry(request).or_insert(d.at_ns);
+            }
+            _ => {}
+        }
+    }
+    let mut out: Vec<f64> = sent
+        .iter()
+        .filter_map(|(key, &t0)| {
+            let t1 = *answered.get(key)?;
+            (t1 >= t0).then(|| (t1 - t0) as f64 / 1e6)
+        })
+        .collect();
+    out.sort_by(f64::total_cmp);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,6 +319,49 @@ mod tests {
         assert_eq!(t.messages, vec![0.05, 0.2, 0.3]);
         assert_eq!(t.transactions, vec![0.5]);
         assert_eq!(t.unmatched, 1);
+    }
+
+    #[test]
+    fn response_times_run_from_the_uacs_request_to_its_final_response() {
+        let req = |call: &str| sip("OPTIONS sip:a@b SIP/2.0", call, "1 OPTIONS");
+        let ok = |call: &str| sip("SIP/2.0 200 OK", call, "1 OPTIONS");
+        const OTHER: &str = "127.0.0.3:6000";
+        let caps = [
+            datagram(1_000, UAC, PROXY, req("c1")),
+            datagram(1_300, PROXY, UAS, req("c1")),
+            datagram(
+                1_450,
+                PROXY,
+                UAC,
+                sip("SIP/2.0 100 Trying", "c1", "1 OPTIONS"),
+            ),
+            datagram(1_500, UAS, PROXY, ok("c1")),
+            datagram(1_900, PROXY, UAC, ok("c1")),
+            // A retransmitted final response: the first copy counts.
+            datagram(2_500, PROXY, UAC, ok("c1")),
+            // Another UAC's transaction through the same proxy is not this one's.
+            datagram(2_000, OTHER, PROXY, req("c2")),
+            datagram(2_200, PROXY, OTHER, ok("c2")),
+            // Unanswered.
+            datagram(3_000, UAC, PROXY, req("c3")),
+            // A request with a final response to a different method is no answer to it.
+            datagram(4_000, UAC, PROXY, sip("BYE sip:a@b SIP/2.0", "c4", "2 BYE")),
+            datagram(4_100, PROXY, UAC, sip("SIP/2.0 200 OK", "c4", "2 INVITE")),
+        ];
+        let uac = UAC.parse().unwrap();
+        assert_eq!(
+            response_times(&caps, uac, PROXY.parse().unwrap()),
+            vec![0.9]
+        );
+        // Straight to the UAS: the UAS is the target.
+        let direct = [
+            datagram(1_000, UAC, UAS, req("d1")),
+            datagram(1_250, UAS, UAC, ok("d1")),
+        ];
+        assert_eq!(
+            response_times(&direct, uac, UAS.parse().unwrap()),
+            vec![0.25]
+        );
     }
 
     #[test]
