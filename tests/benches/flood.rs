@@ -88,6 +88,7 @@ fn main() {
         pid: Some(edge.proc.pid()),
         addr: edge.addr(),
         metrics: None,
+        forwards_to: None,
     };
     let cpu = |r: &Run| r.cpu.map_or(0.0, |(u, s)| u + s);
     println!(

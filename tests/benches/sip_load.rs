@@ -16,11 +16,11 @@
 //!   p99 interpolated within a bucket): what the edge adds to every message between its arrival
 //!   in the kernel and its leaving, where the probe samples 200 a second. On a host shared with
 //!   SIPp most of it is the wait for a core.
-//! - over UDP with a loopback capture (at half the maximum, or in every run with
-//!   `SW_BENCH_CAPTURE=1`): each message's transit through the proxy, and the response time of
-//!   every transaction at the UAC through the proxy and straight to the UAS, so that the p99 a
-//!   proxy adds end to end is p99(proxy) − p99(direct) over all the load's transactions, not the
-//!   probe's few;
+//! - with a loopback capture (at half the maximum, or in every run with `SW_BENCH_CAPTURE=1`;
+//!   over TCP the messages are framed from the reassembled streams): each message's transit
+//!   through the proxy, and the response time of every transaction at the UAC through the proxy
+//!   and straight to the UAS, so that the p99 a proxy adds end to end is p99(proxy) − p99(direct)
+//!   over all the load's transactions, not the probe's few;
 //! - failed transactions.
 //!
 //! With `SW_BENCH_MAX=1` it then looks for each proxy's maximum rate with under 0.1% failures:
@@ -124,18 +124,21 @@ fn main() {
                 pid: Some(edge.proc.pid()),
                 addr: edge.addr(),
                 metrics: Some(edge.http),
+                forwards_to: uas.parse().ok(),
             },
             Target {
                 name: "kamailio",
                 pid: Some(kamailio.pid()),
                 addr: format!("{PROXY_IP}:{kam_port}"),
                 metrics: None,
+                forwards_to: uas.parse().ok(),
             },
             Target {
                 name: "direct",
                 pid: None,
                 addr: uas.clone(),
                 metrics: None,
+                forwards_to: None,
             },
         ];
         // The registered-source rule lets only registered sources call: register the UAC's

@@ -3,7 +3,7 @@
 //! `bench/kamailio-proxy.cfg`), SIPp as UAC and UAS, CPU from /proc, a latency probe with a
 //! microsecond clock, and a loopback capture for each message's transit ([`crate::capture`]).
 
-use crate::capture::{response_times, transit, Capture, Datagram, Transit};
+use crate::capture::{messages, response_times, transit, Capture, Packets, Transit};
 use crate::*;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 pub const UAS_IP: &str = "127.0.0.101";
 pub const PROXY_IP: &str = "127.0.0.102";
 pub const UAC_IP: &str = "127.0.0.103";
+/// The latency probe's address (over UDP), apart from the UAC's so that a capture tells them apart.
+pub const PROBE_IP: &str = "127.0.0.104";
 
 /// Clock ticks per second for /proc/<pid>/stat (USER_HZ; 100 on Linux).
 pub const HZ: f64 = 100.0;
@@ -314,6 +316,8 @@ pub struct Target {
     pub addr: String,
     /// The edge's HTTP address, to read its own UDP delay histogram around a run.
     pub metrics: Option<SocketAddr>,
+    /// For a proxy: the UAS it forwards to (a capture takes that traffic too).
+    pub forwards_to: Option<SocketAddr>,
 }
 
 /// The edge's `udp_delay_seconds` histogram: (upper bound in seconds, cumulative count).
@@ -365,7 +369,7 @@ pub fn probe(target: SocketAddr, transport: &str, stop: Arc<AtomicBool>) -> Vec<
     use std::io::{Read, Write};
     let tcp = transport == "tcp";
     let udp_sock = (!tcp).then(|| {
-        let s = std::net::UdpSocket::bind((UAC_IP, 0)).expect("probe socket");
+        let s = std::net::UdpSocket::bind((PROBE_IP, 0)).expect("probe socket");
         s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
         s
     });
@@ -437,9 +441,9 @@ User-Agent: sipwarden-bench-probe\r\nContent-Length: 0\r\n\r\n",
 pub const PROBE_EVERY: Duration = Duration::from_millis(5);
 
 /// One run of `w` at `rate` for `secs` through `t`, with the latency probe alongside, the proxy's
-/// CPU and, for the edge, its own delay histogram. With `capture` (over UDP), a loopback capture
-/// from the run's second second for up to 3 s gives the UAC's response times and, through a
-/// proxy, each message's transit.
+/// CPU and, for the edge, its own delay histogram. With `capture`, a loopback capture from the
+/// run's second second for up to 3 s gives the UAC's response times and, through a proxy, each
+/// message's transit (over TCP, messages are framed from the reassembled streams).
 pub fn measure(
     dir: &Path,
     t: &Target,
@@ -457,18 +461,23 @@ pub fn measure(
             (t.addr.parse().unwrap(), transport.to_string(), stop.clone());
         std::thread::spawn(move || probe(target, &transport, stop))
     };
-    let capturer = (capture && transport == "udp").then(|| {
+    let capturer = capture.then(|| {
         let (dir, stop) = (dir.to_path_buf(), stop.clone());
         let target: SocketAddr = t.addr.parse().unwrap();
+        let ports: Vec<u16> = std::iter::once(target)
+            .chain(t.forwards_to)
+            .map(|a| a.port())
+            .collect();
         let span = Duration::from_secs(u64::from(secs.saturating_sub(2).clamp(1, 3)));
-        std::thread::spawn(move || capture_window(&dir, target, span, &stop))
+        std::thread::spawn(move || capture_window(&dir, &ports, span, &stop))
     });
     let mut run = load(dir, &t.addr, w, transport, rate, secs);
     stop.store(true, Ordering::Relaxed);
     run.rtts = prober.join().unwrap_or_default();
-    if let Some((datagrams, dropped)) = capturer.and_then(|c| c.join().ok().flatten()) {
+    if let Some((packets, dropped)) = capturer.and_then(|c| c.join().ok().flatten()) {
         let target: SocketAddr = t.addr.parse().unwrap();
-        run.response = response_times(&datagrams, run.uac, target);
+        let datagrams = messages(&packets);
+        run.response = response_times(&datagrams, run.uac.ip(), target);
         if t.pid.is_some() {
             let mut through = transit(&datagrams, target);
             through.dropped = dropped;
@@ -492,14 +501,14 @@ pub fn measure(
     run
 }
 
-/// After the load's first second, a capture of `span` (cut short by `stop`) of UDP to and from
-/// `target`, read back, with the number of datagrams the kernel dropped on the way to tcpdump.
+/// After the load's first second, a capture of `span` (cut short by `stop`) of UDP and TCP to and
+/// from `ports`, read back, with the number of packets the kernel dropped on the way to tcpdump.
 fn capture_window(
     dir: &Path,
-    target: SocketAddr,
+    ports: &[u16],
     span: Duration,
     stop: &AtomicBool,
-) -> Option<(Vec<Datagram>, u64)> {
+) -> Option<(Packets, u64)> {
     // Sleeps in short steps so that a load that ends early ends the capture too.
     let wait = |d: Duration| {
         let until = Instant::now() + d;
@@ -511,7 +520,7 @@ fn capture_window(
     if !wait(Duration::from_secs(1)) {
         return None;
     }
-    let cap = Capture::start(dir, target.port())?;
+    let cap = Capture::start(dir, ports)?;
     wait(span);
     Some(cap.finish())
 }

@@ -1,12 +1,15 @@
-//! Loopback capture for the load benchmark: how long a proxy holds each UDP message, measured the
+//! Loopback capture for the load benchmark: how long a proxy holds each message, measured the
 //! same way for the edge and for Kamailio, from outside both.
 //!
-//! `tcpdump` stamps each datagram (kernel time, ns) as its sender hands it to loopback. A message
-//! to the proxy and the proxy's forward of it are matched by Call-ID, CSeq and the start line's
-//! method or status code, which a stateless proxy passes on unchanged; the difference is the
-//! message's transit through the proxy: the hop to it, the wait for a core, the handling. That is
-//! what the proxy adds to the message, since its second hop replaces the direct one. A transaction's
-//! figure is its request's transit plus its final response's.
+//! `tcpdump` stamps each packet (kernel time, ns) as its sender hands it to loopback. Over TCP
+//! each direction of a connection is put back together and cut into messages by Content-Length,
+//! a message stamped with the segment that completed it (the proxy cannot act on it before). A
+//! message to the proxy and the proxy's forward of it are matched by Call-ID, CSeq and the start
+//! line's method or status code, which a stateless proxy passes on unchanged; the difference is
+//! the message's transit through the proxy: the hop to it, the wait for a core, the handling. A
+//! transaction's figure is its request's transit plus its final response's. The response time of
+//! each of the UAC's transactions, through the proxy and straight to the UAS, gives what the proxy
+//! adds end to end, the hops after it included.
 //!
 //! The latency probe cannot give this: it blocks right after each send, so the proxy it wakes gets
 //! the probe's core at once, where a SIPp that goes on sending keeps it. The edge's own delay
@@ -31,7 +34,8 @@ pub struct Capture {
     log: PathBuf,
 }
 
-/// One captured UDP datagram.
+/// One SIP message as captured: a UDP datagram, or a message reassembled from a TCP stream
+/// (stamped with the segment that completed it).
 #[derive(Clone, Debug)]
 pub struct Datagram {
     /// Kernel timestamp, ns since the Unix epoch.
@@ -39,6 +43,24 @@ pub struct Datagram {
     pub src: SocketAddr,
     pub dst: SocketAddr,
     pub payload: Vec<u8>,
+}
+
+/// One captured TCP segment that carried data.
+#[derive(Clone, Debug)]
+pub struct Segment {
+    /// Kernel timestamp, ns since the Unix epoch.
+    pub at_ns: u64,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub seq: u32,
+    pub payload: Vec<u8>,
+}
+
+/// What a capture held, in capture order.
+#[derive(Debug, Default)]
+pub struct Packets {
+    pub udp: Vec<Datagram>,
+    pub tcp: Vec<Segment>,
 }
 
 /// What a proxy added to the messages of a capture, ms, each list sorted.
@@ -55,9 +77,16 @@ pub struct Transit {
 }
 
 impl Capture {
-    /// Starts `tcpdump` on `lo` for UDP to or from `port`, writing into `dir`; `None` (with a note
-    /// on stderr) when tcpdump is not installed or does not start listening within 5 s.
-    pub fn start(dir: &Path, port: u16) -> Option<Capture> {
+    /// Starts `tcpdump` on `lo` for UDP and TCP to or from any of `ports` (at least one), writing
+    /// into `dir`; `None` (with a note on stderr) when tcpdump is not installed or does not start
+    /// listening within 5 s.
+    pub fn start(dir: &Path, ports: &[u16]) -> Option<Capture> {
+        let port = *ports.first()?;
+        let filter = ports
+            .iter()
+            .map(|p| format!("port {p}"))
+            .collect::<Vec<_>>()
+            .join(" or ");
         let Some(tcpdump) = find_tool("tcpdump") else {
             eprintln!("tcpdump is not installed (apt-get install tcpdump): no capture");
             return None;
@@ -75,7 +104,7 @@ impl Capture {
                 ])
                 .arg("-w")
                 .arg(&file)
-                .arg(format!("udp port {port}"))
+                .arg(format!("(udp or tcp) and ({filter})"))
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log).ok()?),
         );
@@ -92,7 +121,7 @@ impl Capture {
 
     /// Stops the capture (SIGINT, so tcpdump writes out what it holds) and reads it back, with the
     /// number of datagrams the kernel dropped on the way to tcpdump.
-    pub fn finish(mut self) -> (Vec<Datagram>, u64) {
+    pub fn finish(mut self) -> (Packets, u64) {
         self.proc.signal("INT");
         if self.proc.wait_exit(Duration::from_secs(5)).is_none() {
             eprintln!("tcpdump did not stop on SIGINT; killed, its capture may be cut short");
@@ -104,21 +133,22 @@ impl Capture {
             .and_then(|l| l.split_whitespace().next())
             .and_then(|n| n.parse().ok())
             .unwrap_or(0);
-        let datagrams = std::fs::File::open(&self.file)
+        let packets = std::fs::File::open(&self.file)
             .map(|f| read_pcap(std::io::BufReader::new(f)))
             .unwrap_or_default();
         let _ = std::fs::remove_file(&self.file);
-        (datagrams, dropped)
+        (packets, dropped)
     }
 }
 
-/// The UDP datagrams of a pcap stream with Ethernet framing (as `lo` captures are); anything else
-/// in it is skipped, and a truncated file yields what came before the cut.
-pub fn read_pcap(input: impl std::io::Read) -> Vec<Datagram> {
+/// The UDP datagrams and the TCP segments with data of a pcap stream with Ethernet framing (as
+/// `lo` captures are); anything else in it is skipped, and a truncated file yields what came
+/// before the cut.
+pub fn read_pcap(input: impl std::io::Read) -> Packets {
     let Ok(mut reader) = PcapReader::new(input) else {
-        return Vec::new();
+        return Packets::default();
     };
-    let mut out = Vec::new();
+    let mut out = Packets::default();
     while let Some(Ok(packet)) = reader.next_packet() {
         let Ok(sliced) = SlicedPacket::from_ethernet(&packet.data) else {
             continue;
@@ -134,17 +164,135 @@ pub fn read_pcap(input: impl std::io::Read) -> Vec<Datagram> {
             ),
             _ => continue,
         };
-        let Some(TransportSlice::Udp(udp)) = &sliced.transport else {
-            continue;
-        };
-        out.push(Datagram {
-            at_ns: packet.timestamp.as_nanos() as u64,
-            src: SocketAddr::new(src_ip, udp.source_port()),
-            dst: SocketAddr::new(dst_ip, udp.destination_port()),
-            payload: udp.payload().to_vec(),
-        });
+        let at_ns = packet.timestamp.as_nanos() as u64;
+        match &sliced.transport {
+            Some(TransportSlice::Udp(udp)) => out.udp.push(Datagram {
+                at_ns,
+                src: SocketAddr::new(src_ip, udp.source_port()),
+                dst: SocketAddr::new(dst_ip, udp.destination_port()),
+                payload: udp.payload().to_vec(),
+            }),
+            Some(TransportSlice::Tcp(tcp)) if !tcp.payload().is_empty() => out.tcp.push(Segment {
+                at_ns,
+                src: SocketAddr::new(src_ip, tcp.source_port()),
+                dst: SocketAddr::new(dst_ip, tcp.destination_port()),
+                seq: tcp.sequence_number(),
+                payload: tcp.payload().to_vec(),
+            }),
+            _ => {}
+        }
     }
     out
+}
+
+/// Every SIP message of a capture in time order: the UDP datagrams, and the messages of each TCP
+/// stream.
+pub fn messages(packets: &Packets) -> Vec<Datagram> {
+    let mut out = packets.udp.clone();
+    out.extend(stream_messages(&packets.tcp));
+    out.sort_by_key(|d| d.at_ns);
+    out
+}
+
+/// More than this without a whole message in a stream ends the attempt to frame it.
+const MAX_MESSAGE: usize = 1 << 20;
+
+/// One direction of a TCP connection being put back together.
+#[derive(Default)]
+struct Stream {
+    /// The sequence number the next segment should carry; `None` before the first one, and after
+    /// a gap until a segment starts a message.
+    next: Option<u32>,
+    buf: Vec<u8>,
+}
+
+/// The SIP messages carried by TCP `segments` (in capture order), each stamped with the segment
+/// that completed it, framed by Content-Length. A retransmitted or overlapping segment adds only
+/// what is new; after a gap (a segment the capture lost) the stream waits for a segment that
+/// starts with a start line, as a stream seen from its middle does.
+pub fn stream_messages(segments: &[Segment]) -> Vec<Datagram> {
+    let mut streams: HashMap<(SocketAddr, SocketAddr), Stream> = HashMap::new();
+    let mut out = Vec::new();
+    for seg in segments {
+        let st = streams.entry((seg.src, seg.dst)).or_default();
+        let data: &[u8] = match st.next {
+            Some(next) => {
+                // Where this segment starts relative to what was expected (sequence numbers
+                // wrap).
+                let ahead = seg.seq.wrapping_sub(next) as i32;
+                if ahead > 0 {
+                    st.buf.clear();
+                    st.next = None;
+                    if !starts_message(&seg.payload) {
+                        continue;
+                    }
+                    &seg.payload
+                } else {
+                    let seen = ahead.unsigned_abs() as usize;
+                    if seen >= seg.payload.len() {
+                        continue;
+                    }
+                    &seg.payload[seen..]
+                }
+            }
+            None if starts_message(&seg.payload) => &seg.payload,
+            None => continue,
+        };
+        st.buf.extend_from_slice(data);
+        st.next = Some(seg.seq.wrapping_add(seg.payload.len() as u32));
+        if st.buf.len() > MAX_MESSAGE {
+            // No end of headers in sight: not SIP as framed here; start over at a message.
+            st.buf.clear();
+            st.next = None;
+            continue;
+        }
+        while let Some(len) = complete_message(&st.buf) {
+            let payload: Vec<u8> = st.buf.drain(..len).collect();
+            if !payload.iter().all(|b| matches!(b, b'\r' | b'\n')) {
+                out.push(Datagram {
+                    at_ns: seg.at_ns,
+                    src: seg.src,
+                    dst: seg.dst,
+                    payload,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Whether `data` begins a SIP message (a status line, or a method and a URI), or keep-alive
+/// CRLFs.
+fn starts_message(data: &[u8]) -> bool {
+    if data.starts_with(b"SIP/2.0 ") || data.starts_with(b"\r\n") {
+        return true;
+    }
+    let method = data.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    method > 0 && data.get(method) == Some(&b' ')
+}
+
+/// The length of the first whole message in `buf` (keep-alive CRLFs before it count as one of
+/// their own), or `None` while it is incomplete.
+fn complete_message(buf: &[u8]) -> Option<usize> {
+    let crlf = buf
+        .iter()
+        .take_while(|b| matches!(b, b'\r' | b'\n'))
+        .count();
+    if crlf > 0 {
+        return Some(crlf);
+    }
+    let head = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let text = String::from_utf8_lossy(&buf[..head]);
+    let body = text
+        .split("\r\n")
+        .filter_map(|l| l.split_once(':'))
+        .find(|(n, _)| {
+            let n = n.trim();
+            n.eq_ignore_ascii_case("content-length") || n == "l"
+        })
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    (buf.len() >= head + body).then_some(head + body)
 }
 
 /// What identifies a SIP message across a stateless proxy: Call-ID, CSeq, and the start line's
@@ -185,7 +333,10 @@ fn message_key(payload: &[u8]) -> Option<MessageKey> {
 }
 
 /// The transit of each message through the proxy at `proxy`, and of each transaction (request
-/// and final response). A retransmission is matched by its first copy in each direction.
+/// and final response). A retransmission is matched by its first copy in each direction. A
+/// message arrives at the proxy when it is sent to the proxy's address from another, and leaves
+/// it when sent from the proxy's address: over TCP the proxy's connections toward the UAS have
+/// ports of their own.
 pub fn transit(datagrams: &[Datagram], proxy: SocketAddr) -> Transit {
     let mut arrived: HashMap<MessageKey, u64> = HashMap::new();
     let mut left: HashMap<MessageKey, u64> = HashMap::new();
@@ -193,10 +344,10 @@ pub fn transit(datagrams: &[Datagram], proxy: SocketAddr) -> Transit {
         let Some(key) = message_key(&d.payload) else {
             continue;
         };
-        if d.dst == proxy {
-            arrived.entry(key).or_insert(d.at_ns);
-        } else if d.src == proxy {
+        if d.src.ip() == proxy.ip() {
             left.entry(key).or_insert(d.at_ns);
+        } else if d.dst.ip() == proxy.ip() {
+            arrived.entry(key).or_insert(d.at_ns);
         }
     }
     let mut out = Transit::default();
@@ -231,12 +382,12 @@ pub fn transit(datagrams: &[Datagram], proxy: SocketAddr) -> Transit {
     out
 }
 
-/// Response times at the UAC `uac` through `target` (a proxy, or the UAS itself), ms, sorted:
+/// Response times at the UAC on `uac` through `target` (a proxy, or the UAS itself), ms, sorted:
 /// from each request the UAC sent to `target` to the final response `target` sent back (first
-/// copies). The latency a proxy adds to a transaction, end to end, is the difference between these
+/// copies). The UAC is told by its address alone: over TCP it connects from a port of its own. The latency a proxy adds to a transaction, end to end, is the difference between these
 /// through the proxy and straight to the UAS under the same load: besides the proxy's own hold, it
 /// counts what the proxy's way of sending does to the hops after it.
-pub fn response_times(datagrams: &[Datagram], uac: SocketAddr, target: SocketAddr) -> Vec<f64> {
+pub fn response_times(datagrams: &[Datagram], uac: IpAddr, target: SocketAddr) -> Vec<f64> {
     let mut sent: HashMap<MessageKey, u64> = HashMap::new();
     let mut answered: HashMap<MessageKey, u64> = HashMap::new();
     for d in datagrams {
@@ -245,10 +396,10 @@ pub fn response_times(datagrams: &[Datagram], uac: SocketAddr, target: SocketAdd
         };
         let final_status = key.start.parse::<u16>().map(|code| code >= 200);
         match final_status {
-            Err(_) if d.src == uac && d.dst == target => {
+            Err(_) if d.src.ip() == uac && d.dst == target => {
                 sent.entry(key).or_insert(d.at_ns);
             }
-            Ok(true) if d.src == target && d.dst == uac => {
+            Ok(true) if d.src == target && d.dst.ip() == uac => {
                 let request = MessageKey {
                     start: key.cseq.rsplit(' ').next().unwrap_or_default().to_string(),
                     ..key
@@ -325,7 +476,7 @@ mod tests {
     fn response_times_run_from_the_uacs_request_to_its_final_response() {
         let req = |call: &str| sip("OPTIONS sip:a@b SIP/2.0", call, "1 OPTIONS");
         let ok = |call: &str| sip("SIP/2.0 200 OK", call, "1 OPTIONS");
-        const OTHER: &str = "127.0.0.3:6000";
+        const OTHER: &str = "127.0.0.4:6000";
         let caps = [
             datagram(1_000, UAC, PROXY, req("c1")),
             datagram(1_300, PROXY, UAS, req("c1")),
@@ -348,7 +499,7 @@ mod tests {
             datagram(4_000, UAC, PROXY, sip("BYE sip:a@b SIP/2.0", "c4", "2 BYE")),
             datagram(4_100, PROXY, UAC, sip("SIP/2.0 200 OK", "c4", "2 INVITE")),
         ];
-        let uac = UAC.parse().unwrap();
+        let uac = UAC.parse::<SocketAddr>().unwrap().ip();
         assert_eq!(
             response_times(&caps, uac, PROXY.parse().unwrap()),
             vec![0.9]
@@ -383,7 +534,7 @@ mod tests {
     }
 
     #[test]
-    fn pcap_with_ethernet_framing_reads_back_udp_only() {
+    fn pcap_with_ethernet_framing_reads_back_udp_and_tcp_data() {
         let mut file = Vec::new();
         let header = PcapHeader {
             datalink: DataLink::ETHERNET,
@@ -404,29 +555,112 @@ mod tests {
             bytes
         };
         let one = udp(UAC.parse().unwrap(), PROXY.parse().unwrap(), b"hello");
-        let tcp = {
+        let tcp = |seq: u32, body: &[u8]| {
             let mut bytes = Vec::new();
             PacketBuilder::ethernet2([0; 6], [0; 6])
                 .ipv4([127, 0, 0, 3], [127, 0, 0, 2], 64)
-                .tcp(5090, 5070, 1, 1000)
-                .write(&mut bytes, b"x")
+                .tcp(5090, 5070, seq, 1000)
+                .write(&mut bytes, body)
                 .unwrap();
             bytes
         };
+        let (data, ack) = (tcp(7, b"x"), tcp(8, b""));
         let at = Duration::new(1_700_000_000, 123_456_789);
-        for (t, data) in [(at, &one), (at, &tcp)] {
-            w.write_packet(&PcapPacket::new(t, data.len() as u32, data))
+        for data in [&one, &data, &ack] {
+            w.write_packet(&PcapPacket::new(at, data.len() as u32, data))
                 .unwrap();
         }
         w.into_writer();
         let got = read_pcap(&file[..]);
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0].at_ns, 1_700_000_000_123_456_789);
-        assert_eq!(got[0].src, UAC.parse().unwrap());
-        assert_eq!(got[0].dst, PROXY.parse().unwrap());
-        assert_eq!(got[0].payload, b"hello");
+        assert_eq!(got.udp.len(), 1);
+        assert_eq!(got.udp[0].at_ns, 1_700_000_000_123_456_789);
+        assert_eq!(got.udp[0].src, UAC.parse().unwrap());
+        assert_eq!(got.udp[0].dst, PROXY.parse().unwrap());
+        assert_eq!(got.udp[0].payload, b"hello");
+        // TCP segments with data only (no bare acknowledgement).
+        assert_eq!(got.tcp.len(), 1);
+        assert_eq!((got.tcp[0].seq, &got.tcp[0].payload[..]), (7, &b"x"[..]));
+        assert_eq!(got.tcp[0].src, UAC.parse().unwrap());
         // A file cut in the middle of a record yields the records before it.
-        assert_eq!(read_pcap(&file[..file.len() - 3]).len(), 1);
-        assert!(read_pcap(&b"not a pcap"[..]).is_empty());
+        let cut = read_pcap(&file[..file.len() - 3]);
+        assert_eq!((cut.udp.len(), cut.tcp.len()), (1, 1));
+        let none = read_pcap(&b"not a pcap"[..]);
+        assert!(none.udp.is_empty() && none.tcp.is_empty());
+    }
+
+    fn segment(at_us: u64, seq: u32, payload: &[u8]) -> Segment {
+        Segment {
+            at_ns: at_us * 1000,
+            src: UAC.parse().unwrap(),
+            dst: PROXY.parse().unwrap(),
+            seq,
+            payload: payload.to_vec(),
+        }
+    }
+
+    #[test]
+    fn tcp_streams_are_framed_by_content_length() {
+        let one = sip("OPTIONS sip:a@b SIP/2.0", "c1", "1 OPTIONS");
+        let two = b"MESSAGE sip:a@b SIP/2.0\r\nCall-ID: c2\r\nCSeq: 1 MESSAGE\r\nl: 5\r\n\r\nhello"
+            .to_vec();
+        let three = sip("BYE sip:a@b SIP/2.0", "c3", "2 BYE");
+        let (a, b) = one.split_at(20);
+        let mut joined = two.clone();
+        joined.extend_from_slice(b"\r\n\r\n");
+        joined.extend_from_slice(&three);
+        let n1 = 1000 + one.len() as u32;
+        let segs = [
+            // The first message in two segments, the second one retransmitted.
+            segment(10, 1000, a),
+            segment(20, 1000 + a.len() as u32, b),
+            segment(25, 1000 + a.len() as u32, b),
+            // A body, a keep-alive, and a third message in one segment.
+            segment(30, n1, &joined),
+        ];
+        let got = stream_messages(&segs);
+        let payloads: Vec<&[u8]> = got.iter().map(|d| &d.payload[..]).collect();
+        assert_eq!(payloads, vec![&one[..], &two[..], &three[..]]);
+        let stamps: Vec<u64> = got.iter().map(|d| d.at_ns / 1000).collect();
+        assert_eq!(stamps, vec![20, 30, 30]);
+    }
+
+    #[test]
+    fn a_tcp_stream_resumes_at_a_start_line_after_a_gap() {
+        let one = sip("OPTIONS sip:a@b SIP/2.0", "c1", "1 OPTIONS");
+        let two = sip("SIP/2.0 200 OK", "c2", "1 OPTIONS");
+        let (a, _lost) = one.split_at(30);
+        let segs = [
+            // Seen from its middle: skipped until a message starts.
+            segment(5, 10, b"ntent-Length: 0\r\n\r\n"),
+            segment(10, 1000, a),
+            // The rest of the first message was not captured: it is never whole.
+            segment(30, 1000 + one.len() as u32, &two),
+            // A segment that overlaps what came before adds only what is new (here nothing).
+            segment(40, 1000 + one.len() as u32 + 4, &two[4..10]),
+        ];
+        let got = stream_messages(&segs);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].payload, two);
+        // Sequence numbers wrap.
+        let (x, y) = one.split_at(10);
+        let wrapped = [segment(1, u32::MAX - 4, x), segment(2, 5, y)];
+        assert_eq!(stream_messages(&wrapped)[0].payload, one);
+    }
+
+    #[test]
+    fn over_tcp_a_forward_leaves_from_any_port_of_the_proxy() {
+        let req = || sip("OPTIONS sip:a@b SIP/2.0", "c1", "1 OPTIONS");
+        let ok = || sip("SIP/2.0 200 OK", "c1", "1 OPTIONS");
+        const OUT: &str = "127.0.0.2:40000";
+        let caps = [
+            datagram(1_000, UAC, PROXY, req()),
+            datagram(1_100, OUT, UAS, req()),
+            datagram(1_500, UAS, OUT, ok()),
+            datagram(1_800, PROXY, UAC, ok()),
+        ];
+        let t = transit(&caps, PROXY.parse().unwrap());
+        assert_eq!(t.messages, vec![0.1, 0.3]);
+        assert_eq!(t.transactions, vec![0.4]);
+        assert_eq!(t.unmatched, 0);
     }
 }
