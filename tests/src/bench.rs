@@ -479,7 +479,8 @@ pub fn measure(
         let datagrams = messages(&packets);
         run.response = response_times(&datagrams, run.uac.ip(), target);
         if t.pid.is_some() {
-            let mut through = transit(&datagrams, target);
+            let uas = t.forwards_to.unwrap_or(target);
+            let mut through = transit(&datagrams, target, uas);
             through.dropped = dropped;
             run.transit = Some(through);
         }

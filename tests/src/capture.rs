@@ -332,21 +332,22 @@ fn message_key(payload: &[u8]) -> Option<MessageKey> {
     })
 }
 
-/// The transit of each message through the proxy at `proxy`, and of each transaction (request
-/// and final response). A retransmission is matched by its first copy in each direction. A
-/// message arrives at the proxy when it is sent to the proxy's address from another, and leaves
-/// it when sent from the proxy's address: over TCP the proxy's connections toward the UAS have
-/// ports of their own.
-pub fn transit(datagrams: &[Datagram], proxy: SocketAddr) -> Transit {
+/// The transit of each message through the proxy at `proxy` that forwards to the UAS at `uas`,
+/// and of each transaction (request and final response). A retransmission is matched by its
+/// first copy in each direction. A message arrives at the proxy when it is sent to the proxy's
+/// address or by the UAS, and leaves it when sent from the proxy's address or to the UAS: over
+/// TCP the proxy's connections toward the UAS have addresses of their own (the kernel picks the
+/// source).
+pub fn transit(datagrams: &[Datagram], proxy: SocketAddr, uas: SocketAddr) -> Transit {
     let mut arrived: HashMap<MessageKey, u64> = HashMap::new();
     let mut left: HashMap<MessageKey, u64> = HashMap::new();
     for d in datagrams {
         let Some(key) = message_key(&d.payload) else {
             continue;
         };
-        if d.src.ip() == proxy.ip() {
+        if d.src == proxy || d.dst == uas {
             left.entry(key).or_insert(d.at_ns);
-        } else if d.dst.ip() == proxy.ip() {
+        } else if d.dst == proxy || d.src == uas {
             arrived.entry(key).or_insert(d.at_ns);
         }
     }
@@ -466,7 +467,7 @@ mod tests {
                 sip("OPTIONS sip:a@b SIP/2.0", "c2", "1 OPTIONS"),
             ),
         ];
-        let t = transit(&caps, PROXY.parse().unwrap());
+        let t = transit(&caps, PROXY.parse().unwrap(), UAS.parse().unwrap());
         assert_eq!(t.messages, vec![0.05, 0.2, 0.3]);
         assert_eq!(t.transactions, vec![0.5]);
         assert_eq!(t.unmatched, 1);
@@ -648,17 +649,17 @@ mod tests {
     }
 
     #[test]
-    fn over_tcp_a_forward_leaves_from_any_port_of_the_proxy() {
+    fn over_tcp_a_forward_leaves_from_any_address_of_the_proxy() {
         let req = || sip("OPTIONS sip:a@b SIP/2.0", "c1", "1 OPTIONS");
         let ok = || sip("SIP/2.0 200 OK", "c1", "1 OPTIONS");
-        const OUT: &str = "127.0.0.2:40000";
+        const OUT: &str = "127.0.0.1:40000";
         let caps = [
             datagram(1_000, UAC, PROXY, req()),
             datagram(1_100, OUT, UAS, req()),
             datagram(1_500, UAS, OUT, ok()),
             datagram(1_800, PROXY, UAC, ok()),
         ];
-        let t = transit(&caps, PROXY.parse().unwrap());
+        let t = transit(&caps, PROXY.parse().unwrap(), UAS.parse().unwrap());
         assert_eq!(t.messages, vec![0.1, 0.3]);
         assert_eq!(t.transactions, vec![0.4]);
         assert_eq!(t.unmatched, 0);
