@@ -272,6 +272,14 @@ fn response_line(through: &[f64], direct: &[f64]) -> String {
     )
 }
 
+/// `, {label} {median (min–max)} ms` of per-run figures, or "" when there are none.
+fn ms_figure(label: &str, runs: &[f64]) -> String {
+    if runs.is_empty() {
+        return String::new();
+    }
+    format!(", {label} {} ms", spread_with(runs, 3))
+}
+
 fn report(w: Workload, rate: u32, targets: &[Target], figs: &[Figures; 3]) {
     println!("  {rate}/s offered:");
     for (t, f) in targets.iter().zip(figs) {
@@ -285,31 +293,10 @@ fn report(w: Workload, rate: u32, targets: &[Target], figs: &[Figures; 3]) {
         } else {
             String::new()
         };
-        let own = if f.own_p99_ms.is_empty() {
-            String::new()
-        } else {
-            format!(
-                ", own delay per datagram p99 {} ms",
-                spread_with(&f.own_p99_ms, 3)
-            )
-        };
-        let transit = if f.transit_txn_p99_ms.is_empty() {
-            String::new()
-        } else {
-            format!(
-                ", transit p99 per message {} ms, per transaction {} ms",
-                spread_with(&f.transit_msg_p99_ms, 3),
-                spread_with(&f.transit_txn_p99_ms, 3)
-            )
-        };
-        let response = if f.response_p99_ms.is_empty() {
-            String::new()
-        } else {
-            format!(
-                ", response p99 at the UAC (capture) {} ms",
-                spread_with(&f.response_p99_ms, 3)
-            )
-        };
+        let own = ms_figure("own delay per datagram p99", &f.own_p99_ms);
+        let transit = ms_figure("transit p99 per message", &f.transit_msg_p99_ms)
+            + &ms_figure("per transaction", &f.transit_txn_p99_ms);
+        let response = ms_figure("response p99 at the UAC (capture)", &f.response_p99_ms);
         println!(
             "    {:<8} {cpu}p50 {} ms, p99 {} ms{own}{transit}{response}, {} ok, {} failed",
             t.name,
