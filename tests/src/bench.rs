@@ -199,7 +199,7 @@ pub struct Run {
     /// For the edge over UDP: its own delay histogram over the run, (upper bound in seconds,
     /// cumulative datagrams) — every datagram, from the kernel's receipt to the send.
     pub edge_delay: Vec<(f64, u64)>,
-    /// Over UDP, when asked for: each message's transit through the proxy in a loopback capture
+    /// When asked for, through a proxy: each message's transit through it in a loopback capture
     /// of a few seconds of the run.
     pub transit: Option<Transit>,
     /// From the same capture: the response time of each of the UAC's transactions, ms, sorted
@@ -456,14 +456,13 @@ pub fn measure(
     let before = t.pid.map(cpu_ticks);
     let delays_before = t.metrics.map(udp_delay_buckets);
     let stop = Arc::new(AtomicBool::new(false));
+    let target: SocketAddr = t.addr.parse().unwrap();
     let prober = {
-        let (target, transport, stop) =
-            (t.addr.parse().unwrap(), transport.to_string(), stop.clone());
+        let (transport, stop) = (transport.to_string(), stop.clone());
         std::thread::spawn(move || probe(target, &transport, stop))
     };
     let capturer = capture.then(|| {
         let (dir, stop) = (dir.to_path_buf(), stop.clone());
-        let target: SocketAddr = t.addr.parse().unwrap();
         let ports: Vec<u16> = std::iter::once(target)
             .chain(t.forwards_to)
             .map(|a| a.port())
@@ -475,11 +474,9 @@ pub fn measure(
     stop.store(true, Ordering::Relaxed);
     run.rtts = prober.join().unwrap_or_default();
     if let Some((packets, dropped)) = capturer.and_then(|c| c.join().ok().flatten()) {
-        let target: SocketAddr = t.addr.parse().unwrap();
         let datagrams = messages(&packets);
         run.response = response_times(&datagrams, run.uac.ip(), target);
-        if t.pid.is_some() {
-            let uas = t.forwards_to.unwrap_or(target);
+        if let Some(uas) = t.forwards_to {
             let mut through = transit(&datagrams, target, uas);
             through.dropped = dropped;
             run.transit = Some(through);
