@@ -72,7 +72,7 @@ pub struct Transit {
     pub transactions: Vec<f64>,
     /// Messages to the proxy with no forward in the capture (dropped, or cut off by its end).
     pub unmatched: usize,
-    /// Datagrams the kernel dropped before tcpdump read them (its own count).
+    /// Packets the kernel dropped before tcpdump read them (its own count).
     pub dropped: u64,
 }
 
@@ -304,6 +304,22 @@ struct MessageKey {
     start: String,
 }
 
+impl MessageKey {
+    /// Whether the message is a request (its start is a method, not a status code).
+    fn is_request(&self) -> bool {
+        self.start.parse::<u16>().is_err()
+    }
+
+    /// For a final response, the key of the request it answers (the method named in its CSeq).
+    fn answers(&self) -> Option<MessageKey> {
+        let code = self.start.parse::<u16>().ok()?;
+        (code >= 200).then(|| MessageKey {
+            start: self.cseq.rsplit(' ').next().unwrap_or_default().to_string(),
+            ..self.clone()
+        })
+    }
+}
+
 fn message_key(payload: &[u8]) -> Option<MessageKey> {
     let text = std::str::from_utf8(payload).ok()?;
     let head = text.split("\r\n\r\n").next()?;
@@ -364,15 +380,8 @@ pub fn transit(datagrams: &[Datagram], proxy: SocketAddr, uas: SocketAddr) -> Tr
         }
     }
     for (key, ms) in &held {
-        let Ok(code) = key.start.parse::<u16>() else {
+        let Some(request) = key.answers() else {
             continue;
-        };
-        if code < 200 {
-            continue;
-        }
-        let request = MessageKey {
-            start: key.cseq.rsplit(' ').next().unwrap_or_default().to_string(),
-            ..(*key).clone()
         };
         if let Some(req_ms) = held.get(&request) {
             out.transactions.push(req_ms + ms);
@@ -385,9 +394,10 @@ pub fn transit(datagrams: &[Datagram], proxy: SocketAddr, uas: SocketAddr) -> Tr
 
 /// Response times at the UAC on `uac` through `target` (a proxy, or the UAS itself), ms, sorted:
 /// from each request the UAC sent to `target` to the final response `target` sent back (first
-/// copies). The UAC is told by its address alone: over TCP it connects from a port of its own. The latency a proxy adds to a transaction, end to end, is the difference between these
-/// through the proxy and straight to the UAS under the same load: besides the proxy's own hold, it
-/// counts what the proxy's way of sending does to the hops after it.
+/// copies). The UAC is told by its address alone: over TCP it connects from a port of its own.
+/// The latency a proxy adds to a transaction, end to end, is the difference between these through
+/// the proxy and straight to the UAS under the same load: besides the proxy's own hold, it counts
+/// what the proxy's way of sending does to the hops after it.
 pub fn response_times(datagrams: &[Datagram], uac: IpAddr, target: SocketAddr) -> Vec<f64> {
     let mut sent: HashMap<MessageKey, u64> = HashMap::new();
     let mut answered: HashMap<MessageKey, u64> = HashMap::new();
@@ -395,19 +405,14 @@ pub fn response_times(datagrams: &[Datagram], uac: IpAddr, target: SocketAddr) -
         let Some(key) = message_key(&d.payload) else {
             continue;
         };
-        let final_status = key.start.parse::<u16>().map(|code| code >= 200);
-        match final_status {
-            Err(_) if d.src.ip() == uac && d.dst == target => {
+        if key.is_request() {
+            if d.src.ip() == uac && d.dst == target {
                 sent.entry(key).or_insert(d.at_ns);
             }
-            Ok(true) if d.src == target && d.dst.ip() == uac => {
-                let request = MessageKey {
-                    start: key.cseq.rsplit(' ').next().unwrap_or_default().to_string(),
-                    ..key
-                };
+        } else if let Some(request) = key.answers() {
+            if d.src == target && d.dst.ip() == uac {
                 answered.entry(request).or_insert(d.at_ns);
             }
-            _ => {}
         }
     }
     let mut out: Vec<f64> = sent

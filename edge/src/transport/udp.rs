@@ -14,14 +14,15 @@
 //! on loopback), would wait for that thread. With two threads on a socket the kernel wakes one
 //! waiting thread per arrival, so such a datagram wakes the other, which often runs at once on
 //! another core: at 13,750 OPTIONS/s on two shared cores the edge's median hold of a datagram
-//! fell from 410–470 µs to 50–75 µs and its p99 by 10–30%, but at 5,000/s its CPU per OPTIONS
-//! rose by ~10% and per call by ~20% (more wake-ups, smaller batches), so one thread per socket
-//! is the default and two an operator's choice.
+//! fell from 410–470 µs to 50–75 µs and its p99 by 10–30%, but at 5,000/s its CPU per
+//! OPTIONS rose by ~10% and per call by ~20% (more wake-ups, smaller batches), so one thread per
+//! socket is the default and two an operator's choice.
 //!
 //! Across sockets, a thread that has finished its batch looks (non-blocking) at another socket
 //! none of whose threads has taken datagrams for [`STALLED`] and handles what waits there
-//! ([`Group`]); an idle thread does the same at each poll timeout. Measured at 16,000 OPTIONS/s on two shared
-//! cores with one thread per socket, the edge's p99 fell by about 0.3 ms at no measurable CPU cost.
+//! ([`Group`]); an idle thread does the same at each poll timeout. Measured at 16,000 OPTIONS/s on
+//! two shared cores with one thread per socket, the edge's p99 fell by about 0.3 ms at no
+//! measurable CPU cost.
 
 use super::{Dispatcher, Outbox, ReplyPath};
 use crate::proxy::Inbound;
@@ -243,9 +244,9 @@ fn unix_ns(ts: &TimeSpec) -> u64 {
 
 /// As thread `me` of `group`, receives datagrams on its socket until `stop`, each handed to the
 /// dispatcher; what a batch produces for this listener leaves through this socket in one
-/// `sendmmsg`. Then takes what waits on another socket none of whose threads has taken any lately. Datagrams longer than `max_datagram` and keep-alives
-/// are dropped here. Runs on its own thread; `rt` is the runtime that rare asynchronous work is
-/// spawned onto.
+/// `sendmmsg`. Then takes what waits on another socket none of whose threads has taken any
+/// lately. Datagrams longer than `max_datagram` and keep-alives are dropped here. Runs on its own
+/// thread; `rt` is the runtime that rare asynchronous work is spawned onto.
 pub fn recv_thread(
     group: Arc<Group>,
     me: usize,
