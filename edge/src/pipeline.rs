@@ -202,6 +202,11 @@ impl State {
         let _ = self.uplink.set(tx);
     }
 
+    /// Whether reports go anywhere: a standalone edge builds none.
+    pub fn reporting(&self) -> bool {
+        self.uplink.get().is_some()
+    }
+
     /// Queues `r` for the cluster when the edge has one. A full channel drops the newest; the
     /// cluster link's own queue counts what it sheds.
     pub fn report(&self, r: crate::cluster::Report) {

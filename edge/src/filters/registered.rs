@@ -344,8 +344,12 @@ impl Filter for Registered {
             return None;
         }
         let mut longest = 0;
+        let reporting = self.state.reporting();
         for (contact, expires_s) in mine {
             longest = longest.max(expires_s);
+            if !reporting {
+                continue;
+            }
             let report = if expires_s == 0 {
                 Report::Unbind {
                     aor: format!("sip:{aor}"),
@@ -383,7 +387,12 @@ impl Registered {
         let removing =
             expires_header(cx.sip.m) == Some(0) || asked.iter().any(|(_, e)| *e == Some(0));
         let contacts = asked.into_iter().take(8).map(|(c, _)| c).collect();
-        let user_agent: String = cx.sip.user_agent().chars().take(256).collect();
+        // Only a cluster binding carries the User-Agent.
+        let user_agent: String = if self.state.reporting() {
+            cx.sip.user_agent().chars().take(256).collect()
+        } else {
+            String::new()
+        };
         self.state.bindings.pending(
             cx.sip.call_id(),
             cseq,
