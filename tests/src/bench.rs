@@ -507,14 +507,8 @@ fn capture_window(
     span: Duration,
     stop: &AtomicBool,
 ) -> Option<(Packets, u64)> {
-    // Sleeps in short steps so that a load that ends early ends the capture too.
-    let wait = |d: Duration| {
-        let until = Instant::now() + d;
-        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        !stop.load(Ordering::Relaxed)
-    };
+    // Waits `d` unless the load ends first (then the capture ends too); whether it still runs.
+    let wait = |d: Duration| !wait_until(d, || stop.load(Ordering::Relaxed));
     if !wait(Duration::from_secs(1)) {
         return None;
     }
