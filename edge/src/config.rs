@@ -133,6 +133,10 @@ pub struct Udp {
     /// thread is busy or waiting for a core wakes the other instead of queueing behind it, for
     /// more wake-ups and so more CPU per message.
     pub threads_per_socket: usize,
+    /// Share of one core (0 to 1) that the first socket's threads may spend handling datagrams
+    /// before the kernel spreads flows over every socket by its hash; below half of it every flow
+    /// goes to the first socket again, so fewer threads wake for the same traffic. 0: always spread.
+    pub spread_at: f64,
     pub max_datagram: usize,
     /// Datagrams a second from one banned IPv4 source, dropped by the gate, that move the source
     /// into the kernel shield (a BPF socket filter that drops it before user space); 0 disables.
@@ -271,6 +275,7 @@ impl Default for Udp {
             // Two threads per socket cut the tail on a host shared with other busy processes,
             // but cost 10–25% more CPU per message (see ARCHITECTURE.md): one is the default.
             threads_per_socket: 1,
+            spread_at: 0.35,
             max_datagram: 65_507,
             shield_pps: 1000,
         }
@@ -384,6 +389,9 @@ impl EdgeConfig {
         }
         if self.udp.threads_per_socket == 0 || self.udp.threads_per_socket > 8 {
             return bad("udp.threads_per_socket must be 1 to 8".into());
+        }
+        if !(0.0..=1.0).contains(&self.udp.spread_at) {
+            return bad("udp.spread_at must be 0 to 1".into());
         }
         if self.udp.max_datagram < 1024 || self.udp.max_datagram > 65_535 {
             return bad("udp.max_datagram must be 1024 to 65535".into());
@@ -505,6 +513,8 @@ priority = 2
                 "udp.threads_per_socket",
             ),
             ("SIPWARDEN_UDP__SOCKETS", "65", "udp.sockets"),
+            ("SIPWARDEN_UDP__SPREAD_AT", "1.5", "udp.spread_at"),
+            ("SIPWARDEN_UDP__SPREAD_AT", "-0.1", "udp.spread_at"),
             (
                 "SIPWARDEN_BACKENDS__0__ADDRESS",
                 "not-an-address",

@@ -72,6 +72,9 @@ pub struct Metrics {
     pub reports_queued: Gauge,
     pub reports_dropped: Counter,
     pub udp_delay: Delay,
+    pub udp_spread: Gauge,
+    pub udp_steering: Counter,
+    pub udp_busy: Counter<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -186,9 +189,32 @@ impl Default for Metrics {
              them (waiting for a receive thread, then handling)",
             udp_delay.clone(),
         );
+        let udp_spread = Gauge::default();
+        registry.register(
+            "udp_listeners_spread",
+            "UDP listeners whose flows the kernel spreads over all their sockets (the others send \
+             every flow to their first socket while its threads keep up)",
+            udp_spread.clone(),
+        );
+        let udp_steering = Counter::default();
+        registry.register(
+            "udp_steering_changes",
+            "Times a UDP listener's flows moved between one socket and all of them",
+            udp_steering.clone(),
+        );
+        let udp_busy = Counter::<f64, AtomicU64>::default();
+        registry.register(
+            "udp_busy_seconds",
+            "Time the UDP receive threads spent handling datagrams (from a batch's receipt to its \
+             send); its rate is the cores they keep busy",
+            udp_busy.clone(),
+        );
         Metrics {
             registry,
             udp_delay,
+            udp_spread,
+            udp_steering,
+            udp_busy,
             reports_queued,
             reports_dropped,
             controller_connected,

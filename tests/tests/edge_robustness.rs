@@ -388,17 +388,37 @@ fn thread_named(pid: u32, name: &str) -> Option<i32> {
         .and_then(|t| t.file_name().to_str()?.parse().ok())
 }
 
-/// With two UDP sockets and one thread on each, a receive thread that cannot run (held here in a
-/// ptrace stop, as if the host gave its core away) does not strand the flows the kernel hashed to
-/// its socket: the other socket's thread sees it stalled and takes them. Sixteen phones (sixteen
-/// source ports, so both sockets get some) each get their OPTIONS answered through the PBX while
-/// `udp-0-0` is stopped.
+/// With two UDP sockets and one thread on each, spread by the kernel's flow hash
+/// (`udp.spread_at = 0`), a receive thread that cannot run (held here in a ptrace stop, as if the
+/// host gave its core away) does not strand the flows the kernel hashed to its socket: the other
+/// socket's thread sees it stalled and takes them. Sixteen phones (sixteen source ports, so both
+/// sockets get some) each get their OPTIONS answered through the PBX while `udp-0-0` is stopped.
 #[test]
 fn a_stalled_udp_thread_does_not_strand_its_flows() {
     stalled_thread_strands_nothing(&[
         ("SIPWARDEN_UDP__SOCKETS", "2"),
         ("SIPWARDEN_UDP__THREADS_PER_SOCKET", "1"),
+        ("SIPWARDEN_UDP__SPREAD_AT", "0"),
     ]);
+}
+
+/// With the default steering, every flow goes to the first socket while the load is light, so a
+/// stop of that socket's thread (`udp-0-0`) would strand them all: the other thread takes what
+/// waits there and spreads the flows over both sockets by the kernel's hash, which the edge's
+/// metrics show.
+#[test]
+fn a_stuck_first_socket_spreads_the_flows() {
+    let edge = stalled_thread_strands_nothing(&[
+        ("SIPWARDEN_UDP__SOCKETS", "2"),
+        ("SIPWARDEN_UDP__THREADS_PER_SOCKET", "1"),
+    ]);
+    let m = edge.metrics();
+    assert_eq!(
+        metric(&m, "sipwarden_edge_udp_listeners_spread "),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(metric(&m, "sipwarden_edge_udp_steering_changes_total ").is_some_and(|n| n >= 1.0));
 }
 
 /// With one socket and two threads on it (`udp.threads_per_socket = 2`), the thread that is not
@@ -412,8 +432,8 @@ fn a_stalled_udp_thread_leaves_its_socket_to_the_other_thread() {
 }
 
 /// Sixteen phones get their OPTIONS answered through the PBX while the edge's receive thread
-/// `udp-0-0` is held in a ptrace stop, with the UDP layout of `env`.
-fn stalled_thread_strands_nothing(env: &[(&str, &str)]) {
+/// `udp-0-0` is held in a ptrace stop, with the UDP layout of `env`. Returns the edge, still running.
+fn stalled_thread_strands_nothing(env: &[(&str, &str)]) -> EdgeProc {
     use nix::sys::ptrace;
     use nix::sys::wait::{waitpid, WaitPidFlag};
     use nix::unistd::Pid;
@@ -495,4 +515,5 @@ fn stalled_thread_strands_nothing(env: &[(&str, &str)]) {
         answered.iter().all(|a| *a),
         "every phone answered while udp-0-0 was stopped: {answered:?}"
     );
+    edge
 }
