@@ -31,7 +31,7 @@
 //! none of whose threads has taken datagrams for [`STALLED`] and handles what waits there
 //! ([`Group`]); an idle thread does the same at each poll timeout. Measured at 16,000 OPTIONS/s on
 //! two shared cores with one thread per socket, the edge's p99 fell by about 0.3 ms at no
-//! measurable CPU cost. Finding datagrams on a socket idle for [`STUCK`] spreads the flows.
+//! measurable CPU cost. Finding there a datagram that has waited [`STUCK`] spreads the flows.
 
 use super::{Dispatcher, Outbox, ReplyPath};
 use crate::proxy::Inbound;
@@ -103,8 +103,8 @@ fn keepalive(data: &[u8]) -> bool {
 /// nothing to do (then the look finds nothing; it is made at most once per period per socket).
 const STALLED: Duration = Duration::from_micros(400);
 
-/// A socket none of whose threads has taken datagrams for this long, while datagrams wait on it,
-/// is stuck rather than waiting out a burst: its group spreads flows over every socket.
+/// A socket where another thread finds a datagram that has waited this long is stuck rather than
+/// waiting out a burst: its group spreads flows over every socket.
 const STUCK: Duration = Duration::from_millis(20);
 
 /// How often a group weighs its load to decide where the kernel sends its flows.
@@ -321,26 +321,30 @@ struct Sending {
 
 impl Sending {
     /// Sends what is queued through `own` (streams to their connections), then counts the delay
-    /// of each datagram handled since the last send.
-    fn send(&mut self, own: i32, d: &Dispatcher) {
+    /// of each datagram handled since the last send. Returns the longest, in ns.
+    fn send(&mut self, own: i32, d: &Dispatcher) -> u64 {
         flush(own, &mut self.tx, &mut self.out, d);
         self.out.flush_streams(d);
+        let mut longest = 0;
         if !self.received_at.is_empty() {
             let now = crate::clock::unix_ns();
             for at in self.received_at.drain(..) {
                 // A wall clock stepped back counts as no delay.
-                self.delays.record(now.saturating_sub(at));
+                let delay = now.saturating_sub(at);
+                longest = longest.max(delay);
+                self.delays.record(delay);
             }
             d.metrics.udp_delay.add(&mut self.delays);
         }
+        longest
     }
 }
 
 impl Receiver {
     /// One `recvmmsg` on `fd` with `flags`, each datagram through the dispatcher, then what the
-    /// batch produced sent through `own`.
-    fn batch(&mut self, fd: i32, own: i32, flags: MsgFlags, d: &Arc<Dispatcher>) -> usize {
-        let got;
+    /// batch produced sent through `own`. Returns the longest delay of its datagrams (kernel
+    /// receipt to send, ns; 0 when it took none).
+    fn batch(&mut self, fd: i32, own: i32, flags: MsgFlags, d: &Arc<Dispatcher>) -> u64 {
         let began;
         {
             let mut slices: Vec<[IoSliceMut<'_>; 1]> = self
@@ -355,9 +359,7 @@ impl Receiver {
                 Err(_) => return 0,
             };
             began = Instant::now();
-            let mut n = 0;
             for msg in received {
-                n += 1;
                 if let Ok(mut cmsgs) = msg.cmsgs() {
                     if let Some(ControlMessageOwned::ScmTimestampns(ts)) = cmsgs.next() {
                         self.sending.received_at.push(unix_ns(&ts));
@@ -389,11 +391,10 @@ impl Receiver {
                     self.tally.count(&d.shield, source.ip(), now);
                 }
             }
-            got = n;
         }
-        self.sending.send(own, d);
+        let longest = self.sending.send(own, d);
         self.busy_us += began.elapsed().as_micros() as u64;
-        got
+        longest
     }
 }
 
@@ -455,8 +456,8 @@ pub fn recv_thread(
             if idle > limit {
                 *next = now + limit;
                 let theirs = group.socks[s].as_raw_fd();
-                let took = r.batch(theirs, fd, MsgFlags::MSG_DONTWAIT, &dispatcher);
-                if took > 0 && idle > STUCK.as_micros() as u64 {
+                let waited = r.batch(theirs, fd, MsgFlags::MSG_DONTWAIT, &dispatcher);
+                if waited > STUCK.as_nanos() as u64 {
                     group.set_spread(true, &dispatcher.metrics);
                 }
             }
