@@ -119,7 +119,7 @@ const BACK_AT: f64 = 0.7;
 /// Whether flows should be spread over every socket (`true`) or concentrated on the first, given
 /// where they are now, `busy` µs of handling over `elapsed` µs, and `spread_at`: the busy share of
 /// one core above which one socket's threads no longer suffice (0: always spread).
-pub fn want_spread(spread: bool, busy: u64, elapsed: u64, spread_at: f64) -> bool {
+fn want_spread(spread: bool, busy: u64, elapsed: u64, spread_at: f64) -> bool {
     if spread_at <= 0.0 {
         return true;
     }
