@@ -420,6 +420,16 @@ fn prometheus_scrapes_the_edge_and_the_controller() {
         p99.is_some_and(|s| s > 0.0 && s < 1.0),
         "UDP delay p99: {p99:?}"
     );
+    // The time the receive threads spent on those datagrams reaches the busy counter when a
+    // thread closes its 500 ms window (an idle one does at its next poll timeout).
+    assert!(
+        wait_until(Duration::from_secs(15), || query(
+            "sipwarden_edge_udp_busy_seconds_total"
+        )
+        .is_some_and(|s| s > 0.0)),
+        "UDP busy seconds: {:?}",
+        query("sipwarden_edge_udp_busy_seconds_total")
+    );
     assert!(
         wait_until(Duration::from_secs(10), || query(
             "sipwarden_controller_raft_is_leader"
