@@ -21,6 +21,8 @@
 //!   through the proxy, and the response time of every transaction at the UAC through the proxy
 //!   and straight to the UAS, so that the p99 a proxy adds end to end is p99(proxy) − p99(direct)
 //!   over all the load's transactions, not the probe's few;
+//! - for the edge, how many of its UDP receive threads did a tenth or more of their CPU in each run
+//!   (the kernel's flow hash, or the edge's steering, decides which sockets the two flows reach);
 //! - failed transactions.
 //!
 //! With `SW_BENCH_MAX=1` it then looks for each proxy's maximum rate with under 0.1% failures:
@@ -50,6 +52,8 @@ struct Figures {
     transit_txn_p99_ms: Vec<f64>,
     /// From the same captures: p99 response time at the UAC, ms, per run.
     response_p99_ms: Vec<f64>,
+    /// The edge's UDP receive threads that did a tenth or more of their CPU, per run.
+    receive_threads: Vec<usize>,
     ok: u64,
     failed: u64,
 }
@@ -57,6 +61,7 @@ struct Figures {
 fn record(f: &mut Figures, run: Run) {
     f.ok += run.ok;
     f.failed += run.failed;
+    f.receive_threads.extend(run.receive_threads);
     if let Some((user, sys)) = run.cpu.filter(|_| run.ok > 0) {
         f.per_unit_us.push((user + sys) * 1e6 / run.ok as f64);
         f.user_share.push(100.0 * user / (user + sys).max(1e-9));
@@ -297,8 +302,14 @@ fn report(w: Workload, rate: u32, targets: &[Target], figs: &[Figures; 3]) {
         let transit = ms_figure("transit p99 per message", &f.transit_msg_p99_ms)
             + &ms_figure("per transaction", &f.transit_txn_p99_ms);
         let response = ms_figure("response p99 at the UAC (capture)", &f.response_p99_ms);
+        let receivers = if f.receive_threads.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = f.receive_threads.iter().map(|n| n.to_string()).collect();
+            format!(", receive threads carrying the load {}", list.join("/"))
+        };
         println!(
-            "    {:<8} {cpu}p50 {} ms, p99 {} ms{own}{transit}{response}, {} ok, {} failed",
+            "    {:<8} {cpu}p50 {} ms, p99 {} ms{own}{transit}{response}{receivers}, {} ok, {} failed",
             t.name,
             spread_with(&f.p50_ms, 3),
             spread_with(&f.p99_ms, 3),

@@ -53,6 +53,49 @@ pub fn cpu_ticks(root: u32) -> (u64, u64) {
         .fold((0, 0), |(u, s), x| (u + x.2, s + x.3))
 }
 
+/// (thread id, user + system ticks) of each thread of `pid` whose name starts with `prefix`.
+pub fn thread_ticks(pid: u32, prefix: &str) -> Vec<(u32, u64)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Ok(tid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if !stat[open + 1..close].starts_with(prefix) {
+            continue;
+        }
+        let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let ticks = f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+        out.push((tid, ticks));
+    }
+    out
+}
+
+/// How many threads did a tenth or more of the CPU between two [`thread_ticks`] readings.
+pub fn threads_carrying(before: &[(u32, u64)], after: &[(u32, u64)]) -> usize {
+    let used: Vec<u64> = after
+        .iter()
+        .map(|&(tid, t)| {
+            let t0 = before.iter().find(|b| b.0 == tid).map_or(0, |b| b.1);
+            t.saturating_sub(t0)
+        })
+        .collect();
+    let total: u64 = used.iter().sum();
+    used.iter()
+        .filter(|&&u| total > 0 && u * 10 >= total)
+        .count()
+}
+
 /// 10,000 banned addresses (10.1.x.y), the same set Kamailio's htable holds.
 pub fn banned_networks() -> String {
     let list: Vec<String> = (0..10_000)
@@ -207,6 +250,8 @@ pub struct Run {
     pub response: Vec<f64>,
     /// The SIPp UAC's address.
     pub uac: SocketAddr,
+    /// For the edge: how many of its UDP receive threads did a tenth or more of their CPU.
+    pub receive_threads: Option<usize>,
 }
 
 /// Offers `rate` scenarios/s of `w` for `seconds` through `target` over `transport`.
@@ -267,6 +312,7 @@ pub fn load(
         rtts: Vec::new(),
         cpu: None,
         edge_delay: Vec::new(),
+        receive_threads: None,
         transit: None,
         response: Vec::new(),
         uac,
@@ -455,6 +501,11 @@ pub fn measure(
 ) -> Run {
     let before = t.pid.map(cpu_ticks);
     let delays_before = t.metrics.map(udp_delay_buckets);
+    // The edge's receive threads (the only target with metrics), to tell how many took the load.
+    let receivers_before = t
+        .pid
+        .filter(|_| t.metrics.is_some())
+        .map(|p| thread_ticks(p, "udp-"));
     let stop = Arc::new(AtomicBool::new(false));
     let target: SocketAddr = t.addr.parse().unwrap();
     let prober = {
@@ -491,6 +542,10 @@ pub fn measure(
                 (le, n.saturating_sub(n0))
             })
             .collect();
+    }
+    if let (Some(pid), Some(r0)) = (t.pid, receivers_before) {
+        run.receive_threads =
+            Some(threads_carrying(&r0, &thread_ticks(pid, "udp-"))).filter(|&n| n > 0);
     }
     if let (Some(pid), Some((u0, s0))) = (t.pid, before) {
         let (u1, s1) = cpu_ticks(pid);
@@ -535,7 +590,7 @@ pub fn env_num(name: &str, default: u32) -> u32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{bucket_quantile, median};
+    use super::{bucket_quantile, median, threads_carrying};
 
     #[test]
     fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
@@ -564,5 +619,16 @@ mod tests {
             None
         );
         assert_eq!(bucket_quantile(&[], 0.99), None);
+    }
+
+    #[test]
+    fn threads_carrying_counts_those_with_a_tenth_of_the_cpu() {
+        let before = [(1, 100), (2, 50), (3, 7)];
+        // 90 + 9 + 1 ticks of 100: only the first did a tenth or more.
+        assert_eq!(threads_carrying(&before, &[(1, 190), (2, 59), (3, 8)]), 1);
+        assert_eq!(threads_carrying(&before, &[(1, 150), (2, 100), (3, 7)]), 2);
+        // A thread that appeared during the run counts from zero; no CPU at all carries nothing.
+        assert_eq!(threads_carrying(&before, &[(1, 110), (4, 10)]), 2);
+        assert_eq!(threads_carrying(&before, &before), 0);
     }
 }
