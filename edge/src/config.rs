@@ -133,9 +133,10 @@ pub struct Udp {
     /// thread is busy or waiting for a core wakes the other instead of queueing behind it, for
     /// more wake-ups and so more CPU per message.
     pub threads_per_socket: usize,
-    /// Share of one core (0 to 1) that the first socket's threads may spend handling datagrams
-    /// before the kernel spreads flows over every socket by its hash; below half of it every flow
-    /// goes to the first socket again, so fewer threads wake for the same traffic. 0: always spread.
+    /// Share of one core (0 to 1) that the receive threads may spend handling datagrams (over a
+    /// 500 ms window) before the kernel spreads flows over every socket by its hash; below 0.7 of
+    /// it every flow goes to the first socket again, so fewer threads wake for the same traffic.
+    /// 0: always spread.
     pub spread_at: f64,
     pub max_datagram: usize,
     /// Datagrams a second from one banned IPv4 source, dropped by the gate, that move the source
