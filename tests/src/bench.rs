@@ -21,6 +21,24 @@ pub const PROBE_IP: &str = "127.0.0.104";
 /// Clock ticks per second for /proc/<pid>/stat (USER_HZ; 100 on Linux).
 pub const HZ: f64 = 100.0;
 
+/// A `/proc/…/stat` line's command name and the fields after it (`fields[1]` is the parent pid,
+/// `fields[11]` and `fields[12]` the user and system ticks).
+fn stat_fields(stat: &str) -> Option<(&str, Vec<&str>)> {
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    Some((
+        &stat[open + 1..close],
+        stat.get(close + 2..)?.split_whitespace().collect(),
+    ))
+}
+
+/// A field of [`stat_fields`] as a number (0 when missing or malformed).
+fn stat_num<T: std::str::FromStr + Default>(fields: &[&str], i: usize) -> T {
+    fields
+        .get(i)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_default()
+}
+
 /// (user, system) ticks of `pid` and every descendant.
 pub fn cpu_ticks(root: u32) -> (u64, u64) {
     let mut stats: Vec<(u32, u32, u64, u64)> = Vec::new();
@@ -31,14 +49,10 @@ pub fn cpu_ticks(root: u32) -> (u64, u64) {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
-        let Some(close) = stat.rfind(')') else {
+        let Some((_, f)) = stat_fields(&stat) else {
             continue;
         };
-        let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
-        let ppid = f[1].parse().unwrap_or(0);
-        let user = f[11].parse::<u64>().unwrap_or(0);
-        let sys = f[12].parse::<u64>().unwrap_or(0);
-        stats.push((pid, ppid, user, sys));
+        stats.push((pid, stat_num(&f, 1), stat_num(&f, 11), stat_num(&f, 12)));
     }
     let mut family = vec![root];
     let mut i = 0;
@@ -67,16 +81,12 @@ pub fn thread_ticks(pid: u32, prefix: &str) -> Vec<(u32, u64)> {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+        let Some((name, f)) = stat_fields(&stat) else {
             continue;
         };
-        if !stat[open + 1..close].starts_with(prefix) {
-            continue;
+        if name.starts_with(prefix) {
+            out.push((tid, stat_num::<u64>(&f, 11) + stat_num::<u64>(&f, 12)));
         }
-        let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
-        let ticks = f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
-            + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
-        out.push((tid, ticks));
     }
     out
 }
@@ -590,7 +600,7 @@ pub fn env_num(name: &str, default: u32) -> u32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{bucket_quantile, median, threads_carrying};
+    use super::{bucket_quantile, median, stat_fields, stat_num, threads_carrying};
 
     #[test]
     fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
@@ -630,5 +640,16 @@ mod tests {
         // A thread that appeared during the run counts from zero; no CPU at all carries nothing.
         assert_eq!(threads_carrying(&before, &[(1, 110), (4, 10)]), 2);
         assert_eq!(threads_carrying(&before, &before), 0);
+    }
+
+    #[test]
+    fn stat_lines_split_after_the_command_name_even_with_parentheses_in_it() {
+        let line = "42 (udp (0) x) S 7 42 42 0 -1 4194560 10 0 0 0 15 9 0 0 20 0 3";
+        let (name, f) = stat_fields(line).unwrap();
+        assert_eq!(name, "udp (0) x");
+        assert_eq!(stat_num::<u32>(&f, 1), 7);
+        assert_eq!((stat_num::<u64>(&f, 11), stat_num::<u64>(&f, 12)), (15, 9));
+        assert_eq!(stat_num::<u64>(&f, 99), 0);
+        assert!(stat_fields("no command name").is_none());
     }
 }
