@@ -252,11 +252,12 @@ impl Edge {
         }
 
         for (idx, socks) in udp_socks.iter().enumerate() {
-            let group =
-                udp::Group::new(socks.clone(), cfg.udp.threads_per_socket, cfg.udp.spread_at);
-            if socks.len() > 1 && group.spread() {
-                metrics.udp_spread.inc();
-            }
+            let group = udp::Group::new(
+                socks.clone(),
+                cfg.udp.threads_per_socket,
+                cfg.udp.spread_at,
+                &metrics,
+            );
             for n in 0..group.len() {
                 let (group, d, stop, rt) = (
                     group.clone(),

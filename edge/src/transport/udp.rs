@@ -185,10 +185,16 @@ impl Group {
     /// The group of `socks`, each served by `per_socket` threads (at least one). With several
     /// sockets and `spread_at` above 0, flows start concentrated on the first socket (see
     /// [`Steering`]); where the kernel refuses the program they spread by its hash, as without.
-    pub fn new(socks: Vec<Arc<UdpSocket>>, per_socket: usize, spread_at: f64) -> Arc<Group> {
+    /// A group of several sockets that starts spread counts in `metrics.udp_spread`.
+    pub fn new(
+        socks: Vec<Arc<UdpSocket>>,
+        per_socket: usize,
+        spread_at: f64,
+        metrics: &crate::metrics::Metrics,
+    ) -> Arc<Group> {
         let per_socket = per_socket.max(1);
-        let steering = (socks.len() > 1 && spread_at > 0.0)
-            .then(|| match steer(&socks[0], 0) {
+        let steering = if socks.len() > 1 && spread_at > 0.0 {
+            match steer(&socks[0], 0) {
                 Ok(()) => Some(Steering {
                     spread_at,
                     spread: AtomicBool::new(false),
@@ -198,8 +204,13 @@ impl Group {
                     tracing::warn!(error = %e, "UDP flows cannot be steered to one socket; they spread by the kernel's hash");
                     None
                 }
-            })
-            .flatten();
+            }
+        } else {
+            None
+        };
+        if socks.len() > 1 && steering.is_none() {
+            metrics.udp_spread.inc();
+        }
         Arc::new(Group {
             last_took: (0..socks.len() * per_socket)
                 .map(|_| AtomicU64::new(0))
@@ -555,7 +566,7 @@ mod tests {
     fn a_group_sends_every_flow_to_its_first_socket_until_told_to_spread() {
         let metrics = crate::metrics::Metrics::default();
         let socks = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
-        let group = Group::new(socks.clone(), 1, 0.35);
+        let group = Group::new(socks.clone(), 1, 0.35, &metrics);
         assert!(!group.spread());
         assert_eq!(arrivals(&socks, 64), vec![64, 0]);
         group.set_spread(true, &metrics);
@@ -574,7 +585,7 @@ mod tests {
     fn the_load_of_a_window_moves_the_flows() {
         let metrics = crate::metrics::Metrics::default();
         let socks = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
-        let group = Group::new(socks, 1, 0.35);
+        let group = Group::new(socks, 1, 0.35, &metrics);
         let w = WINDOW.as_micros() as u64;
         // A window 40% busy spreads; the next, 10% busy, concentrates again.
         group.handled(0, w / 2, &metrics);
@@ -584,10 +595,26 @@ mod tests {
         assert!(!group.spread());
         assert!((metrics.udp_busy.get() - (w / 2) as f64 / 1e6).abs() < 1e-9);
         // One socket, or a mark of 0: nothing to steer, always spread.
-        let one = Group::new(bind("127.0.0.1:0".parse().unwrap(), 1).unwrap(), 1, 0.35);
+        let one = Group::new(
+            bind("127.0.0.1:0".parse().unwrap(), 1).unwrap(),
+            1,
+            0.35,
+            &metrics,
+        );
         assert!(one.spread());
-        let off = Group::new(bind("127.0.0.1:0".parse().unwrap(), 2).unwrap(), 1, 0.0);
+        assert_eq!(
+            metrics.udp_spread.get(),
+            0,
+            "one socket has nothing to spread"
+        );
+        let off = Group::new(
+            bind("127.0.0.1:0".parse().unwrap(), 2).unwrap(),
+            1,
+            0.0,
+            &metrics,
+        );
         assert!(off.spread());
+        assert_eq!(metrics.udp_spread.get(), 1);
     }
 
     #[test]
