@@ -138,6 +138,13 @@ pub struct Udp {
     /// it every flow goes to the first socket again, so fewer threads wake for the same traffic.
     /// 0: always spread.
     pub spread_at: f64,
+    /// Hold (µs from a datagram's arrival in the kernel to the send of what came of it) that at
+    /// most 1% of datagrams may exceed over a 500 ms window while every flow goes to the first
+    /// socket; past it the other sockets' threads wait on the first socket too, so a datagram
+    /// that arrives while its thread is busy or waiting for a core wakes another. They go back
+    /// to their own after 5 s in which fewer than 0.1% of datagrams were held that long.
+    /// 0: they never join.
+    pub hold_target_us: u64,
     pub max_datagram: usize,
     /// Datagrams a second from one banned IPv4 source, dropped by the gate, that move the source
     /// into the kernel shield (a BPF socket filter that drops it before user space); 0 disables.
@@ -277,6 +284,7 @@ impl Default for Udp {
             // but cost 10–25% more CPU per message (see ARCHITECTURE.md): one is the default.
             threads_per_socket: 1,
             spread_at: 0.35,
+            hold_target_us: 1_000,
             max_datagram: 65_507,
             shield_pps: 1000,
         }
@@ -393,6 +401,9 @@ impl EdgeConfig {
         }
         if !(0.0..=1.0).contains(&self.udp.spread_at) {
             return bad("udp.spread_at must be 0 to 1".into());
+        }
+        if self.udp.hold_target_us > 1_000_000 {
+            return bad("udp.hold_target_us must be 0 to 1000000".into());
         }
         if self.udp.max_datagram < 1024 || self.udp.max_datagram > 65_535 {
             return bad("udp.max_datagram must be 1024 to 65535".into());
@@ -516,6 +527,11 @@ priority = 2
             ("SIPWARDEN_UDP__SOCKETS", "65", "udp.sockets"),
             ("SIPWARDEN_UDP__SPREAD_AT", "1.5", "udp.spread_at"),
             ("SIPWARDEN_UDP__SPREAD_AT", "-0.1", "udp.spread_at"),
+            (
+                "SIPWARDEN_UDP__HOLD_TARGET_US",
+                "1000001",
+                "udp.hold_target_us",
+            ),
             (
                 "SIPWARDEN_BACKENDS__0__ADDRESS",
                 "not-an-address",

@@ -256,6 +256,7 @@ impl Edge {
                 socks.clone(),
                 cfg.udp.threads_per_socket,
                 cfg.udp.spread_at,
+                Duration::from_micros(cfg.udp.hold_target_us),
                 &metrics,
             );
             for n in 0..group.len() {

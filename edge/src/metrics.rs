@@ -74,6 +74,7 @@ pub struct Metrics {
     pub udp_delay: Delay,
     pub udp_spread: Gauge,
     pub udp_steering: Counter,
+    pub udp_joined: Gauge,
     pub udp_busy: Counter<f64, AtomicU64>,
 }
 
@@ -202,6 +203,13 @@ impl Default for Metrics {
             "Times a UDP listener's flows moved between one socket and all of them",
             udp_steering.clone(),
         );
+        let udp_joined = Gauge::default();
+        registry.register(
+            "udp_listeners_joined",
+            "UDP listeners whose other sockets' threads also wait on the first socket, which has \
+             every flow, because its datagrams were held past udp.hold_target_us",
+            udp_joined.clone(),
+        );
         let udp_busy = Counter::<f64, AtomicU64>::default();
         registry.register(
             "udp_busy_seconds",
@@ -214,6 +222,7 @@ impl Default for Metrics {
             udp_delay,
             udp_spread,
             udp_steering,
+            udp_joined,
             udp_busy,
             reports_queued,
             reports_dropped,

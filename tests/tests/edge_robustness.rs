@@ -431,9 +431,78 @@ fn a_stalled_udp_thread_leaves_its_socket_to_the_other_thread() {
     ]);
 }
 
+/// When datagrams wait past `udp.hold_target_us` (1 µs here: every datagram does), the second
+/// socket's thread joins the first socket, which has every flow while the load is light. Stopped
+/// then, `udp-0-0` strands nothing and the flows never move: the joined thread is woken for
+/// every datagram, where without joining it would find them stuck and spread the flows (the test
+/// above).
+#[test]
+fn a_joined_thread_takes_the_first_sockets_datagrams_while_its_own_thread_cannot_run() {
+    let keepalives = UdpSocket::bind("127.0.0.44:0").unwrap();
+    let feeding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut feeder = None;
+    let edge = stalled_thread_strands_nothing_after(
+        &[
+            ("SIPWARDEN_UDP__SOCKETS", "2"),
+            ("SIPWARDEN_UDP__THREADS_PER_SOCKET", "1"),
+            ("SIPWARDEN_UDP__HOLD_TARGET_US", "1"),
+        ],
+        |edge| {
+            // Keep-alives (dropped unanswered) are datagrams like any other to the hold: 250 a
+            // second, more than a 500 ms window needs to be judged, until the test ends.
+            let (to, feeding) = (edge.addr(), feeding.clone());
+            feeder = Some(std::thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while feeding.load(std::sync::atomic::Ordering::Relaxed)
+                    && Instant::now() < deadline
+                {
+                    let _ = keepalives.send_to(b"\r\n\r\n", &to);
+                    std::thread::sleep(Duration::from_millis(4));
+                }
+            }));
+            assert!(
+                wait_until(Duration::from_secs(10), || metric(
+                    &edge.metrics(),
+                    "sipwarden_edge_udp_listeners_joined "
+                ) == Some(1.0)),
+                "the threads joined: {}",
+                edge.metrics()
+            );
+        },
+    );
+    feeding.store(false, std::sync::atomic::Ordering::Relaxed);
+    if let Some(f) = feeder {
+        f.join().unwrap();
+    }
+    let m = edge.metrics();
+    assert_eq!(
+        metric(&m, "sipwarden_edge_udp_listeners_joined "),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "sipwarden_edge_udp_listeners_spread "),
+        Some(0.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "sipwarden_edge_udp_steering_changes_total "),
+        Some(0.0),
+        "{m}"
+    );
+}
+
 /// Sixteen phones get their OPTIONS answered through the PBX while the edge's receive thread
 /// `udp-0-0` is held in a ptrace stop, with the UDP layout of `env`. Returns the edge, still running.
 fn stalled_thread_strands_nothing(env: &[(&str, &str)]) -> EdgeProc {
+    stalled_thread_strands_nothing_after(env, |_| {})
+}
+
+/// As [`stalled_thread_strands_nothing`], with `prepare` run on the started edge before the stop.
+fn stalled_thread_strands_nothing_after(
+    env: &[(&str, &str)],
+    prepare: impl FnOnce(&EdgeProc),
+) -> EdgeProc {
     use nix::sys::ptrace;
     use nix::sys::wait::{waitpid, WaitPidFlag};
     use nix::unistd::Pid;
@@ -465,6 +534,7 @@ fn stalled_thread_strands_nothing(env: &[(&str, &str)]) -> EdgeProc {
         })
     };
 
+    prepare(&edge);
     let tid = thread_named(edge.proc.pid(), "udp-0-0").expect("receive thread udp-0-0");
     let tid = Pid::from_raw(tid);
     ptrace::seize(tid, ptrace::Options::empty()).expect("ptrace the receive thread");

@@ -46,7 +46,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -131,6 +131,35 @@ fn want_spread(spread: bool, busy: u64, elapsed: u64, spread_at: f64) -> bool {
     }
 }
 
+/// A window of fewer datagrams than this tells nothing of their hold: it counts as calm.
+const JUDGE_MIN: u64 = 100;
+
+/// Consecutive calm windows (under 0.1% of datagrams held past the target) after which joined
+/// threads go back to their own sockets.
+const LEAVE_AFTER: u32 = 10;
+
+/// Whether the other sockets' threads should wait on the first socket too, given whether they do
+/// now, the calm windows behind them and, of the window's `datagrams`, how many were held past the
+/// target (`late`); with the calm windows to carry into the next. More than 1% late joins them at
+/// once; they leave after [`LEAVE_AFTER`] windows with under 0.1%.
+fn want_join(joined: bool, calm: u32, datagrams: u64, late: u64) -> (bool, u32) {
+    if datagrams >= JUDGE_MIN && late * 100 > datagrams {
+        return (true, 0);
+    }
+    if !joined {
+        return (false, 0);
+    }
+    if datagrams >= JUDGE_MIN && late * 1000 >= datagrams {
+        return (true, 0);
+    }
+    let calm = calm + 1;
+    if calm >= LEAVE_AFTER {
+        (false, 0)
+    } else {
+        (true, calm)
+    }
+}
+
 /// `SO_ATTACH_REUSEPORT_CBPF` on `sock`'s group: a one-instruction program that gives every
 /// datagram to the socket at `index` in the group; an index past the last makes the kernel fall
 /// back to its flow hash.
@@ -161,6 +190,16 @@ struct Steering {
     spread: AtomicBool,
     /// Held while a program is attached, so two changes do not cross.
     change: Mutex<()>,
+    /// `udp.hold_target_us` in ns; 0: the other threads never join the first socket.
+    late_ns: u64,
+    /// Whether the other sockets' threads wait on the first socket too (only while not spread):
+    /// one thread woken for every flow wakes least, but a datagram that arrives while it is busy,
+    /// or woken and waiting for a core, waits for it. Joined, the kernel wakes a waiting sibling
+    /// for such a datagram instead, at the cost of more wake-ups, so they join only while
+    /// datagrams are held past `udp.hold_target_us` (see [`want_join`]).
+    joined: AtomicBool,
+    /// Calm windows in a row while joined.
+    calm: AtomicU32,
 }
 
 /// The receive threads of one listener. `SO_REUSEPORT` gives each flow to one socket, so when
@@ -176,6 +215,9 @@ pub struct Group {
     epoch: Instant,
     /// µs the threads spent handling batches since `window_start`.
     busy: AtomicU64,
+    /// Datagrams handled since `window_start`, and of them those held past the hold target.
+    datagrams: AtomicU64,
+    late: AtomicU64,
     window_start: AtomicU64,
     /// `None` with one socket, or when flows always spread.
     steering: Option<Steering>,
@@ -190,6 +232,7 @@ impl Group {
         socks: Vec<Arc<UdpSocket>>,
         per_socket: usize,
         spread_at: f64,
+        hold_target: Duration,
         metrics: &crate::metrics::Metrics,
     ) -> Arc<Group> {
         let per_socket = per_socket.max(1);
@@ -199,6 +242,9 @@ impl Group {
                     spread_at,
                     spread: AtomicBool::new(false),
                     change: Mutex::new(()),
+                    late_ns: hold_target.as_nanos().min(u64::MAX as u128) as u64,
+                    joined: AtomicBool::new(false),
+                    calm: AtomicU32::new(0),
                 }),
                 Err(e) => {
                     tracing::warn!(error = %e, "UDP flows cannot be steered to one socket; they spread by the kernel's hash");
@@ -219,6 +265,8 @@ impl Group {
             per_socket,
             epoch: Instant::now(),
             busy: AtomicU64::new(0),
+            datagrams: AtomicU64::new(0),
+            late: AtomicU64::new(0),
             window_start: AtomicU64::new(0),
             steering,
         })
@@ -232,11 +280,33 @@ impl Group {
             .is_none_or(|s| s.spread.load(Ordering::Relaxed))
     }
 
-    /// Counts `busy` µs of handling at `now`; at the end of a window, the thread that closes it
-    /// counts the window's load and, with steering, moves the flows if the load calls for it.
-    fn handled(&self, busy: u64, now: u64, metrics: &crate::metrics::Metrics) {
-        if busy > 0 {
-            self.busy.fetch_add(busy, Ordering::Relaxed);
+    /// Whether the other sockets' threads wait on the first socket too.
+    fn joined(&self) -> bool {
+        self.steering
+            .as_ref()
+            .is_some_and(|s| s.joined.load(Ordering::Relaxed) && !s.spread.load(Ordering::Relaxed))
+    }
+
+    /// Hold in ns past which a datagram counts as late; `u64::MAX` when no thread ever joins.
+    fn late_ns(&self) -> u64 {
+        match &self.steering {
+            Some(s) if s.late_ns > 0 => s.late_ns,
+            _ => u64::MAX,
+        }
+    }
+
+    /// Counts `t`'s handling at `now`; at the end of a window, the thread that closes it counts
+    /// the window's load and, with steering, moves the flows or the threads if the load or the
+    /// hold calls for it.
+    fn handled(&self, t: Handled, now: u64, metrics: &crate::metrics::Metrics) {
+        if t.busy_us > 0 {
+            self.busy.fetch_add(t.busy_us, Ordering::Relaxed);
+        }
+        if t.datagrams > 0 {
+            self.datagrams.fetch_add(t.datagrams, Ordering::Relaxed);
+        }
+        if t.late > 0 {
+            self.late.fetch_add(t.late, Ordering::Relaxed);
         }
         let start = self.window_start.load(Ordering::Relaxed);
         if now < start + WINDOW.as_micros() as u64
@@ -248,6 +318,8 @@ impl Group {
             return;
         }
         let busy = self.busy.swap(0, Ordering::Relaxed);
+        let datagrams = self.datagrams.swap(0, Ordering::Relaxed);
+        let late = self.late.swap(0, Ordering::Relaxed);
         metrics.udp_busy.inc_by(busy as f64 / 1e6);
         let Some(st) = &self.steering else {
             return;
@@ -256,6 +328,26 @@ impl Group {
         let want = want_spread(spread, busy, now - start, st.spread_at);
         if want != spread {
             self.set_spread(want, metrics);
+        }
+        // Spread, each socket has flows of its own; joined threads would leave them waiting.
+        let (join, calm) = if want || st.late_ns == 0 {
+            (false, 0)
+        } else {
+            want_join(
+                st.joined.load(Ordering::Relaxed),
+                st.calm.load(Ordering::Relaxed),
+                datagrams,
+                late,
+            )
+        };
+        st.calm.store(calm, Ordering::Relaxed);
+        if st.joined.swap(join, Ordering::Relaxed) != join {
+            if join {
+                metrics.udp_joined.inc();
+            } else {
+                metrics.udp_joined.dec();
+            }
+            tracing::debug!(join, datagrams, late, "UDP receive threads moved");
         }
     }
 
@@ -316,8 +408,18 @@ struct Receiver {
     reply: ReplyPath,
     tally: super::shield::DropTally,
     sending: Sending,
-    /// µs spent handling batches, not yet counted in the group's load.
+    /// Handling not yet counted in the group's load.
+    handled: Handled,
+}
+
+/// A thread's handling not yet counted in its group's window.
+#[derive(Default)]
+struct Handled {
+    /// µs spent handling batches.
     busy_us: u64,
+    datagrams: u64,
+    /// Datagrams held past the group's hold target.
+    late: u64,
 }
 
 /// What a batch has produced and not yet sent, and when the datagrams behind it arrived.
@@ -328,21 +430,26 @@ struct Sending {
     /// send.
     received_at: Vec<u64>,
     delays: crate::metrics::DelayTally,
+    /// Hold in ns past which a datagram counts as late ([`Group::late_ns`]).
+    late_ns: u64,
 }
 
 impl Sending {
     /// Sends what is queued through `own` (streams to their connections), then counts the delay
-    /// of each datagram handled since the last send. Returns the longest, in ns.
-    fn send(&mut self, own: i32, d: &Dispatcher) -> u64 {
+    /// of each datagram handled since the last send, and those past the hold target in `handled`.
+    /// Returns the longest, in ns.
+    fn send(&mut self, own: i32, d: &Dispatcher, handled: &mut Handled) -> u64 {
         flush(own, &mut self.tx, &mut self.out, d);
         self.out.flush_streams(d);
         let mut longest = 0;
         if !self.received_at.is_empty() {
             let now = crate::clock::unix_ns();
+            handled.datagrams += self.received_at.len() as u64;
             for at in self.received_at.drain(..) {
                 // A wall clock stepped back counts as no delay.
                 let delay = now.saturating_sub(at);
                 longest = longest.max(delay);
+                handled.late += u64::from(delay > self.late_ns);
                 self.delays.record(delay);
             }
             d.metrics.udp_delay.add(&mut self.delays);
@@ -403,8 +510,8 @@ impl Receiver {
                 }
             }
         }
-        let longest = self.sending.send(own, d);
-        self.busy_us += began.elapsed().as_micros() as u64;
+        let longest = self.sending.send(own, d, &mut self.handled);
+        self.handled.busy_us += began.elapsed().as_micros() as u64;
         longest
     }
 }
@@ -445,9 +552,11 @@ pub fn recv_thread(
             out: Outbox::new(listener),
             received_at: Vec::with_capacity(BATCH),
             delays: Default::default(),
+            late_ns: group.late_ns(),
         },
-        busy_us: 0,
+        handled: Handled::default(),
     };
+    let first = group.socks[0].as_raw_fd();
     let limit = STALLED.as_micros() as u64;
     // Per socket: not looked at again before this time.
     let mut next_look = vec![0u64; group.socks.len()];
@@ -455,12 +564,23 @@ pub fn recv_thread(
         // Blocks until at least one datagram, or the poll timeout: an idle thread still looks
         // at its siblings then, so a stalled one's flows wait at most one poll period even when
         // no traffic of its own wakes this one.
-        r.batch(fd, fd, MsgFlags::MSG_WAITFORONE, &dispatcher);
+        // Joined, a thread of another socket waits on the first, which has every flow.
+        let joined = mine != 0 && group.joined();
+        r.batch(
+            if joined { first } else { fd },
+            fd,
+            MsgFlags::MSG_WAITFORONE,
+            &dispatcher,
+        );
         let now = group.now_us();
         group.last_took[me].store(now, Ordering::Relaxed);
+        // Joined while this thread waited on its own socket, it waits on the first from its next
+        // batch: what waits there now is not stuck.
+        let joined = joined || (mine != 0 && group.joined());
         for (s, next) in next_look.iter_mut().enumerate() {
-            // This thread's own socket needs no look: the kernel wakes any thread waiting on it.
-            if s == mine || now < *next {
+            // The socket this thread waits on needs no look: the kernel wakes any thread
+            // waiting on it.
+            if s == mine || (joined && s == 0) || now < *next {
                 continue;
             }
             let idle = now.saturating_sub(group.socket_took(s));
@@ -473,7 +593,7 @@ pub fn recv_thread(
                 }
             }
         }
-        group.handled(std::mem::take(&mut r.busy_us), now, &dispatcher.metrics);
+        group.handled(std::mem::take(&mut r.handled), now, &dispatcher.metrics);
     }
 }
 
@@ -517,6 +637,88 @@ fn flush(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const HOLD: Duration = Duration::from_millis(1);
+
+    fn busy(busy_us: u64) -> Handled {
+        Handled {
+            busy_us,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn threads_join_past_one_percent_late_and_leave_after_calm_windows() {
+        // Apart: more than 1% late joins; 1% or less, or too few datagrams to judge, does not.
+        assert_eq!(want_join(false, 0, 1000, 11), (true, 0));
+        assert_eq!(want_join(false, 0, 1000, 10), (false, 0));
+        assert_eq!(want_join(false, 0, 99, 99), (false, 0));
+        assert_eq!(want_join(false, 0, 0, 0), (false, 0));
+        // Joined: 0.1% to 1% late holds them and restarts the count of calm windows.
+        assert_eq!(want_join(true, 5, 1000, 1), (true, 0));
+        assert_eq!(want_join(true, 5, 1000, 10), (true, 0));
+        assert_eq!(want_join(true, 5, 1000, 11), (true, 0));
+        // Under 0.1%, or an idle window, is calm; the tenth calm window in a row parts them.
+        assert_eq!(want_join(true, 0, 10_000, 9), (true, 1));
+        assert_eq!(want_join(true, 3, 0, 0), (true, 4));
+        assert_eq!(
+            want_join(true, LEAVE_AFTER - 2, 10_000, 0),
+            (true, LEAVE_AFTER - 1)
+        );
+        assert_eq!(want_join(true, LEAVE_AFTER - 1, 10_000, 0), (false, 0));
+    }
+
+    #[test]
+    fn a_late_window_joins_the_threads_until_the_flows_spread_or_calm_returns() {
+        let metrics = crate::metrics::Metrics::default();
+        let socks = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let group = Group::new(socks, 1, 0.35, HOLD, &metrics);
+        assert_eq!(group.late_ns(), 1_000_000);
+        let w = WINDOW.as_micros() as u64;
+        let window = |datagrams, late| Handled {
+            busy_us: w / 10,
+            datagrams,
+            late,
+        };
+        let mut at = w;
+        let mut close = |h: Handled| {
+            group.handled(h, at, &metrics);
+            at += w;
+        };
+        close(window(1000, 20));
+        assert!(group.joined());
+        assert_eq!(metrics.udp_joined.get(), 1);
+        // A busy window spreads the flows: each socket has its own then, and nobody stays joined.
+        close(Handled {
+            busy_us: w / 2,
+            ..window(1000, 20)
+        });
+        assert!(group.spread() && !group.joined());
+        assert_eq!(metrics.udp_joined.get(), 0);
+        // Back on one socket and late again: joined; then calm windows part them.
+        close(window(1000, 0));
+        assert!(!group.spread() && !group.joined());
+        close(window(1000, 20));
+        assert!(group.joined());
+        for _ in 0..LEAVE_AFTER - 1 {
+            close(window(1000, 0));
+            assert!(group.joined());
+        }
+        close(window(1000, 0));
+        assert!(!group.joined());
+        assert_eq!(metrics.udp_joined.get(), 0);
+        // A target of 0: never joined, whatever the hold.
+        let off = Group::new(
+            bind("127.0.0.1:0".parse().unwrap(), 2).unwrap(),
+            1,
+            0.35,
+            Duration::ZERO,
+            &metrics,
+        );
+        assert_eq!(off.late_ns(), u64::MAX);
+        off.handled(window(1000, 1000), w, &metrics);
+        assert!(!off.joined());
+    }
 
     #[test]
     fn flows_spread_above_the_mark_and_come_back_well_below_it() {
@@ -566,7 +768,7 @@ mod tests {
     fn a_group_sends_every_flow_to_its_first_socket_until_told_to_spread() {
         let metrics = crate::metrics::Metrics::default();
         let socks = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
-        let group = Group::new(socks.clone(), 1, 0.35, &metrics);
+        let group = Group::new(socks.clone(), 1, 0.35, HOLD, &metrics);
         assert!(!group.spread());
         assert_eq!(arrivals(&socks, 64), vec![64, 0]);
         group.set_spread(true, &metrics);
@@ -585,13 +787,13 @@ mod tests {
     fn the_load_of_a_window_moves_the_flows() {
         let metrics = crate::metrics::Metrics::default();
         let socks = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
-        let group = Group::new(socks, 1, 0.35, &metrics);
+        let group = Group::new(socks, 1, 0.35, HOLD, &metrics);
         let w = WINDOW.as_micros() as u64;
         // A window 40% busy spreads; the next, 10% busy, concentrates again.
-        group.handled(0, w / 2, &metrics);
-        group.handled(w * 4 / 10, w, &metrics);
+        group.handled(busy(0), w / 2, &metrics);
+        group.handled(busy(w * 4 / 10), w, &metrics);
         assert!(group.spread());
-        group.handled(w / 10, 2 * w, &metrics);
+        group.handled(busy(w / 10), 2 * w, &metrics);
         assert!(!group.spread());
         assert!((metrics.udp_busy.get() - (w / 2) as f64 / 1e6).abs() < 1e-9);
         // One socket, or a mark of 0: nothing to steer, always spread.
@@ -599,6 +801,7 @@ mod tests {
             bind("127.0.0.1:0".parse().unwrap(), 1).unwrap(),
             1,
             0.35,
+            HOLD,
             &metrics,
         );
         assert!(one.spread());
@@ -611,6 +814,7 @@ mod tests {
             bind("127.0.0.1:0".parse().unwrap(), 2).unwrap(),
             1,
             0.0,
+            HOLD,
             &metrics,
         );
         assert!(off.spread());
