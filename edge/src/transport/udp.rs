@@ -578,9 +578,19 @@ pub fn recv_thread(
         // batch: what waits there now is not stuck.
         let joined = joined || (mine != 0 && group.joined());
         for (s, next) in next_look.iter_mut().enumerate() {
+            if now < *next {
+                continue;
+            }
+            if s == mine && joined {
+                // Its own socket gets no flows while this thread is joined, but may hold what
+                // arrived before they moved to the first: a look every poll period takes it.
+                *next = now + POLL.as_micros() as u64;
+                r.batch(fd, fd, MsgFlags::MSG_DONTWAIT, &dispatcher);
+                continue;
+            }
             // The socket this thread waits on needs no look: the kernel wakes any thread
             // waiting on it.
-            if s == mine || (joined && s == 0) || now < *next {
+            if s == mine || (joined && s == 0) {
                 continue;
             }
             let idle = now.saturating_sub(group.socket_took(s));
