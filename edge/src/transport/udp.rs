@@ -18,6 +18,15 @@
 //! from 49.5–53.5 µs (flows on two sockets) to 39.5–44.5 µs (one), the datagrams' p99 hold the
 //! same (0.65–0.72 ms).
 //!
+//! One thread woken for every flow wakes least, but a datagram that arrives while it is busy, or
+//! woken and waiting for a core, waits for it. So while flows are on the first socket and more
+//! than 1% of a window's datagrams are held past `udp.hold_target_us` (arrival in the kernel to
+//! the send of what came of it), the other sockets' threads wait on the first socket too, and
+//! the kernel wakes one of them for such a datagram; after 5 s in which under 0.1% were held that
+//! long they go back to their own ([`want_join`]). On two cores shared with SIPp at 15,000
+//! OPTIONS/s this took the median time a request spent in the edge from ~450 µs to 70–90 µs, at
+//! 15–50% more CPU per transaction; at 5,000/s nothing waits that long and nothing changes.
+//!
 //! `SO_REUSEPORT` hashes each flow to one socket, and the PBX's responses are one flow. A datagram
 //! that arrives while its socket's thread is busy, or woken but waiting for a core (the sender's,
 //! on loopback), would wait for that thread. With two threads on a socket the kernel wakes one
@@ -227,6 +236,8 @@ impl Group {
     /// The group of `socks`, each served by `per_socket` threads (at least one). With several
     /// sockets and `spread_at` above 0, flows start concentrated on the first socket (see
     /// [`Steering`]); where the kernel refuses the program they spread by its hash, as without.
+    /// While they are, the other sockets' threads join the first when datagrams wait past
+    /// `hold_target` (zero: never).
     /// A group of several sockets that starts spread counts in `metrics.udp_spread`.
     pub fn new(
         socks: Vec<Arc<UdpSocket>>,
