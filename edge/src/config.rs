@@ -140,7 +140,7 @@ pub struct Udp {
     pub spread_at: f64,
     /// Hold (µs from a datagram's arrival in the kernel to the send of what came of it) that at
     /// most 1% of datagrams may exceed over a 500 ms window while every flow goes to the first
-    /// socket; past it the other sockets' threads wait on the first socket too, so a datagram
+    /// socket; past it the second socket's threads wait on the first socket too, so a datagram
     /// that arrives while its thread is busy or waiting for a core wakes another. They go back
     /// to their own after 5 s in which fewer than 0.1% of datagrams were held that long.
     /// 0: they never join.

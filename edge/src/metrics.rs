@@ -206,7 +206,7 @@ impl Default for Metrics {
         let udp_joined = Gauge::default();
         registry.register(
             "udp_listeners_joined",
-            "UDP listeners whose other sockets' threads also wait on the first socket, which has \
+            "UDP listeners whose second socket's threads also wait on the first socket, which has \
              every flow, because its datagrams were held past udp.hold_target_us",
             udp_joined.clone(),
         );

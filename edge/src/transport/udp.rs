@@ -21,7 +21,7 @@
 //! One thread woken for every flow wakes least, but a datagram that arrives while it is busy, or
 //! woken and waiting for a core, waits for it. So while flows are on the first socket and more
 //! than 1% of a window's datagrams are held past `udp.hold_target_us` (arrival in the kernel to
-//! the send of what came of it), the other sockets' threads wait on the first socket too, and
+//! the send of what came of it), the second socket's threads wait on the first socket too, and
 //! the kernel wakes one of them for such a datagram; after 5 s in which under 0.1% were held that
 //! long they go back to their own ([`want_join`]). On two cores shared with SIPp at 15,000
 //! OPTIONS/s this took the median time a request spent in the edge from ~450 µs to 70–90 µs, at
@@ -147,7 +147,7 @@ const JUDGE_MIN: u64 = 100;
 /// threads go back to their own sockets.
 const LEAVE_AFTER: u32 = 10;
 
-/// Whether the other sockets' threads should wait on the first socket too, given whether they do
+/// Whether the second socket's threads should wait on the first socket too, given whether they do
 /// now, the calm windows behind them and, of the window's `datagrams`, how many were held past the
 /// target (`late`); with the calm windows to carry into the next. More than 1% late joins them at
 /// once; they leave after [`LEAVE_AFTER`] windows with under 0.1%.
@@ -199,9 +199,9 @@ struct Steering {
     spread: AtomicBool,
     /// Held while a program is attached, so two changes do not cross.
     change: Mutex<()>,
-    /// `udp.hold_target_us` in ns; 0: the other threads never join the first socket.
+    /// `udp.hold_target_us` in ns; 0: the second socket's threads never join the first.
     late_ns: u64,
-    /// Whether the other sockets' threads wait on the first socket too (only while not spread):
+    /// Whether the second socket's threads wait on the first socket too (only while not spread):
     /// one thread woken for every flow wakes least, but a datagram that arrives while it is busy,
     /// or woken and waiting for a core, waits for it. Joined, the kernel wakes a waiting sibling
     /// for such a datagram instead, at the cost of more wake-ups, so they join only while
@@ -236,7 +236,7 @@ impl Group {
     /// The group of `socks`, each served by `per_socket` threads (at least one). With several
     /// sockets and `spread_at` above 0, flows start concentrated on the first socket (see
     /// [`Steering`]); where the kernel refuses the program they spread by its hash, as without.
-    /// While they are, the other sockets' threads join the first when datagrams wait past
+    /// While they are, the second socket's threads join the first when datagrams wait past
     /// `hold_target` (zero: never).
     /// A group of several sockets that starts spread counts in `metrics.udp_spread`.
     pub fn new(
@@ -291,7 +291,7 @@ impl Group {
             .is_none_or(|s| s.spread.load(Ordering::Relaxed))
     }
 
-    /// Whether the other sockets' threads wait on the first socket too.
+    /// Whether the second socket's threads wait on the first socket too.
     fn joined(&self) -> bool {
         self.steering
             .as_ref()
@@ -575,8 +575,10 @@ pub fn recv_thread(
         // Blocks until at least one datagram, or the poll timeout: an idle thread still looks
         // at its siblings then, so a stalled one's flows wait at most one poll period even when
         // no traffic of its own wakes this one.
-        // Joined, a thread of another socket waits on the first, which has every flow.
-        let joined = mine != 0 && group.joined();
+        // Joined, a thread of the second socket waits on the first, which has every flow. Only
+        // the second's: each joined thread adds wake-ups, and one more socket's threads are
+        // what a burst needs while the first's are busy or waiting for a core.
+        let joined = mine == 1 && group.joined();
         r.batch(
             if joined { first } else { fd },
             fd,
@@ -587,7 +589,7 @@ pub fn recv_thread(
         group.last_took[me].store(now, Ordering::Relaxed);
         // Joined while this thread waited on its own socket, it waits on the first from its next
         // batch: what waits there now is not stuck.
-        let joined = joined || (mine != 0 && group.joined());
+        let joined = joined || (mine == 1 && group.joined());
         for (s, next) in next_look.iter_mut().enumerate() {
             if now < *next {
                 continue;
