@@ -405,12 +405,14 @@ fn a_stalled_udp_thread_does_not_strand_its_flows() {
 /// With the default steering, every flow goes to the first socket while the load is light, so a
 /// stop of that socket's thread (`udp-0-0`) would strand them all: the other thread takes what
 /// waits there and spreads the flows over both sockets by the kernel's hash, which the edge's
-/// metrics show.
+/// metrics show. (Here the second socket's thread never joins the first, `udp.hold_target_us = 0`;
+/// joined, it takes them without a spread: `a_joined_thread_takes_the_first_sockets_datagrams…`.)
 #[test]
 fn a_stuck_first_socket_spreads_the_flows() {
     let edge = stalled_thread_strands_nothing(&[
         ("SIPWARDEN_UDP__SOCKETS", "2"),
         ("SIPWARDEN_UDP__THREADS_PER_SOCKET", "1"),
+        ("SIPWARDEN_UDP__HOLD_TARGET_US", "0"),
     ]);
     let m = edge.metrics();
     assert_eq!(
@@ -434,8 +436,8 @@ fn a_stalled_udp_thread_leaves_its_socket_to_the_other_thread() {
 /// When datagrams wait past `udp.hold_target_us` (1 µs here: every datagram does), the second
 /// socket's thread joins the first socket, which has every flow while the load is light. Stopped
 /// then, `udp-0-0` strands nothing and the flows never move: the joined thread is woken for
-/// every datagram, where without joining it would find them stuck and spread the flows (the test
-/// above).
+/// every datagram, where without joining it would find them stuck and spread the flows
+/// (`a_stuck_first_socket_spreads_the_flows`).
 #[test]
 fn a_joined_thread_takes_the_first_sockets_datagrams_while_its_own_thread_cannot_run() {
     let keepalives = UdpSocket::bind("127.0.0.44:0").unwrap();
