@@ -663,6 +663,17 @@ mod tests {
 
     const HOLD: Duration = Duration::from_millis(1);
 
+    /// A group of `sockets` fresh loopback sockets, one thread each.
+    fn group_of(
+        sockets: usize,
+        spread_at: f64,
+        hold: Duration,
+        metrics: &crate::metrics::Metrics,
+    ) -> Arc<Group> {
+        let socks = bind("127.0.0.1:0".parse().unwrap(), sockets).unwrap();
+        Group::new(socks, 1, spread_at, hold, metrics)
+    }
+
     fn busy(busy_us: u64) -> Handled {
         Handled {
             busy_us,
@@ -694,8 +705,7 @@ mod tests {
     #[test]
     fn a_late_window_joins_the_threads_until_the_flows_spread_or_calm_returns() {
         let metrics = crate::metrics::Metrics::default();
-        let socks = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
-        let group = Group::new(socks, 1, 0.35, HOLD, &metrics);
+        let group = group_of(2, 0.35, HOLD, &metrics);
         assert_eq!(group.late_ns(), 1_000_000);
         let w = WINDOW.as_micros() as u64;
         let window = |datagrams, late| Handled {
@@ -731,13 +741,7 @@ mod tests {
         assert!(!group.joined());
         assert_eq!(metrics.udp_joined.get(), 0);
         // A target of 0: never joined, whatever the hold.
-        let off = Group::new(
-            bind("127.0.0.1:0".parse().unwrap(), 2).unwrap(),
-            1,
-            0.35,
-            Duration::ZERO,
-            &metrics,
-        );
+        let off = group_of(2, 0.35, Duration::ZERO, &metrics);
         assert_eq!(off.late_ns(), u64::MAX);
         off.handled(window(1000, 1000), w, &metrics);
         assert!(!off.joined());
@@ -809,8 +813,7 @@ mod tests {
     #[test]
     fn the_load_of_a_window_moves_the_flows() {
         let metrics = crate::metrics::Metrics::default();
-        let socks = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
-        let group = Group::new(socks, 1, 0.35, HOLD, &metrics);
+        let group = group_of(2, 0.35, HOLD, &metrics);
         let w = WINDOW.as_micros() as u64;
         // A window 40% busy spreads; the next, 10% busy, concentrates again.
         group.handled(busy(0), w / 2, &metrics);
@@ -820,26 +823,14 @@ mod tests {
         assert!(!group.spread());
         assert!((metrics.udp_busy.get() - (w / 2) as f64 / 1e6).abs() < 1e-9);
         // One socket, or a mark of 0: nothing to steer, always spread.
-        let one = Group::new(
-            bind("127.0.0.1:0".parse().unwrap(), 1).unwrap(),
-            1,
-            0.35,
-            HOLD,
-            &metrics,
-        );
+        let one = group_of(1, 0.35, HOLD, &metrics);
         assert!(one.spread());
         assert_eq!(
             metrics.udp_spread.get(),
             0,
             "one socket has nothing to spread"
         );
-        let off = Group::new(
-            bind("127.0.0.1:0".parse().unwrap(), 2).unwrap(),
-            1,
-            0.0,
-            HOLD,
-            &metrics,
-        );
+        let off = group_of(2, 0.0, HOLD, &metrics);
         assert!(off.spread());
         assert_eq!(metrics.udp_spread.get(), 1);
     }
