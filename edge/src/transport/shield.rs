@@ -22,13 +22,16 @@ pub const MAX_V4: usize = 200;
 /// Most IPv6 sources in the filter (nine instructions each).
 pub const MAX_V6: usize = 64;
 
+/// Classic BPF `BPF_RET | BPF_K`: return the constant (a filter's verdict, or a `SO_REUSEPORT`
+/// program's socket index).
+pub(super) const RET_K: u16 = 0x06;
+
 /// The classic BPF program dropping datagrams from `v4` and `v6` and accepting the rest.
 pub fn program(v4: &[Ipv4Addr], v6: &[Ipv6Addr]) -> Vec<SockFilter> {
     const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
     const LD_B_ABS: u16 = 0x30; // BPF_LD | BPF_B | BPF_ABS
     const RSH_K: u16 = 0x74; // BPF_ALU | BPF_RSH | BPF_K
     const JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
-    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
     /// SKF_NET_OFF (-0x100000): offsets from the network header, whatever the transport header.
     const NET: u32 = 0xfff0_0000;
     const ACCEPT: u32 = u32::MAX;

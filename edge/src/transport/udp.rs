@@ -173,9 +173,8 @@ fn want_join(joined: bool, calm: u32, datagrams: u64, late: u64) -> (bool, u32) 
 /// datagram to the socket at `index` in the group; an index past the last makes the kernel fall
 /// back to its flow hash.
 fn steer(sock: &UdpSocket, index: u32) -> nix::Result<()> {
-    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
     let mut prog = [nix::libc::sock_filter {
-        code: RET_K,
+        code: super::shield::RET_K,
         jt: 0,
         jf: 0,
         k: index,
