@@ -33,7 +33,9 @@
 //! `cargo build --release --workspace --bins && cargo bench -p sipwarden-tests --bench sip_load`
 //! Environment: `SW_BENCH_WORKLOADS` (default `options,register,call`), `SW_BENCH_TRANSPORTS`
 //! (default `udp,tcp`), `SW_BENCH_RATES` (default `2000,5000`), `SW_BENCH_SECONDS` (default 10),
-//! `SW_BENCH_RUNS` (default 3), `SW_BENCH_MAX`, `SW_BENCH_MAX_STEP`.
+//! `SW_BENCH_RUNS` (default 3), `SW_BENCH_MAX`, `SW_BENCH_MAX_STEP`, `SW_BENCH_CAPTURE`, and
+//! `SW_BENCH_PIN=LOAD:PROXY` (taskset CPU lists such as `0:1`) to run SIPp, tcpdump and the probe
+//! on LOAD and each proxy on PROXY, as where a proxy does not share its cores with its load.
 
 use sipwarden_tests::bench::*;
 use sipwarden_tests::*;
@@ -110,8 +112,24 @@ fn main() {
     let capture_env = std::env::var("SW_BENCH_CAPTURE").ok();
     let capture_fixed = capture_env.as_deref() == Some("1");
     let capture_half = capture_env.as_deref() != Some("0");
+    // `SW_BENCH_PIN=LOAD:PROXY` (taskset CPU lists, e.g. `0:1`): SIPp, tcpdump and this process on
+    // LOAD, each proxy on PROXY, as where a proxy has cores of its own rather than sharing them
+    // with the load it carries.
+    let pinning = std::env::var("SW_BENCH_PIN").ok().map(|v| {
+        let (load, proxy) = v
+            .split_once(':')
+            .expect("SW_BENCH_PIN is LOAD:PROXY, two taskset CPU lists such as 0:1");
+        (load.to_string(), proxy.to_string())
+    });
+    if let Some((load, _)) = &pinning {
+        // Before any thread or child exists, so that all of them inherit it.
+        pin_self(load);
+    }
     let root = tempfile::tempdir().unwrap();
 
+    if let Some((load, proxy)) = &pinning {
+        println!("load generators on CPUs {load}, each proxy on CPUs {proxy}");
+    }
     println!(
         "{seconds} s per run, {runs} runs per rate; CPU in µs per transaction or call, median (min–max) over runs (the user share is the kernel's tick-sampled split, indicative only; the total is exact); latency in ms at the UAC"
     );
@@ -120,9 +138,17 @@ fn main() {
         let uas_port = free_port(UAS_IP);
         let mut uas_proc = start_uas(root.path(), uas_port, transport);
         let uas = format!("{UAS_IP}:{uas_port}");
+        // The proxies start on their own CPUs, so that each sizes itself (the edge's UDP sockets,
+        // its runtime's workers) by what it will have; the rest goes back to the load's.
+        if let Some((_, proxy)) = &pinning {
+            pin_self(proxy);
+        }
         let edge = start_edge(&uas, transport);
         let kam_port = free_port(PROXY_IP);
         let kamailio = start_kamailio(root.path(), kam_port, &uas, transport);
+        if let Some((load, _)) = &pinning {
+            pin_self(load);
+        }
         let targets = [
             Target {
                 name: "edge",

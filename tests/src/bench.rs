@@ -67,6 +67,18 @@ pub fn cpu_ticks(root: u32) -> (u64, u64) {
         .fold((0, 0), |(u, s), x| (u + x.2, s + x.3))
 }
 
+/// Restricts every thread of this process to the CPUs in `cpus` (a `taskset` list such as `1` or
+/// `0,2-3`); the threads and processes it starts from then on inherit it. Panics when `taskset`
+/// refuses (an unknown CPU): a benchmark asked to pin must not run unpinned.
+pub fn pin_self(cpus: &str) {
+    let status = Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .expect("taskset (util-linux)");
+    assert!(status.success(), "taskset -c {cpus} refused");
+}
+
 /// (thread id, user + system ticks) of each thread of `pid` whose name starts with `prefix`.
 pub fn thread_ticks(pid: u32, prefix: &str) -> Vec<(u32, u64)> {
     let mut out = Vec::new();
