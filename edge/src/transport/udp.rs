@@ -532,6 +532,36 @@ fn unix_ns(ts: &TimeSpec) -> u64 {
         .saturating_add(ts.tv_nsec().max(0) as u64)
 }
 
+/// Whether a thread of socket `mine` looks at socket `s` after a batch, and why.
+#[derive(Debug, PartialEq, Eq)]
+enum Look {
+    No,
+    /// Its own socket, while the thread waits on the first: no flows reach it then, but what
+    /// arrived before they moved waits there. Looked at once per [`POLL`].
+    Leftovers,
+    /// Another socket none of whose threads has taken datagrams for [`STALLED`]: what waits
+    /// there is taken, and having waited [`STUCK`] spreads the flows. Looked at once per
+    /// [`STALLED`] while its threads stay away.
+    Stalled,
+}
+
+/// What a thread of socket `mine`, `joined` or not, does with socket `s`, idle for `idle_us`
+/// (since any of its threads last took datagrams). The socket a thread waits on needs no look:
+/// the kernel wakes any thread waiting on it.
+fn look(s: usize, mine: usize, joined: bool, idle_us: u64) -> Look {
+    if s == mine {
+        return if joined { Look::Leftovers } else { Look::No };
+    }
+    if joined && s == 0 {
+        return Look::No;
+    }
+    if idle_us > STALLED.as_micros() as u64 {
+        Look::Stalled
+    } else {
+        Look::No
+    }
+}
+
 /// As thread `me` of `group`, receives datagrams on its socket until `stop`, each handed to the
 /// dispatcher; what a batch produces for this listener leaves through this socket in one
 /// `sendmmsg`. Then takes what waits on another socket none of whose threads has taken any
@@ -593,25 +623,19 @@ pub fn recv_thread(
             if now < *next {
                 continue;
             }
-            if s == mine && joined {
-                // Its own socket gets no flows while this thread is joined, but may hold what
-                // arrived before they moved to the first: a look every poll period takes it.
-                *next = now + POLL.as_micros() as u64;
-                r.batch(fd, fd, MsgFlags::MSG_DONTWAIT, &dispatcher);
-                continue;
-            }
-            // The socket this thread waits on needs no look: the kernel wakes any thread
-            // waiting on it.
-            if s == mine || (joined && s == 0) {
-                continue;
-            }
-            let idle = now.saturating_sub(group.socket_took(s));
-            if idle > limit {
-                *next = now + limit;
-                let theirs = group.socks[s].as_raw_fd();
-                let waited = r.batch(theirs, fd, MsgFlags::MSG_DONTWAIT, &dispatcher);
-                if waited > STUCK.as_nanos() as u64 {
-                    group.set_spread(true, &dispatcher.metrics);
+            match look(s, mine, joined, now.saturating_sub(group.socket_took(s))) {
+                Look::No => {}
+                Look::Leftovers => {
+                    *next = now + POLL.as_micros() as u64;
+                    r.batch(fd, fd, MsgFlags::MSG_DONTWAIT, &dispatcher);
+                }
+                Look::Stalled => {
+                    *next = now + limit;
+                    let theirs = group.socks[s].as_raw_fd();
+                    let waited = r.batch(theirs, fd, MsgFlags::MSG_DONTWAIT, &dispatcher);
+                    if waited > STUCK.as_nanos() as u64 {
+                        group.set_spread(true, &dispatcher.metrics);
+                    }
                 }
             }
         }
@@ -744,6 +768,24 @@ mod tests {
         assert_eq!(off.late_ns(), u64::MAX);
         off.handled(window(1000, 1000), w, &metrics);
         assert!(!off.joined());
+    }
+
+    #[test]
+    fn a_joined_thread_looks_at_its_own_socket_and_any_thread_at_a_stalled_one() {
+        let stalled = STALLED.as_micros() as u64 + 1;
+        // Apart, a thread waits on its own socket (no look) and looks at a stalled sibling only.
+        assert_eq!(look(1, 1, false, stalled), Look::No);
+        assert_eq!(look(0, 1, false, stalled), Look::Stalled);
+        assert_eq!(look(0, 1, false, stalled - 1), Look::No);
+        assert_eq!(look(1, 0, false, stalled), Look::Stalled);
+        // Joined, a second-socket thread waits on the first (no look there, however long its own
+        // threads have been away) and looks at its own for leftovers, busy or not.
+        assert_eq!(look(0, 1, true, stalled), Look::No);
+        assert_eq!(look(1, 1, true, 0), Look::Leftovers);
+        assert_eq!(look(1, 1, true, stalled), Look::Leftovers);
+        // A third socket stalls as it would apart.
+        assert_eq!(look(2, 1, true, stalled), Look::Stalled);
+        assert_eq!(look(2, 1, true, 0), Look::No);
     }
 
     #[test]
