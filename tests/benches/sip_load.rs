@@ -5,7 +5,9 @@
 //!
 //! For each workload (`options`: OPTIONS–200; `register`: REGISTER–200 over 1,000 users; `call`:
 //! INVITE–200–ACK–BYE–200), transport (UDP, TCP) and offered rate, runs are interleaved (edge,
-//! Kamailio, edge, …) so both see the same machine, and each reports:
+//! Kamailio, edge, …) so both see the same machine. Over UDP a third relay runs beside them: the
+//! bare `floor_relay` (no parsing, no filter, one `recv` and one `send` per datagram), the floor
+//! that any relay costs and adds on this host. Each reports:
 //! - the proxy's CPU (user+system of all its threads and processes, from /proc) per completed
 //!   transaction or call, with the user/system split, and the ratio edge/Kamailio;
 //! - round-trip percentiles of an OPTIONS probe (200/s, from its own address, µs clock) sent
@@ -39,6 +41,7 @@
 
 use sipwarden_tests::bench::*;
 use sipwarden_tests::*;
+use std::path::Path;
 
 /// Figures of one target at one rate over several runs.
 #[derive(Default)]
@@ -146,10 +149,20 @@ fn main() {
         let edge = start_edge(&uas, transport);
         let kam_port = free_port(PROXY_IP);
         let kamailio = start_kamailio(root.path(), kam_port, &uas, transport);
+        // Over UDP, the bare relay: what any relay costs and adds on this host.
+        let relay_port = free_port(PROXY_IP);
+        let relay = (transport == "udp").then(|| {
+            start_relay(
+                Path::new(env!("CARGO_BIN_EXE_floor_relay")),
+                relay_port,
+                &uas,
+            )
+        });
         if let Some((load, _)) = &pinning {
             pin_self(load);
         }
-        let targets = [
+        // The two proxies first, the straight line to the UAS last.
+        let mut targets = vec![
             Target {
                 name: "edge",
                 pid: Some(edge.proc.pid()),
@@ -164,14 +177,25 @@ fn main() {
                 metrics: None,
                 forwards_to: uas.parse().ok(),
             },
-            Target {
-                name: "direct",
-                pid: None,
-                addr: uas.clone(),
-                metrics: None,
-                forwards_to: None,
-            },
         ];
+        if let Some(relay) = &relay {
+            targets.push(Target {
+                name: "relay",
+                pid: Some(relay.pid()),
+                addr: format!("{PROXY_IP}:{relay_port}"),
+                metrics: None,
+                forwards_to: uas.parse().ok(),
+            });
+        }
+        targets.push(Target {
+            name: "direct",
+            pid: None,
+            addr: uas.clone(),
+            metrics: None,
+            forwards_to: None,
+        });
+        let direct = targets.last().expect("direct");
+        let relay = targets.iter().find(|t| t.name == "relay");
         // The registered-source rule lets only registered sources call: register the UAC's
         // address once (the call workload's INVITEs then come from a registered source).
         let _ = load(
@@ -185,7 +209,7 @@ fn main() {
         for &w in &workloads {
             println!("\n{} over {}:", w.name(), transport.to_uppercase());
             for &rate in &rates {
-                let mut figs: [Figures; 3] = Default::default();
+                let mut figs: Vec<Figures> = targets.iter().map(|_| Figures::default()).collect();
                 for _ in 0..runs {
                     for (k, t) in targets.iter().enumerate() {
                         let run =
@@ -232,17 +256,12 @@ fn main() {
                     uas_proc = start_uas(root.path(), uas_port, transport);
                     if best >= 2 {
                         let half = best / 2;
-                        let run =
-                            measure(root.path(), t, w, transport, half, seconds, capture_half);
-                        let direct = measure(
-                            root.path(),
-                            &targets[2],
-                            w,
-                            transport,
-                            half,
-                            seconds,
-                            capture_half,
-                        );
+                        let at_half = |t: &Target| {
+                            measure(root.path(), t, w, transport, half, seconds, capture_half)
+                        };
+                        let run = at_half(t);
+                        let floor = relay.map(at_half);
+                        let direct = at_half(direct);
                         let (p50, p99) = (percentile(&run.rtts, 0.5), percentile(&run.rtts, 0.99));
                         let (d50, d99) = (
                             percentile(&direct.rtts, 0.5),
@@ -257,6 +276,15 @@ fn main() {
                             response_line(&run.response, &direct.response),
                             run.failed
                         );
+                        if let Some(floor) = floor {
+                            println!(
+                                "    relay at {half}/s: added p99 {:.3} ms (probe){}{}; {} failed",
+                                percentile(&floor.rtts, 0.99) - d99,
+                                transit_line(floor.transit.as_ref()),
+                                response_line(&floor.response, &direct.response),
+                                floor.failed
+                            );
+                        }
                     }
                 }
             }
@@ -311,7 +339,9 @@ fn ms_figure(label: &str, runs: &[f64]) -> String {
     format!(", {label} {} ms", spread_with(runs, 3))
 }
 
-fn report(w: Workload, rate: u32, targets: &[Target], figs: &[Figures; 3]) {
+/// The figures of each target at one rate (the last target is the straight line to the UAS),
+/// then the ratio edge/Kamailio and what each relay added to the direct p99.
+fn report(w: Workload, rate: u32, targets: &[Target], figs: &[Figures]) {
     println!("  {rate}/s offered:");
     for (t, f) in targets.iter().zip(figs) {
         let cpu = if t.pid.is_some() {
@@ -344,20 +374,28 @@ fn report(w: Workload, rate: u32, targets: &[Target], figs: &[Figures; 3]) {
         );
     }
     let ratio = median(&figs[0].per_unit_us) / median(&figs[1].per_unit_us);
-    let added = |f: &Figures| median(&f.p99_ms) - median(&figs[2].p99_ms);
+    let Some((direct, relays)) = figs.split_last() else {
+        return;
+    };
+    // What each relay (proxy or floor) added to the direct p99, by one measure.
+    let added = |of: fn(&Figures) -> &Vec<f64>| -> String {
+        let named: Vec<String> = targets
+            .iter()
+            .zip(relays)
+            .map(|(t, f)| format!("{} {:.3} ms", t.name, median(of(f)) - median(of(direct))))
+            .collect();
+        named.join(", ")
+    };
     let captured = if figs.iter().all(|f| !f.response_p99_ms.is_empty()) {
-        let added = |f: &Figures| median(&f.response_p99_ms) - median(&figs[2].response_p99_ms);
         format!(
-            "; p99 added at the UAC (capture): edge {:.3} ms, kamailio {:.3} ms",
-            added(&figs[0]),
-            added(&figs[1])
+            "; p99 added at the UAC (capture): {}",
+            added(|f| &f.response_p99_ms)
         )
     } else {
         String::new()
     };
     println!(
-        "    edge/kamailio CPU {ratio:.2}; p99 added (probe): edge {:.3} ms, kamailio {:.3} ms{captured}",
-        added(&figs[0]),
-        added(&figs[1])
+        "    edge/kamailio CPU {ratio:.2}; p99 added (probe): {}{captured}",
+        added(|f| &f.p99_ms)
     );
 }

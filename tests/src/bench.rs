@@ -230,6 +230,23 @@ pub fn start_kamailio(dir: &Path, port: u16, uas: &str, transport: &str) -> Proc
     p
 }
 
+/// The bare UDP relay (`floor_relay`, the binary at `bin`) on the proxy address's `port` in front
+/// of `uas`: the floor under any proxy on this host.
+pub fn start_relay(bin: &Path, port: u16, uas: &str) -> Proc {
+    let p = Proc::spawn(
+        "floor relay",
+        Command::new(bin)
+            .arg(format!("{PROXY_IP}:{port}"))
+            .arg(uas)
+            .stdout(Stdio::null()),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || port_bound("udp", port)),
+        "floor relay did not start"
+    );
+    p
+}
+
 /// SIPp as the UAS (no message trace: it would cost more than the proxy).
 pub fn start_uas(dir: &Path, port: u16, transport: &str) -> Proc {
     let sipp = require_tool("sipp", "sip-tester");
