@@ -30,7 +30,9 @@
 //! With `SW_BENCH_MAX=1` it then looks for each proxy's maximum rate with under 0.1% failures:
 //! rates rise in steps of `SW_BENCH_MAX_STEP` (default 2,500/s) until a run fails more than 0.1% or
 //! cannot keep up (its wall time exceeds the offered duration by 20%), and reports the last rate
-//! that passed and the latencies at half of it.
+//! that passed; then, at half of it, `SW_BENCH_RUNS` rounds of the proxy, the floor relay (over
+//! UDP) and the straight line, interleaved, with every figure above as a median (min–max) over
+//! the rounds.
 //!
 //! `cargo build --release --workspace --bins && cargo bench -p sipwarden-tests --bench sip_load`
 //! Environment: `SW_BENCH_WORKLOADS` (default `options,register,call`), `SW_BENCH_TRANSPORTS`
@@ -255,80 +257,38 @@ fn main() {
                     drop(uas_proc);
                     uas_proc = start_uas(root.path(), uas_port, transport);
                     if best >= 2 {
+                        // At half the maximum, `runs` rounds interleaved as at the fixed rates:
+                        // the proxy, the floor relay (over UDP) and the straight line to the UAS.
                         let half = best / 2;
-                        let at_half = |t: &Target| {
-                            measure(root.path(), t, w, transport, half, seconds, capture_half)
-                        };
-                        let run = at_half(t);
-                        let floor = relay.map(at_half);
-                        let direct = at_half(direct);
-                        let (p50, p99) = (percentile(&run.rtts, 0.5), percentile(&run.rtts, 0.99));
-                        let (d50, d99) = (
-                            percentile(&direct.rtts, 0.5),
-                            percentile(&direct.rtts, 0.99),
-                        );
-                        println!(
-                            "  {} at {half}/s (half the maximum): p50 {p50:.3} ms, p99 {p99:.3} ms; direct p50 {d50:.3}, p99 {d99:.3}; added p99 {:.3} ms{}{}{}; {} failed",
-                            t.name,
-                            p99 - d99,
-                            own_delay(&run),
-                            transit_line(run.transit.as_ref()),
-                            response_line(&run.response, &direct.response),
-                            run.failed
-                        );
-                        if let Some(floor) = floor {
-                            println!(
-                                "    relay at {half}/s: added p99 {:.3} ms (probe){}{}; {} failed",
-                                percentile(&floor.rtts, 0.99) - d99,
-                                transit_line(floor.transit.as_ref()),
-                                response_line(&floor.response, &direct.response),
-                                floor.failed
-                            );
+                        let mut at_half: Vec<&Target> = vec![t];
+                        at_half.extend(relay);
+                        at_half.push(direct);
+                        let mut figs: Vec<Figures> =
+                            at_half.iter().map(|_| Figures::default()).collect();
+                        for _ in 0..runs {
+                            for (k, t) in at_half.iter().enumerate() {
+                                let run = measure(
+                                    root.path(),
+                                    t,
+                                    w,
+                                    transport,
+                                    half,
+                                    seconds,
+                                    capture_half,
+                                );
+                                record(&mut figs[k], run);
+                            }
                         }
+                        println!("  {} at {half}/s, half its maximum:", t.name);
+                        for (t, f) in at_half.iter().zip(&figs) {
+                            println!("    {}", target_line(t, f, w));
+                        }
+                        println!("    {}", added_line(&at_half, &figs));
                     }
                 }
             }
         }
     }
-}
-
-/// The edge's own UDP delay figures of a run, for a report line ("" for other targets).
-fn own_delay(run: &Run) -> String {
-    match bucket_quantile(&run.edge_delay, 0.99) {
-        Some(p99) => format!("; own delay per datagram p99 {:.3} ms", p99 * 1e3),
-        None => String::new(),
-    }
-}
-
-/// A capture's transit figures, for a report line ("" without a capture).
-fn transit_line(t: Option<&sipwarden_tests::capture::Transit>) -> String {
-    let Some(t) = t.filter(|t| !t.messages.is_empty()) else {
-        return String::new();
-    };
-    format!(
-        "; transit (capture) per message p50 {:.3} p99 {:.3} ms, per transaction p99 {:.3} ms over {} transactions ({} unmatched, {} dropped by the kernel)",
-        percentile(&t.messages, 0.5),
-        percentile(&t.messages, 0.99),
-        percentile(&t.transactions, 0.99),
-        t.transactions.len(),
-        t.unmatched,
-        t.dropped
-    )
-}
-
-/// The UAC's response times from captures through a proxy and straight to the UAS under the same
-/// load, for a report line ("" without both).
-fn response_line(through: &[f64], direct: &[f64]) -> String {
-    if through.is_empty() || direct.is_empty() {
-        return String::new();
-    }
-    let (p99, d99) = (percentile(through, 0.99), percentile(direct, 0.99));
-    format!(
-        "; response time at the UAC (capture) p50 {:.3} p99 {p99:.3} ms, direct p50 {:.3} p99 {d99:.3} ms: added p99 {:.3} ms",
-        percentile(through, 0.5),
-        percentile(direct, 0.5),
-        p99 - d99
-    )
 }
 
 /// `, {label} {median (min–max)} ms` of per-run figures, or "" when there are none.
@@ -344,40 +304,55 @@ fn ms_figure(label: &str, runs: &[f64]) -> String {
 fn report(w: Workload, rate: u32, targets: &[Target], figs: &[Figures]) {
     println!("  {rate}/s offered:");
     for (t, f) in targets.iter().zip(figs) {
-        let cpu = if t.pid.is_some() {
-            format!(
-                "{} µs/{} ({:.0}% user), ",
-                spread(&f.per_unit_us),
-                w.unit(),
-                median(&f.user_share)
-            )
-        } else {
-            String::new()
-        };
-        let own = ms_figure("own delay per datagram p99", &f.own_p99_ms);
-        let transit = ms_figure("transit p99 per message", &f.transit_msg_p99_ms)
-            + &ms_figure("per transaction", &f.transit_txn_p99_ms);
-        let response = ms_figure("response p99 at the UAC (capture)", &f.response_p99_ms);
-        let receivers = if f.receive_threads.is_empty() {
-            String::new()
-        } else {
-            let list: Vec<String> = f.receive_threads.iter().map(|n| n.to_string()).collect();
-            format!(", receive threads carrying the load {}", list.join("/"))
-        };
-        println!(
-            "    {:<8} {cpu}p50 {} ms, p99 {} ms{own}{transit}{response}{receivers}, {} ok, {} failed",
-            t.name,
-            spread_with(&f.p50_ms, 3),
-            spread_with(&f.p99_ms, 3),
-            f.ok,
-            f.failed
-        );
+        println!("    {}", target_line(t, f, w));
     }
     let ratio = median(&figs[0].per_unit_us) / median(&figs[1].per_unit_us);
-    let Some((direct, relays)) = figs.split_last() else {
-        return;
+    let targets: Vec<&Target> = targets.iter().collect();
+    println!(
+        "    edge/kamailio CPU {ratio:.2}; {}",
+        added_line(&targets, figs)
+    );
+}
+
+/// One target's figures over its runs: CPU (for a process), the probe's round trips, the edge's own
+/// hold, transit and response times from captures, the edge's busy receive threads, the outcome.
+fn target_line(t: &Target, f: &Figures, w: Workload) -> String {
+    let cpu = if t.pid.is_some() {
+        format!(
+            "{} µs/{} ({:.0}% user), ",
+            spread(&f.per_unit_us),
+            w.unit(),
+            median(&f.user_share)
+        )
+    } else {
+        String::new()
     };
-    // What each relay (proxy or floor) added to the direct p99, by one measure.
+    let own = ms_figure("own delay per datagram p99", &f.own_p99_ms);
+    let transit = ms_figure("transit p99 per message", &f.transit_msg_p99_ms)
+        + &ms_figure("per transaction", &f.transit_txn_p99_ms);
+    let response = ms_figure("response p99 at the UAC (capture)", &f.response_p99_ms);
+    let receivers = if f.receive_threads.is_empty() {
+        String::new()
+    } else {
+        let list: Vec<String> = f.receive_threads.iter().map(|n| n.to_string()).collect();
+        format!(", receive threads carrying the load {}", list.join("/"))
+    };
+    format!(
+        "{:<8} {cpu}p50 {} ms, p99 {} ms{own}{transit}{response}{receivers}, {} ok, {} failed",
+        t.name,
+        spread_with(&f.p50_ms, 3),
+        spread_with(&f.p99_ms, 3),
+        f.ok,
+        f.failed
+    )
+}
+
+/// What each relay (proxy or floor) added to the straight line's p99 (the last of `targets`),
+/// median against median: by the probe, and by the capture where every run had one.
+fn added_line(targets: &[&Target], figs: &[Figures]) -> String {
+    let Some((direct, relays)) = figs.split_last() else {
+        return String::new();
+    };
     let added = |of: fn(&Figures) -> &Vec<f64>| -> String {
         let named: Vec<String> = targets
             .iter()
@@ -394,8 +369,5 @@ fn report(w: Workload, rate: u32, targets: &[Target], figs: &[Figures]) {
     } else {
         String::new()
     };
-    println!(
-        "    edge/kamailio CPU {ratio:.2}; p99 added (probe): {}{captured}",
-        added(|f| &f.p99_ms)
-    );
+    format!("p99 added (probe): {}{captured}", added(|f| &f.p99_ms))
 }
