@@ -5,9 +5,10 @@
 //!
 //! For each workload (`options`: OPTIONS–200; `register`: REGISTER–200 over 1,000 users; `call`:
 //! INVITE–200–ACK–BYE–200), transport (UDP, TCP) and offered rate, runs are interleaved (edge,
-//! Kamailio, edge, …) so both see the same machine. Over UDP a third relay runs beside them: the
-//! bare `floor_relay` (no parsing, no filter, one `recv` and one `send` per datagram), the floor
-//! that any relay costs and adds on this host. Each reports:
+//! Kamailio, edge, …) so both see the same machine. A third relay runs beside them: the bare
+//! `floor_relay` (no parsing, no filter; over UDP one `recv` and one `send` per datagram, over TCP
+//! one `read` and one `write` per chunk, each way), the floor that any relay costs and adds on
+//! this host. Each reports:
 //! - the proxy's CPU (user+system of all its threads and processes, from /proc) per completed
 //!   transaction or call, with the user/system split, and the ratio edge/Kamailio;
 //! - round-trip percentiles of an OPTIONS probe (200/s, from its own address, µs clock) sent
@@ -30,9 +31,8 @@
 //! With `SW_BENCH_MAX=1` it then looks for each proxy's maximum rate with under 0.1% failures:
 //! rates rise in steps of `SW_BENCH_MAX_STEP` (default 2,500/s) until a run fails more than 0.1% or
 //! cannot keep up (its wall time exceeds the offered duration by 20%), and reports the last rate
-//! that passed; then, at half of it, `SW_BENCH_RUNS` rounds of the proxy, the floor relay (over
-//! UDP) and the straight line, interleaved, with every figure above as a median (min–max) over
-//! the rounds.
+//! that passed; then, at half of it, `SW_BENCH_RUNS` rounds of the proxy, the floor relay and the
+//! straight line, interleaved, with every figure above as a median (min–max) over the rounds.
 //!
 //! `cargo build --release --workspace --bins && cargo bench -p sipwarden-tests --bench sip_load`
 //! Environment: `SW_BENCH_WORKLOADS` (default `options,register,call`), `SW_BENCH_TRANSPORTS`
@@ -151,15 +151,14 @@ fn main() {
         let edge = start_edge(&uas, transport);
         let kam_port = free_port(PROXY_IP);
         let kamailio = start_kamailio(root.path(), kam_port, &uas, transport);
-        // Over UDP, the bare relay: what any relay costs and adds on this host.
+        // The bare relay: what any relay costs and adds on this host.
         let relay_port = free_port(PROXY_IP);
-        let relay = (transport == "udp").then(|| {
-            start_relay(
-                Path::new(env!("CARGO_BIN_EXE_floor_relay")),
-                relay_port,
-                &uas,
-            )
-        });
+        let relay = start_relay(
+            Path::new(env!("CARGO_BIN_EXE_floor_relay")),
+            relay_port,
+            &uas,
+            transport,
+        );
         if let Some((load, _)) = &pinning {
             pin_self(load);
         }
@@ -180,15 +179,13 @@ fn main() {
                 forwards_to: uas.parse().ok(),
             },
         ];
-        if let Some(relay) = &relay {
-            targets.push(Target {
-                name: "relay",
-                pid: Some(relay.pid()),
-                addr: format!("{PROXY_IP}:{relay_port}"),
-                metrics: None,
-                forwards_to: uas.parse().ok(),
-            });
-        }
+        targets.push(Target {
+            name: "relay",
+            pid: Some(relay.pid()),
+            addr: format!("{PROXY_IP}:{relay_port}"),
+            metrics: None,
+            forwards_to: uas.parse().ok(),
+        });
         targets.push(Target {
             name: "direct",
             pid: None,
@@ -197,7 +194,7 @@ fn main() {
             forwards_to: None,
         });
         let direct = targets.last().expect("direct");
-        let relay = targets.iter().find(|t| t.name == "relay");
+        let relay = &targets[2];
         // The registered-source rule lets only registered sources call: register the UAC's
         // address once (the call workload's INVITEs then come from a registered source).
         let _ = load(
@@ -258,11 +255,9 @@ fn main() {
                     uas_proc = start_uas(root.path(), uas_port, transport);
                     if best >= 2 {
                         // At half the maximum, `runs` rounds interleaved as at the fixed rates:
-                        // the proxy, the floor relay (over UDP) and the straight line to the UAS.
+                        // the proxy, the floor relay and the straight line to the UAS.
                         let half = best / 2;
-                        let mut at_half: Vec<&Target> = vec![t];
-                        at_half.extend(relay);
-                        at_half.push(direct);
+                        let at_half: Vec<&Target> = vec![t, relay, direct];
                         let mut figs: Vec<Figures> =
                             at_half.iter().map(|_| Figures::default()).collect();
                         for _ in 0..runs {

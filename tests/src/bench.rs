@@ -230,18 +230,21 @@ pub fn start_kamailio(dir: &Path, port: u16, uas: &str, transport: &str) -> Proc
     p
 }
 
-/// The bare UDP relay (`floor_relay`, the binary at `bin`) on the proxy address's `port` in front
-/// of `uas`: the floor under any proxy on this host.
-pub fn start_relay(bin: &Path, port: u16, uas: &str) -> Proc {
+/// The bare relay (`floor_relay`, the binary at `bin`) over `transport` on the proxy address's
+/// `port` in front of `uas`: the floor under any proxy on this host.
+pub fn start_relay(bin: &Path, port: u16, uas: &str, transport: &str) -> Proc {
+    let mut cmd = Command::new(bin);
+    if transport == "tcp" {
+        cmd.arg("--tcp");
+    }
     let p = Proc::spawn(
         "floor relay",
-        Command::new(bin)
-            .arg(format!("{PROXY_IP}:{port}"))
+        cmd.arg(format!("{PROXY_IP}:{port}"))
             .arg(uas)
             .stdout(Stdio::null()),
     );
     assert!(
-        wait_until(Duration::from_secs(10), || port_bound("udp", port)),
+        wait_until(Duration::from_secs(10), || port_bound(transport, port)),
         "floor relay did not start"
     );
     p
