@@ -81,9 +81,13 @@ impl Calls {
     }
 }
 
+/// The span of the per-account call rate.
+const MINUTE_MS: u64 = 60_000;
+
 /// What an account dialled lately.
 pub struct Activity {
-    /// Times of recent call attempts (at most the per-minute limit + 1).
+    /// Times of call attempts within the last minute, oldest first and never decreasing (at most
+    /// the per-minute limit + 1), so the last minute's count is a binary search.
     recent: VecDeque<u64>,
     last_number: Option<u128>,
     /// Consecutive calls so far, each to the previous number ± 1.
@@ -96,6 +100,11 @@ impl Stamped for Activity {
     fn stamp(&self) -> u64 {
         self.stamp
     }
+}
+
+/// How many of `recent` (in order) are a minute or more before `now`: the front of the queue.
+fn older_than_a_minute(recent: &VecDeque<u64>, now: u64) -> usize {
+    recent.partition_point(|&t| now.saturating_sub(t) >= MINUTE_MS)
 }
 
 /// Per-account dialling activity; outlives reloads.
@@ -203,11 +212,7 @@ impl Filter for TollFraud {
             }
         }
         let (per_min, run) = self.state.dialing.lock().get(&account).map_or((0, 0), |a| {
-            let in_min = a
-                .recent
-                .iter()
-                .filter(|&&t| now.saturating_sub(t) < 60_000)
-                .count();
+            let in_min = a.recent.len() - older_than_a_minute(&a.recent, now);
             let next = number
                 .as_deref()
                 .and_then(|n| n.trim_start_matches('+').parse::<u128>().ok());
@@ -292,10 +297,12 @@ impl Filter for TollFraud {
             },
             |a| {
                 a.stamp = now;
-                a.recent.push_back(now);
-                while a.recent.len() > keep {
-                    a.recent.pop_front();
-                }
+                // A clock read a moment earlier on another receive thread is stored as the last
+                // time, so the times stay in order; what the minute left behind goes.
+                let at = a.recent.back().map_or(now, |&last| last.max(now));
+                a.recent.push_back(at);
+                let over = a.recent.len().saturating_sub(keep);
+                a.recent.drain(..older_than_a_minute(&a.recent, at).max(over));
                 let sequential = matches!((a.last_number, next), (Some(l), Some(n)) if l.abs_diff(n) == 1)
                     && now.saturating_sub(a.run_start_ms) < self.cfg.sequential_window_s * 1000;
                 if sequential {

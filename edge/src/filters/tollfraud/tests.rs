@@ -88,6 +88,46 @@ fn calls_per_minute_per_account() {
 }
 
 #[test]
+fn a_high_call_rate_keeps_only_the_last_minute() {
+    // A trunk allowed 6,001 calls a minute places one every 10 ms for three minutes: the account
+    // keeps the last minute's times only (not the limit's worth of history), and the rate counts
+    // exactly that minute.
+    let mut cfg = quiet();
+    cfg.calls_per_min = 6_001;
+    let (f, state) = setup(cfg);
+    for i in 0..18_000u64 {
+        assert!(
+            call(&f, T0 + i * 10, "trunk", "5550100").is_none(),
+            "call {i}"
+        );
+    }
+    let kept = |state: &State| {
+        let map = state.dialing.lock();
+        assert_eq!(map.len(), 1);
+        map.values().next().map(|a| a.recent.len()).unwrap()
+    };
+    // The calls at T0 + 120,000 .. T0 + 179,990 ms: 6,000, counted by the next call.
+    assert_eq!(kept(&state), 6_000);
+    let last = T0 + 17_999 * 10;
+    assert!(call(&f, last, "trunk", "5550100").is_none(), "the 6,001st");
+    let found = call(&f, last, "trunk", "5550100").unwrap();
+    assert_eq!(found.rule, "tollfraud.rate");
+    assert!(found.detail.contains("6001 calls"), "{}", found.detail);
+    // A minute later everything before is gone; a call stamped a moment before the last one (a
+    // clock read on another thread) is kept in order, as of the last one.
+    assert!(call(&f, last + 60_000, "trunk", "5550100").is_none());
+    assert_eq!(kept(&state), 1);
+    assert!(call(&f, last + 60_000 - 5, "trunk", "5550100").is_none());
+    assert_eq!(kept(&state), 2);
+    assert!(call(&f, last + 120_000 - 1, "trunk", "5550100").is_none());
+    assert_eq!(
+        kept(&state),
+        3,
+        "a minute after the last, not after the earlier clock read"
+    );
+}
+
+#[test]
 fn concurrent_calls_follow_200_and_bye() {
     let mut cfg = quiet();
     cfg.concurrent_calls = 2;
