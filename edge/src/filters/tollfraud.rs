@@ -84,6 +84,12 @@ impl Calls {
 /// The span of the per-account call rate.
 const MINUTE_MS: u64 = 60_000;
 
+/// How far an account's last call time may be ahead of the clock before the clock counts as
+/// stepped back (the wall clock is set back, as NTP may at boot) rather than read a moment
+/// earlier on another thread: times from before such a step are not counted, and the next call
+/// forwarded forgets them.
+const STEP_MS: u64 = 1_000;
+
 /// What an account dialled lately.
 pub struct Activity {
     /// Times of call attempts within the last minute, oldest first and never decreasing (at most
@@ -105,6 +111,13 @@ impl Stamped for Activity {
 /// How many of `recent` (in order) are a minute or more before `now`: the front of the queue.
 fn older_than_a_minute(recent: &VecDeque<u64>, now: u64) -> usize {
     recent.partition_point(|&t| now.saturating_sub(t) >= MINUTE_MS)
+}
+
+/// How many of `recent` (in order) fall in the minute up to `now`, leaving out times more than
+/// [`STEP_MS`] ahead of it (from before the clock was set back).
+fn in_last_minute(recent: &VecDeque<u64>, now: u64) -> usize {
+    let not_ahead = recent.partition_point(|&t| t <= now.saturating_add(STEP_MS));
+    not_ahead.saturating_sub(older_than_a_minute(recent, now))
 }
 
 /// Per-account dialling activity; outlives reloads.
@@ -212,7 +225,7 @@ impl Filter for TollFraud {
             }
         }
         let (per_min, run) = self.state.dialing.lock().get(&account).map_or((0, 0), |a| {
-            let in_min = a.recent.len() - older_than_a_minute(&a.recent, now);
+            let in_min = in_last_minute(&a.recent, now);
             let next = number
                 .as_deref()
                 .and_then(|n| n.trim_start_matches('+').parse::<u128>().ok());
@@ -298,7 +311,11 @@ impl Filter for TollFraud {
             |a| {
                 a.stamp = now;
                 // A clock read a moment earlier on another receive thread is stored as the last
-                // time, so the times stay in order; what the minute left behind goes.
+                // time, so the times stay in order; what the minute left behind goes. A clock set
+                // back leaves the times before it behind too.
+                if a.recent.back().is_some_and(|&last| last > now.saturating_add(STEP_MS)) {
+                    a.recent.clear();
+                }
                 let at = a.recent.back().map_or(now, |&last| last.max(now));
                 a.recent.push_back(at);
                 let over = a.recent.len().saturating_sub(keep);

@@ -128,6 +128,36 @@ fn a_high_call_rate_keeps_only_the_last_minute() {
 }
 
 #[test]
+fn a_clock_set_back_does_not_hold_calls_from_before_it() {
+    // Three calls a minute allowed; three placed, then the wall clock is set back an hour: the
+    // calls from "the future" are not counted, and the count starts again from the step.
+    let mut cfg = quiet();
+    cfg.calls_per_min = 3;
+    let (f, _) = setup(cfg);
+    let late = T0 + 3_600_000;
+    for i in 0..3 {
+        assert!(call(&f, late + i, "1001", "5550100").is_none());
+    }
+    assert!(
+        call(&f, late + 3, "1001", "5550100").is_some(),
+        "the limit holds"
+    );
+    for i in 0..3 {
+        assert!(
+            call(&f, T0 + i, "1001", "5550100").is_none(),
+            "call {i} after the step"
+        );
+    }
+    let found = call(&f, T0 + 3, "1001", "5550100").unwrap();
+    assert_eq!(found.rule, "tollfraud.rate", "counted again from the step");
+    // A clock read a moment behind the last call (under a second) still counts with it.
+    assert!(call(&f, T0 + 61_000, "1001", "5550100").is_none());
+    assert!(call(&f, T0 + 60_500, "1001", "5550100").is_none());
+    assert!(call(&f, T0 + 60_600, "1001", "5550100").is_none());
+    assert!(call(&f, T0 + 60_700, "1001", "5550100").is_some());
+}
+
+#[test]
 fn concurrent_calls_follow_200_and_bye() {
     let mut cfg = quiet();
     cfg.concurrent_calls = 2;
