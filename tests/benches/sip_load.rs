@@ -194,7 +194,7 @@ fn main() {
             forwards_to: None,
         });
         let direct = targets.last().expect("direct");
-        let relay = &targets[2];
+        let relay = targets.iter().find(|t| t.name == "relay").expect("relay");
         // The registered-source rule lets only registered sources call: register the UAC's
         // address once (the call workload's INVITEs then come from a registered source).
         let _ = load(
