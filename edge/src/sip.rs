@@ -139,7 +139,7 @@ pub fn addr_uri(value: &str) -> &str {
     let b = value.as_bytes();
     match (memchr::memchr(b'<', b), memchr::memrchr(b'>', b)) {
         (Some(a), Some(z)) if a < z => &value[a + 1..z],
-        _ => value[..memchr::memchr(b';', b).unwrap_or(b.len())].trim(),
+        _ => value[..memchr::memchr(b';', b).unwrap_or(b.len())].trim_ascii(),
     }
 }
 
@@ -160,8 +160,8 @@ pub fn header_param<'a>(value: &'a str, name: &str) -> Option<&'a str> {
             Some(i) => (&p[..i], &p[i + 1..]),
             None => (p, ""),
         };
-        if k.trim().eq_ignore_ascii_case(name) {
-            return Some(v.trim());
+        if k.trim_ascii().eq_ignore_ascii_case(name) {
+            return Some(v.trim_ascii());
         }
         rest = next?;
     }

@@ -13,8 +13,6 @@ pub struct Sanity {
     /// This edge's advertised `host:port`s, lower-case: a request already carrying a Via with one of
     /// them has looped.
     own: Vec<(String, u16)>,
-    /// The hosts of `own`, to skip parsing Vias that cannot name this edge (nearly all).
-    own_hosts: Option<aho_corasick::AhoCorasick>,
 }
 
 impl Sanity {
@@ -23,18 +21,9 @@ impl Sanity {
             .iter()
             .map(|(h, p)| (h.trim_matches(['[', ']']).to_ascii_lowercase(), *p))
             .collect();
-        let own_hosts = if own.is_empty() {
-            None
-        } else {
-            Some(super::automaton(
-                own.iter().map(|(h, _)| h),
-                "edge addresses",
-            )?)
-        };
         Ok(Sanity {
             cfg: cfg.clone(),
             own,
-            own_hosts,
         })
     }
 
@@ -50,22 +39,14 @@ impl Sanity {
         Finding::new("sanity", action, reason)
     }
 
+    /// Whether a Via names this edge. Only each Via's sent-by is read, and compared with ours:
+    /// every request from the Internet comes through here.
     fn looped(&self, cx: &RequestCx<'_>) -> bool {
         let m = cx.sip.m;
-        let Some(hosts) = &self.own_hosts else {
-            return false;
-        };
-        // Vias that do not even contain one of our host names need no parse.
-        if !m
-            .all(HeaderName::Via)
-            .any(|h| hosts.is_match(m.text(h.value.clone())))
-        {
-            return false;
-        }
         m.elements(HeaderName::Via).any(|(_, r)| {
-            crate::proxy::via::ViaInfo::parse(m.text(r.clone())).is_some_and(|v| {
-                let host = v.host.trim_matches(['[', ']']);
-                let port = v.port.unwrap_or(5060);
+            crate::proxy::via::sent_by_of(m.text(r)).is_some_and(|(host, port)| {
+                let host = host.trim_matches(['[', ']']);
+                let port = port.unwrap_or(5060);
                 self.own
                     .iter()
                     .any(|(h, p)| *p == port && h.eq_ignore_ascii_case(host))

@@ -20,16 +20,18 @@ pub fn uri_user(uri: &str) -> Option<&str> {
 
 /// `user@host` (or `host`) of a URI: no scheme, port, parameters or headers. Lower-cased host.
 pub fn uri_aor(uri: &str) -> String {
-    let rest = uri.split_once(':').map_or(uri, |(_, r)| r);
-    let rest = rest.split([';', '?', '>']).next().unwrap_or(rest);
-    let (user, host) = match rest.rsplit_once('@') {
-        Some((u, h)) => (Some(u.split(':').next().unwrap_or(u)), h),
+    // Byte searches throughout: several rules take the AOR of every request.
+    let upto = |s: &str, b: u8| memchr::memchr(b, s.as_bytes()).unwrap_or(s.len());
+    let rest = memchr::memchr(b':', uri.as_bytes()).map_or(uri, |i| &uri[i + 1..]);
+    let rest = &rest[..memchr::memchr3(b';', b'?', b'>', rest.as_bytes()).unwrap_or(rest.len())];
+    let (user, host) = match memchr::memrchr(b'@', rest.as_bytes()) {
+        Some(i) => (Some(&rest[..upto(&rest[..i], b':')]), &rest[i + 1..]),
         None => (None, rest),
     };
     let host = if host.starts_with('[') {
-        host.split_inclusive(']').next().unwrap_or(host)
+        &host[..memchr::memchr(b']', host.as_bytes()).map_or(host.len(), |i| i + 1)]
     } else {
-        host.split(':').next().unwrap_or(host)
+        &host[..upto(host, b':')]
     };
     let mut aor = String::with_capacity(host.len() + user.map_or(0, |u| u.len() + 1));
     if let Some(u) = user {

@@ -10,6 +10,7 @@ use super::via::{self, ViaInfo};
 use super::{Action, Decision, Dest, Inbound, Outcome, Proxy, Side};
 use crate::flow::{FlowToken, PREFIX};
 use crate::sip::{addr_uri, header_param, reply, Edit, HeaderName, Message, Transport};
+use smallvec::SmallVec;
 use std::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
 
@@ -79,10 +80,10 @@ fn route(
     // Checked above (here, or by the sanity rule): absent or a number above zero.
     let max_forwards = m
         .header(HeaderName::MaxForwards)
-        .and_then(|v| v.trim().parse::<u32>().ok());
+        .and_then(|v| v.trim_ascii().parse::<u32>().ok());
 
     // Route: pop every leading entry that names this edge, keeping the flow token if one is there.
-    let routes: Vec<_> = m.elements(HeaderName::Route).collect();
+    let routes: SmallVec<[_; 4]> = m.elements(HeaderName::Route).collect();
     let mut popped = 0;
     let mut token: Option<FlowToken> = None;
     for (_, r) in &routes {
@@ -227,14 +228,15 @@ fn route(
         push_edge_uri(&mut top_lines, "Path", Some(&token), out, out_transport);
     }
 
+    // Declared before the edit, which borrows the new Max-Forwards from it.
+    let mut digits = itoa::Buffer::new();
     let mut e = Edit::new(m.buf);
     if let Some(s) = &stamped {
         e.replace(top_range, s.text.as_bytes());
     }
     remove_popped_routes(m, &routes, popped, &mut e);
-    let mut digits = itoa::Buffer::new();
     match (max_forwards, m.all(HeaderName::MaxForwards).next()) {
-        (Some(n), Some(h)) => e.replace(h.value.clone(), digits.format(n - 1).as_bytes().to_vec()),
+        (Some(n), Some(h)) => e.replace(h.value.clone(), digits.format(n - 1)),
         _ => {
             top_lines.push_str("Max-Forwards: ");
             top_lines.push_str(digits.format(DEFAULT_MAX_FORWARDS));
@@ -319,16 +321,17 @@ fn remove_popped_routes(
 /// written (an IPv6 reference keeps its brackets). Read by hand: this runs for the Request-URI
 /// and each Route of every request, and rsip's typed URI allocates every part.
 pub(super) fn uri_parts(uri: &str) -> Option<(Option<&str>, &str, Option<u16>)> {
-    let colon = uri.find(':')?;
+    let find = |s: &str, b: u8| memchr::memchr(b, s.as_bytes());
+    let colon = find(uri, b':')?;
     let scheme = &uri[..colon];
     if !scheme.eq_ignore_ascii_case("sip") && !scheme.eq_ignore_ascii_case("sips") {
         return None;
     }
     let rest = &uri[colon + 1..];
     // Userinfo ends at the '@' (which no other part may hold unescaped).
-    let (user, hostport) = match rest.find('@') {
+    let (user, hostport) = match find(rest, b'@') {
         Some(at) => {
-            let user = rest[..at].split(':').next().unwrap_or("");
+            let user = &rest[..find(&rest[..at], b':').unwrap_or(at)];
             if user.is_empty() {
                 return None;
             }
@@ -336,18 +339,18 @@ pub(super) fn uri_parts(uri: &str) -> Option<(Option<&str>, &str, Option<u16>)> 
         }
         None => (None, rest),
     };
-    let end = hostport.find([';', '?']).unwrap_or(hostport.len());
+    let end = memchr::memchr2(b';', b'?', hostport.as_bytes()).unwrap_or(hostport.len());
     let hostport = &hostport[..end];
     let (host, port) = if hostport.starts_with('[') {
-        let close = hostport.find(']')?;
+        let close = find(hostport, b']')?;
         hostport[1..close].parse::<std::net::Ipv6Addr>().ok()?;
         match &hostport[close + 1..] {
             "" => (&hostport[..=close], None),
             p => (&hostport[..=close], Some(p.strip_prefix(':')?)),
         }
     } else {
-        match hostport.split_once(':') {
-            Some((h, p)) => (h, Some(p)),
+        match find(hostport, b':') {
+            Some(i) => (&hostport[..i], Some(&hostport[i + 1..])),
             None => (hostport, None),
         }
     };

@@ -5,7 +5,7 @@
 
 use super::via::{self, ViaInfo};
 use super::{Action, Decision, Inbound, Outcome, Proxy, Side};
-use crate::sip::{split_list, Edit, HeaderName, Message};
+use crate::sip::{Edit, HeaderName, Message};
 
 pub(super) fn handle(p: &Proxy, m: &Message<'_>, _inb: &Inbound<'_>, side: Side) -> Decision {
     let drop = |reason: &str| Decision {
@@ -24,10 +24,10 @@ pub(super) fn handle(p: &Proxy, m: &Message<'_>, _inb: &Inbound<'_>, side: Side)
     if !p.is_self(top.host, top.port) {
         return drop("response whose top Via is not this edge");
     }
-    let Some((_, next_range)) = vias.next() else {
+    let Some((next_header, next_range)) = vias.next() else {
         return drop("response addressed to the edge itself");
     };
-    let Some(next) = ViaInfo::parse(m.text(next_range)) else {
+    let Some(next) = ViaInfo::parse(m.text(next_range.clone())) else {
         return drop("response with unreadable second Via");
     };
     let (Some(call_id), Some((cseq, _))) = (m.call_id(), m.cseq()) else {
@@ -38,14 +38,13 @@ pub(super) fn handle(p: &Proxy, m: &Message<'_>, _inb: &Inbound<'_>, side: Side)
         return drop("response whose Via branch does not verify (forged or altered Via)");
     }
 
+    // Our Via goes: its whole line when it is alone there, else up to the next element (the
+    // comma and white space with it), the rest of the line as it came.
     let mut e = Edit::new(m.buf);
-    let header = &m.headers[top_header];
-    let value = m.text(header.value.clone());
-    let rest: Vec<&str> = split_list(value).skip(1).map(|r| &value[r]).collect();
-    if rest.is_empty() {
-        e.remove(header.line.clone());
+    if next_header == top_header {
+        e.remove(top_range.start..next_range.start);
     } else {
-        e.replace(header.value.clone(), rest.join(", "));
+        e.remove(m.headers[top_header].line.clone());
     }
     let listener = p.listener_toward(
         match side {

@@ -296,6 +296,28 @@ fn responses_lose_our_via_and_follow_received_rport() {
     );
     assert_eq!(values(&out, HeaderName::Via), vec![vias[1].clone()]);
 
+    // Our Via sharing its line with the ones below: only our element goes, the rest of the
+    // line stays byte for byte.
+    for (line, left) in [
+        (
+            format!("Via: {} , {}\r\n", vias[0], vias[1]),
+            format!("Via: {}\r\n", vias[1]),
+        ),
+        (
+            format!(
+                "Via: {},{}, SIP/2.0/TCP 10.9.9.9;branch=z9hG4bKx\r\n",
+                vias[0], vias[1]
+            ),
+            format!("Via: {}, SIP/2.0/TCP 10.9.9.9;branch=z9hG4bKx\r\n", vias[1]),
+        ),
+    ] {
+        let two = format!("Via: {}\r\nVia: {}\r\n", vias[0], vias[1]);
+        let joined = resp.replace(&two, &line);
+        let (_, dest, out) = forwarded(from(PBX, Transport::Udp, joined.as_bytes()));
+        assert_eq!(dest, Dest::Addr(PHONE.parse().unwrap()));
+        assert_eq!(out, resp.replace(&two, &left), "{line}");
+    }
+
     // A response whose second Via was rewritten to reflect traffic at a victim is dropped.
     let forged = resp.replace("received=203.0.113.7", "received=192.0.2.200");
     let d = from(PBX, Transport::Udp, forged.as_bytes());

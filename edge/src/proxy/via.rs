@@ -50,13 +50,21 @@ impl<'a> Cursor<'a> {
         self.i > from
     }
 
-    /// The longest run of bytes satisfying `f` (ASCII, so a char boundary at each end).
-    #[inline]
+    /// The longest run of bytes satisfying `f` (ASCII, so a char boundary at each end). Inlined
+    /// into each caller, so the test is the caller's own and not a call per byte.
+    #[inline(always)]
     fn run(&mut self, f: impl Fn(u8) -> bool) -> &'a str {
         let from = self.i;
-        while self.peek().is_some_and(&f) {
-            self.i += 1;
-        }
+        let rest = self.s.as_bytes().get(from..).unwrap_or_default();
+        self.i = from + rest.iter().position(|&b| !f(b)).unwrap_or(rest.len());
+        &self.s[from..self.i]
+    }
+
+    /// Everything up to the next `b` or the end.
+    fn until(&mut self, b: u8) -> &'a str {
+        let from = self.i;
+        let rest = self.s.as_bytes().get(from..).unwrap_or_default();
+        self.i = from + memchr::memchr(b, rest).unwrap_or(rest.len());
         &self.s[from..self.i]
     }
 
@@ -69,6 +77,59 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// `sent-protocol LWS sent-by` at the start of a Via element (RFC 3261 §20.42): the transport,
+/// the host as written (an IPv6 reference keeps its brackets) and the port. Leaves the cursor
+/// just past the port.
+fn sent_by<'a>(c: &mut Cursor<'a>) -> Option<(Transport, &'a str, Option<u16>)> {
+    let element = c.s;
+    c.ws();
+    // sent-protocol: SIP / 2.0 / transport.
+    if !c.run(is_token).eq_ignore_ascii_case("SIP") {
+        return None;
+    }
+    c.sep(b'/')?;
+    if c.run(is_token) != "2.0" {
+        return None;
+    }
+    c.sep(b'/')?;
+    let transport = Transport::parse(c.run(is_token))?;
+    if !c.ws() {
+        return None;
+    }
+    // sent-by: host [ ":" port ].
+    let host = if c.peek() == Some(b'[') {
+        let open = c.i;
+        let close = open + memchr::memchr(b']', &element.as_bytes()[open..])?;
+        element[open + 1..close]
+            .parse::<std::net::Ipv6Addr>()
+            .ok()?;
+        c.i = close + 1;
+        &element[open..=close]
+    } else {
+        c.run(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    };
+    if host.is_empty() {
+        return None;
+    }
+    c.ws();
+    let port = if c.peek() == Some(b':') {
+        c.i += 1;
+        c.ws();
+        let p = c.run(|b| b.is_ascii_digit());
+        Some(p.parse::<u16>().ok().filter(|&p| p != 0)?)
+    } else {
+        None
+    };
+    Some((transport, host, port))
+}
+
+/// The sent-by `host` and `port` of a Via element, its parameters not read (loop detection
+/// looks at every Via of every request and wants nothing else).
+pub fn sent_by_of(element: &str) -> Option<(&str, Option<u16>)> {
+    let mut c = Cursor { s: element, i: 0 };
+    sent_by(&mut c).map(|(_, host, port)| (host, port))
+}
+
 impl<'a> ViaInfo<'a> {
     /// Parses one Via element (`SIP/2.0/UDP host:port;branch=…`, RFC 3261 §20.42 `via-parm`):
     /// white space is allowed around `/`, `:`, `;` and `=`; a parameter value runs to the next `;`.
@@ -79,44 +140,7 @@ impl<'a> ViaInfo<'a> {
     /// element in one pass and allocates nothing.
     pub fn parse(element: &'a str) -> Option<ViaInfo<'a>> {
         let mut c = Cursor { s: element, i: 0 };
-        c.ws();
-        // sent-protocol: SIP / 2.0 / transport.
-        if !c.run(is_token).eq_ignore_ascii_case("SIP") {
-            return None;
-        }
-        c.sep(b'/')?;
-        if c.run(is_token) != "2.0" {
-            return None;
-        }
-        c.sep(b'/')?;
-        let transport = Transport::parse(c.run(is_token))?;
-        if !c.ws() {
-            return None;
-        }
-        // sent-by: host [ ":" port ].
-        let host = if c.peek() == Some(b'[') {
-            let open = c.i;
-            let close = open + element[open..].find(']')?;
-            element[open + 1..close]
-                .parse::<std::net::Ipv6Addr>()
-                .ok()?;
-            c.i = close + 1;
-            &element[open..=close]
-        } else {
-            c.run(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-        };
-        if host.is_empty() {
-            return None;
-        }
-        c.ws();
-        let port = if c.peek() == Some(b':') {
-            c.i += 1;
-            c.ws();
-            let p = c.run(|b| b.is_ascii_digit());
-            Some(p.parse::<u16>().ok().filter(|&p| p != 0)?)
-        } else {
-            None
-        };
+        let (transport, host, port) = sent_by(&mut c)?;
         let mut info = ViaInfo {
             transport,
             host,
@@ -142,7 +166,7 @@ impl<'a> ViaInfo<'a> {
             let value = match c.peek() {
                 Some(b'=') => {
                     c.i += 1;
-                    let v = c.run(|b| b != b';').trim_matches([' ', '\t']);
+                    let v = c.until(b';').trim_ascii();
                     if v.is_empty() {
                         return None;
                     }
@@ -223,7 +247,7 @@ pub fn stamp_received(element: &str, via: &ViaInfo<'_>, source: SocketAddr) -> O
         let (p, next) = split_at_byte(params, b';');
         rest = next;
         out.push(';');
-        let name = p[..memchr::memchr(b'=', p.as_bytes()).unwrap_or(p.len())].trim();
+        let name = p[..memchr::memchr(b'=', p.as_bytes()).unwrap_or(p.len())].trim_ascii();
         if wants_rport && name.eq_ignore_ascii_case("rport") {
             out.push_str("rport=");
             out.push_str(itoa::Buffer::new().format(source.port()));

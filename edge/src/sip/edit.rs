@@ -1,6 +1,7 @@
 //! Forwarding by splicing: a list of non-overlapping byte edits over the original message, applied
 //! in one pass into one new buffer. The body and every untouched header are copied as they were.
 
+use smallvec::SmallVec;
 use std::borrow::Cow;
 use std::ops::Range;
 
@@ -34,17 +35,18 @@ impl From<String> for Piece<'_> {
 }
 
 /// Edits to make to `buf`; insertions at the same offset keep the order they were added in.
+/// A forwarded message takes at most a handful, kept on the stack.
 #[derive(Debug)]
 pub struct Edit<'a> {
     buf: &'a [u8],
-    ops: Vec<(Range<usize>, Piece<'a>)>,
+    ops: SmallVec<[(Range<usize>, Piece<'a>); 6]>,
 }
 
 impl<'a> Edit<'a> {
     pub fn new(buf: &'a [u8]) -> Self {
         Edit {
             buf,
-            ops: Vec::with_capacity(6),
+            ops: SmallVec::new(),
         }
     }
 

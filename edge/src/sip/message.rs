@@ -46,40 +46,63 @@ const HEADER_KINDS: usize = HeaderName::Other as usize + 1;
 
 impl HeaderName {
     pub fn classify(name: &str) -> HeaderName {
+        if !name.bytes().all(is_token) {
+            return HeaderName::Other;
+        }
         HeaderName::of(name.as_bytes())
     }
 
-    /// [`HeaderName::classify`] of a name's bytes.
+    /// [`HeaderName::classify`] of a name's bytes, which must all be [`is_token`]s (as the parser
+    /// hands them over). Every header line of every message comes
+    /// through here, so the candidate is picked by length and first letter and then compared
+    /// once, rather than by trying each name in turn.
     pub fn of(name: &[u8]) -> HeaderName {
         use HeaderName::*;
-        const NAMES: &[(&str, HeaderName)] = &[
-            ("via", Via),
-            ("v", Via),
-            ("from", From),
-            ("f", From),
-            ("to", To),
-            ("t", To),
-            ("call-id", CallId),
-            ("i", CallId),
-            ("cseq", CSeq),
-            ("max-forwards", MaxForwards),
-            ("content-length", ContentLength),
-            ("l", ContentLength),
-            ("contact", Contact),
-            ("m", Contact),
-            ("route", Route),
-            ("record-route", RecordRoute),
-            ("path", Path),
-            ("user-agent", UserAgent),
-            ("expires", Expires),
-            ("authorization", Authorization),
-            ("proxy-authorization", ProxyAuthorization),
-        ];
-        NAMES
+        let Some(&first) = name.first() else {
+            return Other;
+        };
+        let (want, h): (&[u8], HeaderName) = match (name.len(), first | 0x20) {
+            (1, b'v') => return Via,
+            (1, b'f') => return From,
+            (1, b't') => return To,
+            (1, b'i') => return CallId,
+            (1, b'l') => return ContentLength,
+            (1, b'm') => return Contact,
+            (2, b't') => (b"to", To),
+            (3, b'v') => (b"via", Via),
+            (4, b'f') => (b"from", From),
+            (4, b'c') => (b"cseq", CSeq),
+            (4, b'p') => (b"path", Path),
+            (5, b'r') => (b"route", Route),
+            (7, b'c') => {
+                if name[1] | 0x20 == b'a' {
+                    (b"call-id", CallId)
+                } else {
+                    (b"contact", Contact)
+                }
+            }
+            (7, b'e') => (b"expires", Expires),
+            (10, b'u') => (b"user-agent", UserAgent),
+            (12, b'm') => (b"max-forwards", MaxForwards),
+            (12, b'r') => (b"record-route", RecordRoute),
+            (13, b'a') => (b"authorization", Authorization),
+            (14, b'c') => (b"content-length", ContentLength),
+            (19, b'p') => (b"proxy-authorization", ProxyAuthorization),
+            _ => return Other,
+        };
+        // Setting bit 5 lower-cases a letter and leaves `-` and digits as they are; of the other
+        // token characters none becomes a letter or `-`, so for a token this is an exact
+        // case-insensitive comparison (`classify` turns away anything else). One OR and XOR
+        // per byte, folded, where `eq_ignore_ascii_case` maps both sides through a table.
+        let diff = name
             .iter()
-            .find(|(n, _)| n.len() == name.len() && n.as_bytes().eq_ignore_ascii_case(name))
-            .map(|(_, h)| *h)
-            .unwrap_or(Other)
+            .zip(want)
+            .fold(0u8, |d, (&c, &w)| d | ((c | 0x20) ^ w));
+        if diff == 0 {
+            h
+        } else {
+            Other
+        }
     }
 }
 
@@ -309,7 +332,7 @@ impl<'a> Message<'a> {
         let v = self.text(h.value.clone());
         let sp = v.find([' ', '\t'])?;
         let n = &v[..sp];
-        let method_at = v.len() - v[sp..].trim_start_matches([' ', '\t']).len();
+        let method_at = v.len() - v[sp..].trim_ascii_start().len();
         let method = &v[method_at..];
         if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || method.is_empty() {
             return None;
@@ -378,7 +401,7 @@ impl<'a> Message<'a> {
                 }
                 let line = self.text(h.line.clone());
                 line.split_once(':')
-                    .is_some_and(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+                    .is_some_and(|(n, _)| n.trim_ascii().eq_ignore_ascii_case(name))
             })
             .map(|h| self.text(h.value.clone()))
     }
@@ -425,7 +448,11 @@ impl<'a> Message<'a> {
     pub fn content_length(&self) -> Result<Option<usize>, ParseError> {
         match self.header(HeaderName::ContentLength) {
             None => Ok(None),
-            Some(v) => v.trim().parse().map(Some).map_err(|_| ParseError::Syntax),
+            Some(v) => v
+                .trim_ascii()
+                .parse()
+                .map(Some)
+                .map_err(|_| ParseError::Syntax),
         }
     }
 }
@@ -445,6 +472,68 @@ CSeq: 314159 INVITE\r\n\
 Content-Length: 4\r\n\
 \r\n\
 abcd";
+
+    /// Every name [`HeaderName::of`] knows, in both cases, and near misses of each.
+    #[test]
+    fn header_names_classify_by_full_name_in_any_case() {
+        use HeaderName::*;
+        let known = [
+            ("via", Via),
+            ("v", Via),
+            ("from", From),
+            ("f", From),
+            ("to", To),
+            ("t", To),
+            ("call-id", CallId),
+            ("i", CallId),
+            ("cseq", CSeq),
+            ("max-forwards", MaxForwards),
+            ("content-length", ContentLength),
+            ("l", ContentLength),
+            ("contact", Contact),
+            ("m", Contact),
+            ("route", Route),
+            ("record-route", RecordRoute),
+            ("path", Path),
+            ("user-agent", UserAgent),
+            ("expires", Expires),
+            ("authorization", Authorization),
+            ("proxy-authorization", ProxyAuthorization),
+        ];
+        for (name, h) in known {
+            assert_eq!(HeaderName::classify(name), h, "{name}");
+            assert_eq!(HeaderName::classify(&name.to_uppercase()), h, "{name}");
+            // One letter changed, one added, one taken away: none of them is the header.
+            let mut changed = name.to_string().into_bytes();
+            let last = changed.len() - 1;
+            changed[last] = if changed[last] == b'x' { b'y' } else { b'x' };
+            let changed = String::from_utf8(changed).unwrap();
+            for other in [changed, format!("{name}s"), name[1..].to_string()] {
+                let want = known.iter().find(|(n, _)| n.eq_ignore_ascii_case(&other));
+                assert_eq!(
+                    HeaderName::classify(&other),
+                    want.map_or(Other, |(_, h)| *h),
+                    "{other}"
+                );
+            }
+        }
+        for other in [
+            "",
+            "x",
+            "c",
+            "call-iD2",
+            "contacts",
+            "Supported",
+            "Allow",
+            "cseq:",
+            "call\rid",
+            "max\rforwards",
+        ] {
+            assert_eq!(HeaderName::classify(other), Other, "{other}");
+        }
+        assert_eq!(HeaderName::classify("CaLL-Id"), CallId);
+        assert_eq!(HeaderName::classify("CONTACT"), Contact);
+    }
 
     #[test]
     fn indexes_headers_over_the_raw_bytes() {

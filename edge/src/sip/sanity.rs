@@ -27,7 +27,7 @@ pub fn check_request(m: &Message<'_>, max_forwards_limit: u32) -> Result<(), Pro
         (HeaderName::CSeq, problem(400, "Missing CSeq")),
     ] {
         match m.header(h) {
-            Some(v) if !v.trim().is_empty() => {}
+            Some(v) if !v.trim_ascii().is_empty() => {}
             _ => return Err(missing),
         }
     }
@@ -43,7 +43,7 @@ pub fn check_request(m: &Message<'_>, max_forwards_limit: u32) -> Result<(), Pro
         _ => {}
     }
     if let Some(v) = m.header(HeaderName::MaxForwards) {
-        match v.trim().parse::<u32>() {
+        match v.trim_ascii().parse::<u32>() {
             Err(_) => return Err(problem(400, "Bad Max-Forwards")),
             Ok(0) => return Err(problem(483, "Too Many Hops")),
             Ok(n) if n > max_forwards_limit => return Err(problem(400, "Max-Forwards too large")),
