@@ -54,10 +54,45 @@ impl<'a> Cursor<'a> {
     /// into each caller, so the test is the caller's own and not a call per byte.
     #[inline(always)]
     fn run(&mut self, f: impl Fn(u8) -> bool) -> &'a str {
-        let from = self.i;
-        let rest = self.s.as_bytes().get(from..).unwrap_or_default();
-        self.i = from + rest.iter().position(|&b| !f(b)).unwrap_or(rest.len());
-        &self.s[from..self.i]
+        let (b, from) = (self.s.as_bytes(), self.i);
+        let mut i = from;
+        while i < b.len() && f(b[i]) {
+            i += 1;
+        }
+        self.i = i;
+        &self.s[from..i]
+    }
+
+    /// Consumes `SIP/2.0/` written without white space (as every implementation sends it),
+    /// letters in any case; whether it was there.
+    #[inline]
+    fn sip_2_0(&mut self) -> bool {
+        let Some(b) = self.s.as_bytes().get(self.i..self.i + 8) else {
+            return false;
+        };
+        let hit = b[0] | 0x20 == b's'
+            && b[1] | 0x20 == b'i'
+            && b[2] | 0x20 == b'p'
+            && &b[3..] == b"/2.0/";
+        if hit {
+            self.i += 8;
+        }
+        hit
+    }
+
+    /// A port: digits (leading zeros allowed) for 1–65535. The cursor moves past the digits
+    /// whatever they say.
+    #[inline]
+    fn port(&mut self) -> Option<u16> {
+        let digits = self.run(|b| b.is_ascii_digit());
+        if digits.is_empty() {
+            return None;
+        }
+        // Held under 2^17, so no run of digits overflows it.
+        let n = digits
+            .bytes()
+            .fold(0u32, |n, d| (n * 10 + u32::from(d - b'0')).min(1 << 17));
+        u16::try_from(n).ok().filter(|&p| p != 0)
     }
 
     /// Everything up to the next `b` or the end.
@@ -83,15 +118,17 @@ impl<'a> Cursor<'a> {
 fn sent_by<'a>(c: &mut Cursor<'a>) -> Option<(Transport, &'a str, Option<u16>)> {
     let element = c.s;
     c.ws();
-    // sent-protocol: SIP / 2.0 / transport.
-    if !c.run(is_token).eq_ignore_ascii_case("SIP") {
-        return None;
+    // sent-protocol: SIP / 2.0 / transport, white space allowed around the slashes.
+    if !c.sip_2_0() {
+        if !c.run(is_token).eq_ignore_ascii_case("SIP") {
+            return None;
+        }
+        c.sep(b'/')?;
+        if c.run(is_token) != "2.0" {
+            return None;
+        }
+        c.sep(b'/')?;
     }
-    c.sep(b'/')?;
-    if c.run(is_token) != "2.0" {
-        return None;
-    }
-    c.sep(b'/')?;
     let transport = Transport::parse(c.run(is_token))?;
     if !c.ws() {
         return None;
@@ -115,8 +152,7 @@ fn sent_by<'a>(c: &mut Cursor<'a>) -> Option<(Transport, &'a str, Option<u16>)> 
     let port = if c.peek() == Some(b':') {
         c.i += 1;
         c.ws();
-        let p = c.run(|b| b.is_ascii_digit());
-        Some(p.parse::<u16>().ok().filter(|&p| p != 0)?)
+        Some(c.port()?)
     } else {
         None
     };
@@ -434,6 +470,15 @@ mod tests {
             ("h", Some(5060), Some("z9hG4bKa"))
         );
         assert_eq!(v.rport, Some(None));
+        // Any case, leading zeros in the port, white space on one side of a slash only.
+        for (text, port) in [
+            ("sIp/2.0/uDp h:0005060", Some(5060)),
+            ("SIP/2.0 /UDP h:65535", Some(65535)),
+            ("SIP/ 2.0/UDP h", None),
+        ] {
+            let v = ViaInfo::parse(text).unwrap_or_else(|| panic!("refused {text:?}"));
+            assert_eq!((v.transport, v.host, v.port), (Transport::Udp, "h", port));
+        }
         for bad in [
             "SIP/2.0/UDP",
             "SIP/2.0/UDP ",
@@ -442,6 +487,11 @@ mod tests {
             "SIP/2.0/SCTP h",
             "SIP/2.0/UDP h:0",
             "SIP/2.0/UDP h:70000",
+            "SIP/2.0/UDP h:65536",
+            "SIP/2.0/UDP h:99999999999999999999",
+            "SIP/2.1/UDP h",
+            "SIP/2.0UDP h",
+            "SI/2.0/UDP h",
             "SIP/2.0/UDP h:x",
             "SIP/2.0/UDP h;rport=x",
             "SIP/2.0/UDP h;branch",

@@ -2,6 +2,7 @@
 //! keeps their byte ranges in the original buffer so the proxy can forward by splicing rather than
 //! re-serializing. Header values are turned into typed values only where a caller asks.
 
+use smallvec::SmallVec;
 use std::ops::Range;
 use thiserror::Error;
 
@@ -137,7 +138,8 @@ pub struct Message<'a> {
     pub start: StartLine,
     /// Byte offset just past the start line's CRLF: where new top headers go.
     pub start_end: usize,
-    pub headers: Vec<Header>,
+    /// On the stack for the header counts real traffic has; a longer message spills to the heap.
+    pub headers: SmallVec<[Header; 16]>,
     /// For each known header name, 1 + the index in `headers` of its first line (0: absent), so
     /// the dozen lookups each message gets cost no scan.
     first: [u8; HEADER_KINDS],
@@ -237,7 +239,7 @@ impl<'a> Message<'a> {
         let mut start_end = 0;
         let mut at = 0;
         let mut end = None;
-        let mut headers = Vec::with_capacity(16);
+        let mut headers = SmallVec::new();
         let mut first = [0u8; HEADER_KINDS];
         for nl in memchr::memchr_iter(b'\n', buf) {
             // An LF must end a CRLF (a bare CR is caught by the count below).
@@ -292,25 +294,33 @@ impl<'a> Message<'a> {
         let head = &buf[..end];
         let text = std::str::from_utf8(head).map_err(|_| ParseError::NotUtf8)?;
         // RFC 3261 §25.1: no CTL outside CRLF line ends and HTAB (NUL and friends confuse
-        // C parsers downstream). Counting CRs in the same pass finds a bare CR: every line ends in
-        // CRLF, so there must be exactly one per line. Branch-free over 64-byte chunks with byte
-        // accumulators, so the compiler vectorizes it.
-        let (mut control, mut crs) = (false, 0usize);
+        // C parsers downstream). Every LF of the head ends one of its `lines` and follows a CR
+        // (checked above), so the head is clean exactly when its bytes below 0x20 other than HTAB
+        // number two per line (a bare CR or any other control makes more) and it holds no DEL.
+        // Branch-free over 64-byte chunks with byte accumulators, so the compiler vectorizes it.
+        let (mut controls, mut del) = (0usize, false);
         for chunk in head.chunks(64) {
-            let (mut ctl, mut cr) = (0u8, 0u8);
+            let (mut n, mut d) = (0u8, 0u8);
             for &b in chunk {
-                let c = (b < 0x20) & (b != b'\r') & (b != b'\n') & (b != b'\t') | (b == 0x7f);
-                ctl |= u8::from(c);
-                cr += u8::from(b == b'\r');
+                n += u8::from((b < 0x20) & (b != b'\t'));
+                d |= u8::from(b == 0x7f);
             }
-            control |= ctl != 0;
-            crs += usize::from(cr);
+            controls += usize::from(n);
+            del |= d != 0;
         }
-        if control {
-            return Err(ParseError::Control);
-        }
-        if lines == 0 || crs != lines {
+        if lines == 0 {
             return Err(ParseError::Syntax);
+        }
+        if del || controls != 2 * lines {
+            // Something is off: a control character, or a bare CR (a syntax error).
+            let control = head
+                .iter()
+                .any(|&b| (b < 0x20 && !matches!(b, b'\r' | b'\n' | b'\t')) || b == 0x7f);
+            return Err(if control {
+                ParseError::Control
+            } else {
+                ParseError::Syntax
+            });
         }
         let mut m = Message {
             buf,
@@ -666,6 +676,32 @@ abcd";
         for c in cases {
             assert!(Message::parse(c.as_bytes()).is_err(), "accepted {c:?}");
         }
+    }
+
+    /// Control characters and bare CRs, wherever they sit in the head, each get their own error;
+    /// HTAB inside a value and anything in the body pass.
+    #[test]
+    fn control_characters_and_bare_crs_are_told_apart() {
+        let head =
+            "INVITE sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bKx\r\nCSeq: 1 INVITE\r\n";
+        for (bad, want) in [
+            ("Subject: a\rb\r\n", ParseError::Syntax),
+            ("Subject: ab\r\r\n", ParseError::Syntax),
+            ("Subject: a\x00b\r\n", ParseError::Control),
+            ("Subject: a\x7fb\r\n", ParseError::Control),
+            ("Subject: a\x0bb\r\n", ParseError::Control),
+            ("Subject: a\rb\x01\r\n", ParseError::Control),
+        ] {
+            let msg = format!("{head}{bad}\r\n");
+            assert_eq!(Message::parse(msg.as_bytes()).unwrap_err(), want, "{bad:?}");
+        }
+        let start = "INVITE sip:a@b\x01 SIP/2.0\r\nCSeq: 1 INVITE\r\n\r\n";
+        assert_eq!(
+            Message::parse(start.as_bytes()).unwrap_err(),
+            ParseError::Control
+        );
+        let fine = format!("{head}Subject: a\tb\r\n\r\nbody\r\x00\x7f");
+        assert!(Message::parse(fine.as_bytes()).is_ok());
     }
 
     #[test]
