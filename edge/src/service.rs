@@ -109,19 +109,21 @@ impl Service {
                 banned: matches!(gate, Verdict::Drop { rule: "ban" }),
             };
         }
-        let m = match Message::parse(inb.bytes) {
+        // Borrowed where it was parsed: moving the message out would copy its header index.
+        let parsed = Message::parse(inb.bytes);
+        let m = match &parsed {
             Ok(m) => m,
             Err(e) => {
                 let (kind, method) = start_line_labels(inb.bytes);
                 return Handled {
-                    decision: proxy::malformed(inb.bytes, &e, side),
+                    decision: proxy::malformed(inb.bytes, e, side),
                     kind,
                     method,
                     banned: false,
                 };
             }
         };
-        let sip = SipView::new(&m);
+        let sip = SipView::new(m);
         let is_request = sip.is_request();
         let span = tracing::info_span!(
             "sip",
@@ -134,9 +136,9 @@ impl Service {
         );
         let decision = span.in_scope(|| {
             if is_request {
-                self.request(&m, inb, side, &meta, &span)
+                self.request(m, inb, side, &meta, &span)
             } else {
-                self.response(&m, inb, side, &meta, &span)
+                self.response(m, inb, side, &meta, &span)
             }
         });
         Handled {

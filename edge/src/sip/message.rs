@@ -225,6 +225,38 @@ fn start_line(line: &[u8]) -> Result<StartLine, ParseError> {
     })
 }
 
+/// The first header line called `name`, found through the index of first occurrences.
+fn first_of<'h>(
+    headers: &'h [Header],
+    first: &[u8; HEADER_KINDS],
+    name: HeaderName,
+) -> Option<&'h Header> {
+    match first[name as usize] {
+        // Absent, or beyond the 255th header line (where the index stops): scan.
+        0 if headers.len() >= usize::from(u8::MAX) => headers.iter().find(|h| h.name == name),
+        0 => None,
+        i => Some(&headers[usize::from(i) - 1]),
+    }
+}
+
+/// `1*DIGIT LWS Method` of the CSeq line `h` of `head` (its value is trimmed at both ends by
+/// `parse`): the number and where the method is.
+fn read_cseq(head: &str, h: Option<&Header>) -> Option<(u32, Range<usize>)> {
+    let h = h?;
+    let v = head.get(h.value.clone())?;
+    let sp = v.find([' ', '\t'])?;
+    let n = &v[..sp];
+    let method_at = v.len() - v[sp..].trim_ascii_start().len();
+    let method = &v[method_at..];
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || method.is_empty() {
+        return None;
+    }
+    if method.bytes().any(|b| b == b' ' || b == b'\t') {
+        return None;
+    }
+    Some((n.parse().ok()?, h.value.start + method_at..h.value.end))
+}
+
 impl<'a> Message<'a> {
     /// Parses `buf`, which must hold exactly one message (UDP datagram or framed stream message).
     ///
@@ -322,7 +354,9 @@ impl<'a> Message<'a> {
                 ParseError::Syntax
             });
         }
-        let mut m = Message {
+        // Built in its final place: the header index makes the message a few hundred bytes.
+        let cseq = read_cseq(text, first_of(&headers, &first, HeaderName::CSeq));
+        Ok(Message {
             buf,
             head: text,
             start,
@@ -330,27 +364,8 @@ impl<'a> Message<'a> {
             headers,
             first,
             body_start: end + 2,
-            cseq: None,
-        };
-        m.cseq = m.read_cseq();
-        Ok(m)
-    }
-
-    /// `1*DIGIT LWS Method` of the first CSeq (its value is trimmed at both ends by `parse`).
-    fn read_cseq(&self) -> Option<(u32, Range<usize>)> {
-        let h = self.first_line(HeaderName::CSeq)?;
-        let v = self.text(h.value.clone());
-        let sp = v.find([' ', '\t'])?;
-        let n = &v[..sp];
-        let method_at = v.len() - v[sp..].trim_ascii_start().len();
-        let method = &v[method_at..];
-        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || method.is_empty() {
-            return None;
-        }
-        if method.bytes().any(|b| b == b' ' || b == b'\t') {
-            return None;
-        }
-        Some((n.parse().ok()?, h.value.start + method_at..h.value.end))
+            cseq,
+        })
     }
 
     /// The method of a request, `None` for a response.
@@ -390,14 +405,7 @@ impl<'a> Message<'a> {
 
     /// The first header line called `name`, found through the index of first occurrences.
     fn first_line(&self, name: HeaderName) -> Option<&Header> {
-        match self.first[name as usize] {
-            // Absent, or beyond the 255th header line (where the index stops): scan.
-            0 if self.headers.len() >= usize::from(u8::MAX) => {
-                self.headers.iter().find(|h| h.name == name)
-            }
-            0 => None,
-            i => Some(&self.headers[usize::from(i) - 1]),
-        }
+        first_of(&self.headers, &self.first, name)
     }
     /// The value of the first header whose name (as written, compact forms of known headers
     /// included) is `name`, ignoring case.
