@@ -9,6 +9,7 @@
 use crate::sip::Transport;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
+use smallvec::SmallVec;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use subtle::ConstantTimeEq;
 use thiserror::Error;
@@ -44,6 +45,13 @@ pub enum FlowError {
     Malformed,
     #[error("flow token signature does not verify")]
     BadSignature,
+}
+
+/// The fields [`FlowKeys::sign_flow`] signs, borrowed.
+struct FlowRef<'e> {
+    transport: Transport,
+    addr: SocketAddr,
+    edge: &'e str,
 }
 
 /// Where a phone's flow is: how and from where it reached the edge.
@@ -90,8 +98,19 @@ impl FlowKeys {
 
     /// Signs `flow` into the URI user-part form `sw1<base32hex>`.
     pub fn sign(&self, flow: &FlowToken) -> String {
+        self.sign_flow(flow.transport, flow.addr, &flow.edge)
+    }
+
+    /// [`FlowKeys::sign`] of the flow `(transport, addr, edge)`, without building a token first.
+    pub fn sign_flow(&self, transport: Transport, addr: SocketAddr, edge: &str) -> String {
+        let flow = FlowRef {
+            transport,
+            addr,
+            edge,
+        };
         let (key, id) = &self.keys[0];
-        let mut raw = Vec::with_capacity(40 + flow.edge.len());
+        // On the stack up to a 64-byte edge id: one allocation per token, the string itself.
+        let mut raw: SmallVec<[u8; 96]> = SmallVec::new();
         raw.push(VERSION);
         raw.push(*id);
         raw.push(match flow.transport {
@@ -115,18 +134,25 @@ impl FlowKeys {
         raw.extend_from_slice(edge);
         let mac = mac_with(key, &[&raw]);
         raw.extend_from_slice(&mac[..MAC_LEN]);
-        let mut out = String::with_capacity(PREFIX.len() + raw.len() * 8 / 5 + 1);
+        let b32 = &data_encoding::BASE32_DNSSEC;
+        let mut out = String::with_capacity(PREFIX.len() + b32.encode_len(raw.len()));
         out.push_str(PREFIX);
-        out.push_str(&data_encoding::BASE32_DNSSEC.encode(&raw));
+        b32.encode_append(&raw, &mut out);
         out
     }
 
     /// Verifies a token from a URI user part and returns the flow it names.
     pub fn verify(&self, token: &str) -> Result<FlowToken, FlowError> {
         let body = token.strip_prefix(PREFIX).ok_or(FlowError::NotAToken)?;
-        let raw = data_encoding::BASE32_DNSSEC
-            .decode(body.as_bytes())
+        let b32 = &data_encoding::BASE32_DNSSEC;
+        let len = b32
+            .decode_len(body.len())
             .map_err(|_| FlowError::Malformed)?;
+        let mut raw: SmallVec<[u8; 96]> = SmallVec::from_elem(0, len);
+        let len = b32
+            .decode_mut(body.as_bytes(), &mut raw)
+            .map_err(|_| FlowError::Malformed)?;
+        let raw = &raw[..len];
         if raw.len() < 4 + 4 + 2 + 1 + MAC_LEN || raw[0] != VERSION {
             return Err(FlowError::Malformed);
         }
@@ -211,7 +237,16 @@ mod tests {
                 "{t}"
             );
             assert_eq!(k.verify(&t).unwrap(), flow(a));
+            let f = flow(a);
+            assert_eq!(k.sign_flow(f.transport, f.addr, &f.edge), t);
         }
+        // An edge id too long for the stack buffer is cut at 64 bytes, as always.
+        let long = FlowToken {
+            edge: "e".repeat(200),
+            ..flow("203.0.113.7:41234")
+        };
+        let t = k.sign(&long);
+        assert_eq!(k.verify(&t).unwrap().edge, "e".repeat(64));
     }
 
     #[test]

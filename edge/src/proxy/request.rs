@@ -105,13 +105,9 @@ fn route(
     }
     let next_route = routes.get(popped).map(|(_, r)| addr_uri(m.text(r.clone())));
 
-    // The next hop. The phone's flow is the inbound one for requests from the Internet (built
-    // only when a token is signed for it), else the one a Route token or the target names.
-    let in_flow = || FlowToken {
-        transport: inb.transport,
-        addr: inb.source,
-        edge: p.edge_id.clone(),
-    };
+    // The next hop. The phone's flow is the inbound one for requests from the Internet (signed
+    // straight from the inbound transport and source when a token is needed), else the one a
+    // Route token or the target names.
     let mut relay: Option<(SocketAddr, String)> = None;
     let (out_transport, dest, phone_flow) = match side {
         Side::Internet => {
@@ -193,7 +189,7 @@ fn route(
     let dialog_creating = matches!(method, "INVITE" | "SUBSCRIBE" | "REFER" | "NOTIFY");
     if dialog_creating && initial {
         let token = match (side, &phone_flow) {
-            (Side::Internet, _) => Some(p.keys.sign(&in_flow())),
+            (Side::Internet, _) => Some(p.keys.sign_flow(inb.transport, inb.source, &p.edge_id)),
             (Side::Pbx, f) => f.as_ref().map(|f| p.keys.sign(f)),
         };
         // Double Record-Route (RFC 5658) when the two legs use different listeners: the first
@@ -224,7 +220,7 @@ fn route(
         }
     }
     if method == "REGISTER" && side == Side::Internet {
-        let token = p.keys.sign(&in_flow());
+        let token = p.keys.sign_flow(inb.transport, inb.source, &p.edge_id);
         push_edge_uri(&mut top_lines, "Path", Some(&token), out, out_transport);
     }
 
