@@ -1,7 +1,7 @@
 //! [`SipView`]: the fields filters read from a parsed message, each extracted on demand from the
 //! message's byte ranges (no typed rsip headers on the hot path).
 
-use crate::sip::{addr_uri, HeaderName, Message};
+use crate::sip::{addr_uri, find, rfind, HeaderName, Message};
 
 /// A read-only view of one parsed message.
 #[derive(Clone, Copy)]
@@ -21,15 +21,15 @@ pub fn uri_user(uri: &str) -> Option<&str> {
 /// `user@host` (or `host`) of a URI: no scheme, port, parameters or headers. Lower-cased host.
 pub fn uri_aor(uri: &str) -> String {
     // Byte searches throughout: several rules take the AOR of every request.
-    let upto = |s: &str, b: u8| memchr::memchr(b, s.as_bytes()).unwrap_or(s.len());
-    let rest = memchr::memchr(b':', uri.as_bytes()).map_or(uri, |i| &uri[i + 1..]);
+    let upto = |s: &str, b: u8| find(b, s.as_bytes()).unwrap_or(s.len());
+    let rest = find(b':', uri.as_bytes()).map_or(uri, |i| &uri[i + 1..]);
     let rest = &rest[..memchr::memchr3(b';', b'?', b'>', rest.as_bytes()).unwrap_or(rest.len())];
-    let (user, host) = match memchr::memrchr(b'@', rest.as_bytes()) {
+    let (user, host) = match rfind(b'@', rest.as_bytes()) {
         Some(i) => (Some(&rest[..upto(&rest[..i], b':')]), &rest[i + 1..]),
         None => (None, rest),
     };
     let host = if host.starts_with('[') {
-        &host[..memchr::memchr(b']', host.as_bytes()).map_or(host.len(), |i| i + 1)]
+        &host[..find(b']', host.as_bytes()).map_or(host.len(), |i| i + 1)]
     } else {
         &host[..upto(host, b':')]
     };

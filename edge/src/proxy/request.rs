@@ -12,7 +12,7 @@ use crate::flow::{FlowToken, PREFIX};
 use crate::sip::{addr_uri, header_param, reply, Edit, HeaderName, Message, Transport};
 use smallvec::SmallVec;
 use std::fmt::Write;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 /// Max-Forwards the edge sets when a request arrives without one.
 const DEFAULT_MAX_FORWARDS: u32 = 70;
@@ -115,11 +115,7 @@ fn route(
                 .or(Some(ruri))
                 .and_then(uri_parts)
                 .and_then(|(_, h, port)| {
-                    let ip: IpAddr = h
-                        .trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .parse()
-                        .ok()?;
+                    let ip = crate::sip::parse_ip(h.trim_start_matches('[').trim_end_matches(']'))?;
                     Some(SocketAddr::new(ip, port.unwrap_or(5060)))
                 });
             let b = p
@@ -317,7 +313,7 @@ fn remove_popped_routes(
 /// written (an IPv6 reference keeps its brackets). Read by hand: this runs for the Request-URI
 /// and each Route of every request, and rsip's typed URI allocates every part.
 pub(super) fn uri_parts(uri: &str) -> Option<(Option<&str>, &str, Option<u16>)> {
-    let find = |s: &str, b: u8| memchr::memchr(b, s.as_bytes());
+    let find = |s: &str, b: u8| crate::sip::find(b, s.as_bytes());
     let colon = find(uri, b':')?;
     let scheme = &uri[..colon];
     if !scheme.eq_ignore_ascii_case("sip") && !scheme.eq_ignore_ascii_case("sips") {

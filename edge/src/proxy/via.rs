@@ -8,7 +8,7 @@ use crate::flow::FlowKeys;
 use crate::sip::message::is_token;
 use crate::sip::Transport;
 use crate::sip::{host_is, push_ip, split_at_byte};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 /// RFC 3261 magic cookie, then our own marker.
 pub const BRANCH_PREFIX: &str = "z9hG4bKsw";
@@ -99,7 +99,7 @@ impl<'a> Cursor<'a> {
     fn until(&mut self, b: u8) -> &'a str {
         let from = self.i;
         let rest = self.s.as_bytes().get(from..).unwrap_or_default();
-        self.i = from + memchr::memchr(b, rest).unwrap_or(rest.len());
+        self.i = from + crate::sip::find(b, rest).unwrap_or(rest.len());
         &self.s[from..self.i]
     }
 
@@ -228,10 +228,7 @@ impl<'a> ViaInfo<'a> {
                 info.branch = Some(value?);
             } else if name.eq_ignore_ascii_case("received") {
                 let v = value?;
-                v.trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .parse::<IpAddr>()
-                    .ok()?;
+                crate::sip::parse_ip(v.trim_start_matches('[').trim_end_matches(']'))?;
                 info.received = Some(v);
             } else if name.eq_ignore_ascii_case("rport") {
                 info.rport = Some(match value {
@@ -251,9 +248,9 @@ impl<'a> ViaInfo<'a> {
         };
         let host = self.received.unwrap_or(self.host);
         let bare = host.trim_start_matches('[').trim_end_matches(']');
-        match bare.parse::<IpAddr>() {
-            Ok(ip) => Dest::Addr(SocketAddr::new(ip, port)),
-            Err(_) => Dest::Host(host.to_string(), port),
+        match crate::sip::parse_ip(bare) {
+            Some(ip) => Dest::Addr(SocketAddr::new(ip, port)),
+            None => Dest::Host(host.to_string(), port),
         }
     }
 }
@@ -296,7 +293,7 @@ pub fn stamp_received(element: &str, via: &ViaInfo<'_>, source: SocketAddr) -> O
         let (p, next) = split_at_byte(params, b';');
         rest = next;
         out.push(';');
-        let name = p[..memchr::memchr(b'=', p.as_bytes()).unwrap_or(p.len())].trim_ascii();
+        let name = p[..crate::sip::find(b'=', p.as_bytes()).unwrap_or(p.len())].trim_ascii();
         if wants_rport && name.eq_ignore_ascii_case("rport") {
             out.push_str("rport=");
             out.push_str(itoa::Buffer::new().format(source.port()));
