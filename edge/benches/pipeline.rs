@@ -223,5 +223,20 @@ fn transactions(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, gate, whole_message, transactions);
+/// The pieces every message goes through, alone: the header split and a Via read.
+fn parsing(c: &mut Criterion) {
+    use sipwarden_edge::proxy::via::ViaInfo;
+    use sipwarden_edge::sip::Message;
+    let mut g = c.benchmark_group("parse");
+    g.bench_function("options_message", |b| {
+        b.iter(|| black_box(Message::parse(black_box(options())).is_ok()))
+    });
+    let via = "SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKswq4h2k3l5m6n7p8r9s0t1v2w3x;rport=5060;received=198.51.100.77";
+    g.bench_function("via_element", |b| {
+        b.iter(|| black_box(ViaInfo::parse(black_box(via)).is_some()))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, gate, whole_message, transactions, parsing);
 criterion_main!(benches);
