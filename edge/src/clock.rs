@@ -3,6 +3,7 @@
 //! clock and advance it, so no filter test sleeps.
 
 use governor::nanos::Nanos;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -19,6 +20,37 @@ enum Source {
 /// A shareable clock.
 #[derive(Debug, Clone)]
 pub struct Clock(Arc<Source>);
+
+thread_local! {
+    /// While this thread handles one batch of datagrams ([`Hold`]): the wall-clock milliseconds
+    /// and the instant read when it began.
+    static HELD: Cell<Option<(u64, Instant)>> = const { Cell::new(None) };
+}
+
+/// The system clock held at one reading on this thread until dropped. A UDP receive thread holds
+/// it over each batch, so every message of the batch is timed as of the batch's start: two clock
+/// reads a batch rather than several a message (the firewall's windows, the limiters' cells).
+/// A batch is handled in well under a millisecond at any load the edge takes.
+pub struct Hold(Instant);
+
+impl Hold {
+    pub fn now() -> Hold {
+        let at = Instant::now();
+        HELD.set(Some((unix_ms(), at)));
+        Hold(at)
+    }
+
+    /// The instant the hold was taken.
+    pub fn instant(&self) -> Instant {
+        self.0
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        HELD.set(None);
+    }
+}
 
 /// Wall-clock milliseconds since the Unix epoch.
 pub fn unix_ms() -> u64 {
@@ -57,7 +89,7 @@ impl Clock {
     /// Milliseconds since the Unix epoch.
     pub fn now_ms(&self) -> u64 {
         match &*self.0 {
-            Source::System { .. } => unix_ms(),
+            Source::System { .. } => HELD.get().map_or_else(unix_ms, |(ms, _)| ms),
             Source::Manual(t) => t.load(Ordering::Relaxed),
         }
     }
@@ -68,7 +100,11 @@ impl governor::clock::Clock for Clock {
 
     fn now(&self) -> Nanos {
         match &*self.0 {
-            Source::System { start } => Nanos::from(start.elapsed()),
+            Source::System { start } => Nanos::from(
+                HELD.get()
+                    .map_or_else(Instant::now, |(_, at)| at)
+                    .saturating_duration_since(*start),
+            ),
             Source::Manual(t) => Nanos::from(t.load(Ordering::Relaxed).saturating_mul(1_000_000)),
         }
     }
@@ -91,5 +127,30 @@ mod tests {
         );
         let s = Clock::system();
         assert!(s.now_ms() > 1_600_000_000_000);
+    }
+
+    /// A hold freezes the system clock on its own thread only, and only while it lives.
+    #[test]
+    fn a_hold_freezes_this_threads_system_clock_until_dropped() {
+        let c = Clock::system();
+        let (ms, nanos);
+        {
+            let hold = Hold::now();
+            ms = c.now_ms();
+            nanos = c.now();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            assert_eq!((c.now_ms(), c.now()), (ms, nanos), "held");
+            assert!(hold.instant().elapsed() >= std::time::Duration::from_millis(5));
+            // Another thread reads the running clock.
+            let other = c.clone();
+            let there = std::thread::spawn(move || other.now_ms()).join().unwrap();
+            assert!(there >= ms + 5, "{there} vs {ms}");
+        }
+        assert!(c.now_ms() >= ms + 5, "released");
+        assert!(c.now() > nanos);
+        // A manual clock ignores holds.
+        let m = Clock::manual(7);
+        let _hold = Hold::now();
+        assert_eq!(m.now_ms(), 7);
     }
 }

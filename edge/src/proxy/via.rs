@@ -332,7 +332,7 @@ pub fn push_branch(
     cseq: u32,
 ) {
     let mut scratch = SentBy::default();
-    let mac = keys.mac(&branch_input(
+    let mac = keys.branch_mac(&branch_input(
         prev,
         call_id,
         &cseq.to_be_bytes(),
@@ -370,7 +370,7 @@ pub fn verify_branch(
         return false;
     }
     let mut scratch = SentBy::default();
-    keys.verify_mac(
+    keys.verify_branch_mac(
         &branch_input(prev, call_id, &cseq.to_be_bytes(), &mut scratch),
         &tag,
     )
@@ -606,7 +606,7 @@ mod tests {
             b"call",
             &7u32.to_be_bytes(),
         ];
-        let expect = data_encoding::BASE32_DNSSEC.encode(&k.mac(&parts)[..BRANCH_MAC_BYTES]);
+        let expect = data_encoding::BASE32_DNSSEC.encode(&k.branch_mac(&parts)[..BRANCH_MAC_BYTES]);
         assert_eq!(
             branch(&k, &prev, "call", 7),
             format!("{BRANCH_PREFIX}{expect}")

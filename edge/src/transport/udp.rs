@@ -476,7 +476,7 @@ impl Receiver {
     /// batch produced sent through `own`. Returns the longest delay of its datagrams (kernel
     /// receipt to send, ns; 0 when it took none).
     fn batch(&mut self, fd: i32, own: i32, flags: MsgFlags, d: &Arc<Dispatcher>) -> u64 {
-        let began;
+        let hold;
         {
             let mut slices: Vec<[IoSliceMut<'_>; 1]> = self
                 .bufs
@@ -489,7 +489,8 @@ impl Receiver {
                 // concerns an earlier send rather than this socket.
                 Err(_) => return 0,
             };
-            began = Instant::now();
+            // Every message of the batch timed as of now (see `Hold`).
+            hold = crate::clock::Hold::now();
             for msg in received {
                 if let Ok(mut cmsgs) = msg.cmsgs() {
                     if let Some(ControlMessageOwned::ScmTimestampns(ts)) = cmsgs.next() {
@@ -524,7 +525,7 @@ impl Receiver {
             }
         }
         let longest = self.sending.send(own, d, &mut self.handled);
-        self.handled.busy_us += began.elapsed().as_micros() as u64;
+        self.handled.busy_us += hold.instant().elapsed().as_micros() as u64;
         longest
     }
 }
