@@ -126,27 +126,40 @@ pub type Dialing = Windows<String, Activity>;
 /// The dialled number in canonical form: visual separators removed, `+` for an international
 /// prefix. `None` when it is not a number.
 pub fn normalize(user: &str, international: &[String]) -> Option<String> {
-    let digits: String = user
-        .chars()
-        .filter(|c| !matches!(c, '-' | '.' | '(' | ')' | ' '))
-        .collect();
-    let (plus, rest) = match digits.strip_prefix('+') {
-        Some(r) => (true, r),
-        None => (false, digits.as_str()),
-    };
-    if rest.is_empty() || !rest.bytes().all(|b| b.is_ascii_digit()) {
+    // Byte by byte into one buffer (every new call from the Internet comes through here twice):
+    // visual separators dropped, anything else must be a digit after an optional leading `+`.
+    let mut out = String::with_capacity(user.len() + 1);
+    out.push('+');
+    let mut plus = false;
+    for b in user.bytes() {
+        match b {
+            b'-' | b'.' | b'(' | b')' | b' ' => {}
+            b'+' if !plus && out.len() == 1 => plus = true,
+            b'0'..=b'9' => out.push(char::from(b)),
+            _ => return None,
+        }
+    }
+    let rest = &out[1..];
+    if rest.is_empty() {
         return None;
     }
     if plus {
-        return Some(format!("+{rest}"));
+        return Some(out);
     }
     match international
         .iter()
         .filter(|p| rest.starts_with(p.as_str()) && rest.len() > p.len())
-        .max_by_key(|p| p.len())
+        .map(|p| p.len())
+        .max()
     {
-        Some(p) => Some(format!("+{}", &rest[p.len()..])),
-        None => Some(rest.to_string()),
+        Some(n) => {
+            out.replace_range(1..=n, "");
+            Some(out)
+        }
+        None => {
+            out.remove(0);
+            Some(out)
+        }
     }
 }
 

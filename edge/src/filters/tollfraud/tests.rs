@@ -39,6 +39,21 @@ fn numbers_are_normalized() {
     assert_eq!(normalize("1001", &intl).as_deref(), Some("1001"));
     assert_eq!(normalize("alice", &intl), None);
     assert_eq!(normalize("00", &intl).as_deref(), Some("00"));
+    // A plus only before the first digit (separators may come first), once; nothing but digits
+    // and separators after it.
+    assert_eq!(normalize("(+44) 20.7", &intl).as_deref(), Some("+44207"));
+    assert_eq!(normalize("++44", &intl), None);
+    assert_eq!(normalize("44+1", &intl), None);
+    assert_eq!(normalize("+", &intl), None);
+    assert_eq!(normalize("-", &intl), None);
+    assert_eq!(normalize("+0044", &intl).as_deref(), Some("+0044"));
+    assert_eq!(normalize("1\u{e9}2", &intl), None);
+    assert_eq!(normalize("0011", &intl).as_deref(), Some("+11"));
+    assert_eq!(
+        normalize("0112", &intl).as_deref(),
+        Some("+2"),
+        "longest prefix first"
+    );
 }
 
 #[test]
