@@ -50,13 +50,6 @@ pub enum FlowError {
     BadSignature,
 }
 
-/// The fields [`FlowKeys::sign_flow`] signs, borrowed.
-struct FlowRef<'e> {
-    transport: Transport,
-    addr: SocketAddr,
-    edge: &'e str,
-}
-
 /// Where a phone's flow is: how and from where it reached the edge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlowToken {
@@ -110,22 +103,17 @@ impl FlowKeys {
 
     /// [`FlowKeys::sign`] of the flow `(transport, addr, edge)`, without building a token first.
     pub fn sign_flow(&self, transport: Transport, addr: SocketAddr, edge: &str) -> String {
-        let flow = FlowRef {
-            transport,
-            addr,
-            edge,
-        };
         let (key, id) = &self.keys[0];
         // On the stack up to a 64-byte edge id: one allocation per token, the string itself.
         let mut raw: SmallVec<[u8; 96]> = SmallVec::new();
         raw.push(VERSION);
         raw.push(*id);
-        raw.push(match flow.transport {
+        raw.push(match transport {
             Transport::Udp => 0,
             Transport::Tcp => 1,
             Transport::Tls => 2,
         });
-        match flow.addr.ip() {
+        match addr.ip() {
             IpAddr::V4(ip) => {
                 raw.push(4);
                 raw.extend_from_slice(&ip.octets());
@@ -135,8 +123,8 @@ impl FlowKeys {
                 raw.extend_from_slice(&ip.octets());
             }
         }
-        raw.extend_from_slice(&flow.addr.port().to_be_bytes());
-        let edge = &flow.edge.as_bytes()[..flow.edge.len().min(64)];
+        raw.extend_from_slice(&addr.port().to_be_bytes());
+        let edge = &edge.as_bytes()[..edge.len().min(64)];
         raw.push(edge.len() as u8);
         raw.extend_from_slice(edge);
         let mac = mac_with(key, &[&raw]);

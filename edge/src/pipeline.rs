@@ -295,7 +295,7 @@ impl Pipeline {
             f.push(Box::new(filters::sanity::Sanity::new(
                 &policy.sanity,
                 &env.own_addrs,
-            )?));
+            )));
         }
         if policy.scanner.enabled {
             f.push(Box::new(filters::scanner::Scanner::new(&policy.scanner)?));
