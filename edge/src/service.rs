@@ -215,14 +215,17 @@ impl Service {
         let had_credentials = header_param(top_via, via::CREDENTIALS_PARAM).is_some();
         let status = m.status().unwrap_or(0);
         let register = m.cseq().is_some_and(|(_, method)| method == "REGISTER");
-        // The flow token the edge put in Path for this phone, for the binding the cluster keeps.
-        let flow_token = (register && status == 200 && side == Side::Pbx).then(|| {
-            self.proxy.keys.sign(&crate::flow::FlowToken {
-                transport: peer_transport,
-                addr: peer,
-                edge: self.proxy.edge_id.clone(),
-            })
-        });
+        // The flow token the edge put in Path for this phone, for the binding the cluster keeps
+        // (signed only when there is a cluster to tell: a standalone edge publishes nothing).
+        let flow_token =
+            (register && status == 200 && side == Side::Pbx && self.firewall.state.reporting())
+                .then(|| {
+                    self.proxy.keys.sign(&crate::flow::FlowToken {
+                        transport: peer_transport,
+                        addr: peer,
+                        edge: self.proxy.edge_id.clone(),
+                    })
+                });
         let cx = ResponseCx {
             meta,
             sip: SipView::new(m),
