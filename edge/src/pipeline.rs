@@ -55,6 +55,34 @@ pub struct RequestCx<'a> {
     /// Set by the `sanity` rule when the request passed `sip::sanity::check_request` (under the
     /// policy's limits, which are never looser than the proxy's), so the proxy need not repeat it.
     pub sane: std::cell::Cell<bool>,
+    /// The From and To AORs, each worked out for the first rule that asks (rate, toll fraud and
+    /// the cluster limits all key on them).
+    from_aor: std::cell::OnceCell<String>,
+    to_aor: std::cell::OnceCell<String>,
+}
+
+impl<'a> RequestCx<'a> {
+    pub fn new(meta: &'a Meta, sip: SipView<'a>) -> RequestCx<'a> {
+        RequestCx {
+            meta,
+            sip,
+            sane: Default::default(),
+            from_aor: Default::default(),
+            to_aor: Default::default(),
+        }
+    }
+
+    /// [`sipview::uri_aor`] of the From URI: the caller.
+    pub fn from_aor(&self) -> &String {
+        self.from_aor
+            .get_or_init(|| sipview::uri_aor(self.sip.from_uri()))
+    }
+
+    /// [`sipview::uri_aor`] of the To URI: the AOR a REGISTER binds.
+    pub fn to_aor(&self) -> &String {
+        self.to_aor
+            .get_or_init(|| sipview::uri_aor(self.sip.to_uri()))
+    }
 }
 
 /// A parsed response the proxy will relay.

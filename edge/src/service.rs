@@ -157,11 +157,7 @@ impl Service {
         meta: &crate::pipeline::Meta,
         span: &tracing::Span,
     ) -> Decision {
-        let cx = RequestCx {
-            meta,
-            sip: SipView::new(m),
-            sane: Default::default(),
-        };
+        let cx = RequestCx::new(meta, SipView::new(m));
         let decision = match self.firewall.request(&cx) {
             Verdict::Allow => self.proxy.handle_message(m, inb, side, cx.sane.get()),
             Verdict::Reject {

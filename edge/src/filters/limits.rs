@@ -172,13 +172,12 @@ impl ClusterLimits {
 
 /// The key `kind` gives a request, `None` when it does not apply.
 fn key_of(kind: &str, cx: &RequestCx<'_>, site: &str) -> Option<String> {
-    use crate::pipeline::sipview::uri_aor;
     let method = cx.sip.method();
     Some(match kind {
         "source" => cx.meta.source.ip().to_string(),
-        "aor" if method == "REGISTER" => uri_aor(cx.sip.to_uri()),
-        "aor" => uri_aor(cx.sip.from_uri()),
-        "account" if method == "INVITE" => uri_aor(cx.sip.from_uri()),
+        "aor" if method == "REGISTER" => cx.to_aor().clone(),
+        "aor" => cx.from_aor().clone(),
+        "account" if method == "INVITE" => cx.from_aor().clone(),
         "site" => site.to_string(),
         _ => return None,
     })

@@ -4,7 +4,7 @@
 
 use super::action_of;
 use crate::clock::Clock;
-use crate::pipeline::{Action, Filter, Finding, RequestCx, SipView};
+use crate::pipeline::{Action, Filter, Finding, RequestCx};
 use crate::policy::{self, MethodLimits, RuleAction};
 use crate::proxy::Side;
 use governor::clock::Clock as _;
@@ -81,13 +81,12 @@ impl Rate {
 }
 
 /// The AOR a request is counted against: To for REGISTER, From (the caller) otherwise.
-fn aor(method: &str, sip: &SipView<'_>) -> String {
-    let uri = if method == "REGISTER" {
-        sip.to_uri()
+fn aor<'c>(method: &str, cx: &'c RequestCx<'_>) -> &'c String {
+    if method == "REGISTER" {
+        cx.to_aor()
     } else {
-        sip.from_uri()
-    };
-    crate::pipeline::sipview::uri_aor(uri)
+        cx.from_aor()
+    }
 }
 
 impl Filter for Rate {
@@ -123,8 +122,8 @@ impl Filter for Rate {
             }
         }
         if let Some(lim) = &l.per_aor {
-            let aor = aor(method, &cx.sip);
-            if let Err(nu) = lim.check_key(&aor) {
+            let aor = aor(method, cx);
+            if let Err(nu) = lim.check_key(aor) {
                 return Some(self.finding(
                     format!("{method} for {aor} over {}/min", l.cfg.per_aor_per_min),
                     nu.wait_time_from(now),

@@ -61,11 +61,7 @@ pub fn parse(raw: &str) -> Message<'_> {
 }
 
 pub fn req_cx<'a>(meta: &'a Meta, m: &'a Message<'a>) -> RequestCx<'a> {
-    RequestCx {
-        sane: Default::default(),
-        meta,
-        sip: SipView::new(m),
-    }
+    RequestCx::new(meta, SipView::new(m))
 }
 
 /// A response from the PBX going to `peer`.

@@ -212,7 +212,7 @@ impl Filter for TollFraud {
         if !Self::applies(cx) {
             return None;
         }
-        let account = uri_aor(cx.sip.from_uri());
+        let account = cx.from_aor();
         let number = self.number(cx);
         if let Some(n) = &number {
             if let Some(r) = self.prefixes.iter().find(|r| n.starts_with(&r.prefix)) {
@@ -225,7 +225,7 @@ impl Filter for TollFraud {
         }
         let now = cx.meta.now_ms;
         if self.cfg.concurrent_calls > 0 {
-            let up = self.state.calls.up(&account);
+            let up = self.state.calls.up(account);
             if up >= self.cfg.concurrent_calls {
                 return Some(Finding::new(
                     "tollfraud.concurrent",
@@ -237,7 +237,7 @@ impl Filter for TollFraud {
                 ));
             }
         }
-        let (per_min, run) = self.state.dialing.lock().get(&account).map_or((0, 0), |a| {
+        let (per_min, run) = self.state.dialing.lock().get(account).map_or((0, 0), |a| {
             let in_min = in_last_minute(&a.recent, now);
             let next = number
                 .as_deref()
@@ -304,14 +304,14 @@ impl Filter for TollFraud {
             return;
         }
         let now = cx.meta.now_ms;
-        let account = uri_aor(cx.sip.from_uri());
+        let account = cx.from_aor();
         let next = self
             .number(cx)
             .and_then(|n| n.trim_start_matches('+').parse::<u128>().ok());
         let keep = self.cfg.calls_per_min as usize + 1;
         let window = self.cfg.sequential_window_s.max(60) * 1000;
         self.state.dialing.with(
-            &account,
+            account,
             now,
             window,
             || Activity {

@@ -35,11 +35,7 @@ fn run(fw: &Firewall, source: &str) -> Verdict {
     let raw = request("INVITE", "100", "200", "User-Agent: ua/1\r\n");
     let m = parse(&raw);
     let meta = meta(T0, source, Side::Internet);
-    fw.request(&RequestCx {
-        sane: Default::default(),
-        meta: &meta,
-        sip: SipView::new(&m),
-    })
+    fw.request(&RequestCx::new(&meta, SipView::new(&m)))
 }
 
 #[test]

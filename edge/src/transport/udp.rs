@@ -478,11 +478,13 @@ impl Receiver {
     fn batch(&mut self, fd: i32, own: i32, flags: MsgFlags, d: &Arc<Dispatcher>) -> u64 {
         let hold;
         {
-            let mut slices: Vec<[IoSliceMut<'_>; 1]> = self
-                .bufs
-                .iter_mut()
-                .map(|b| [IoSliceMut::new(&mut b[..])])
-                .collect();
+            // On the stack: a heap list of slices per batch was one allocation per wake-up.
+            let mut bufs = self.bufs.iter_mut();
+            let mut slices: [[IoSliceMut<'_>; 1]; BATCH] = std::array::from_fn(|_| {
+                [IoSliceMut::new(
+                    bufs.next().expect("a receive thread has BATCH buffers"),
+                )]
+            });
             let received = match recvmmsg(fd, &mut self.rx, slices.iter_mut(), flags, None) {
                 Ok(r) => r,
                 // Timeout (to look at `stop`), nothing waiting, a signal, or an ICMP error that
