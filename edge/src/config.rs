@@ -162,6 +162,9 @@ pub struct Tcp {
     /// A connection with no traffic for this long is closed.
     pub idle_timeout_ms: u64,
     pub connect_timeout_ms: u64,
+    /// What the messages of one read produce goes out per connection in one send, but at least
+    /// every this many messages: a burst read at once is not held back for the whole burst.
+    pub flush_every: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -300,6 +303,7 @@ impl Default for Tcp {
             header_timeout_ms: 5_000,
             idle_timeout_ms: 600_000,
             connect_timeout_ms: 2_000,
+            flush_every: 4,
         }
     }
 }
@@ -414,6 +418,9 @@ impl EdgeConfig {
         if self.tcp.max_message_size < 1024 {
             return bad("tcp.max_message_size must be at least 1024".into());
         }
+        if self.tcp.flush_every == 0 {
+            return bad("tcp.flush_every must be at least 1".into());
+        }
         if self.tcp.header_timeout_ms == 0 || self.tcp.idle_timeout_ms == 0 {
             return bad("tcp.header_timeout_ms and tcp.idle_timeout_ms must be positive".into());
         }
@@ -519,6 +526,7 @@ priority = 2
             ("SIPWARDEN_BACKENDS__0__WEIGHT", "0", "backends[0].weight"),
             ("SIPWARDEN_LISTENERS", "[]", "listeners"),
             ("SIPWARDEN_TCP__NOPE", "1", "nope"),
+            ("SIPWARDEN_TCP__FLUSH_EVERY", "0", "tcp.flush_every"),
             (
                 "SIPWARDEN_UDP__THREADS_PER_SOCKET",
                 "0",

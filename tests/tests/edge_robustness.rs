@@ -320,8 +320,8 @@ fn cseq_of(msg: &str) -> u32 {
 }
 
 /// Requests pipelined in one TCP write are relayed to a TCP PBX (the edge sends what one read
-/// relays per connection in one write) and the answers pipelined back: every message arrives,
-/// whole and in order, both ways.
+/// relays per connection in sends of `tcp.flush_every` messages, 4 by default, so 40 take ten)
+/// and the answers pipelined back: every message arrives, whole and in order, both ways.
 #[test]
 fn tcp_pipelined_requests_are_relayed_in_order_both_ways() {
     const N: usize = 40;
