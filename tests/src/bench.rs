@@ -217,7 +217,10 @@ pub fn start_kamailio(dir: &Path, port: u16, uas: &str, transport: &str) -> Proc
     let p = Proc::spawn_group(
         "kamailio",
         Command::new(kamailio)
-            .args(["-DD", "-E", "-x", "tlsf", "-m", "256", "-M", "16", "-f"])
+            .args(["-DD", "-E", "-x", "tlsf", "-m", "256", "-M", "16"])
+            // The UDP receive buffer probed up to 4 MB, as the edge sets its own (Kamailio's
+            // probe stops at 256 KB by default).
+            .args(["-b", SOCKET_BUFFER, "-f"])
             .arg(&path)
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log)),
@@ -251,12 +254,13 @@ pub fn start_relay(bin: &Path, port: u16, uas: &str, transport: &str) -> Proc {
 }
 
 /// The socket buffers SIPp is given (`-buff_size`, bytes; the kernel caps it at
-/// `net.core.rmem_max`/`wmem_max`). SIPp's own default is 64 KB: at 12,500 calls/s on one vCPU
+/// `net.core.rmem_max`/`wmem_max`), and the size Kamailio's UDP receive buffer may grow to (`-b`), as the
+/// edge sets its own. SIPp's own default is 64 KB: at 12,500 calls/s on one vCPU
 /// the UAS's receive queue overflowed whenever SIPp waited for its core, 100,000–150,000
 /// datagrams a run whichever proxy was in front (Kamailio's run failed 1.7% of calls, the edge's
 /// 0.05%), so the maximum measured SIPp's buffer, not the proxy. A PBX's socket has the system
 /// default (208 KB here) or more.
-pub const SIPP_BUFFER: &str = "4194304";
+pub const SOCKET_BUFFER: &str = "4194304";
 
 /// SIPp as the UAS (no message trace: it would cost more than the proxy).
 pub fn start_uas(dir: &Path, port: u16, transport: &str) -> Proc {
@@ -270,7 +274,7 @@ pub fn start_uas(dir: &Path, port: u16, transport: &str) -> Proc {
             .args(["-i", UAS_IP, "-p", &port.to_string()])
             .args(["-t", if transport == "tcp" { "t1" } else { "u1" }])
             .args(["-nostdin", "-deadcall_wait", "0", "-max_socket", "1000"])
-            .args(["-buff_size", SIPP_BUFFER])
+            .args(["-buff_size", SOCKET_BUFFER])
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     );
@@ -338,7 +342,7 @@ pub fn load(
         .args(["-s", "probe", "-r", &rate.to_string()])
         .args(["-m", &calls.to_string(), "-l", "20000"])
         .args(["-recv_timeout", "5000", "-deadcall_wait", "0"])
-        .args(["-buff_size", SIPP_BUFFER])
+        .args(["-buff_size", SOCKET_BUFFER])
         .args(["-timeout", &format!("{}s", seconds * 3 + 10), "-nostdin"])
         .args(["-trace_screen", "-screen_file"])
         .arg(&stats)
