@@ -146,6 +146,10 @@ pub struct Udp {
     /// 0: they never join.
     pub hold_target_us: u64,
     pub max_datagram: usize,
+    /// What a receive batch has produced is sent (one `sendmmsg`) once this many datagrams wait,
+    /// and at the end of the batch: a datagram at the head of a large batch does not wait for the
+    /// whole batch to be handled. 32 (the batch) sends once per batch.
+    pub flush_every: usize,
     /// Datagrams a second from one banned IPv4 source, dropped by the gate, that move the source
     /// into the kernel shield (a BPF socket filter that drops it before user space); 0 disables.
     pub shield_pps: u32,
@@ -289,6 +293,7 @@ impl Default for Udp {
             spread_at: 0.35,
             hold_target_us: 1_000,
             max_datagram: 65_507,
+            flush_every: 4,
             shield_pps: 1000,
         }
     }
@@ -418,6 +423,9 @@ impl EdgeConfig {
         if self.tcp.max_message_size < 1024 {
             return bad("tcp.max_message_size must be at least 1024".into());
         }
+        if self.udp.flush_every == 0 {
+            return bad("udp.flush_every must be at least 1".into());
+        }
         if self.tcp.flush_every == 0 {
             return bad("tcp.flush_every must be at least 1".into());
         }
@@ -527,6 +535,7 @@ priority = 2
             ("SIPWARDEN_LISTENERS", "[]", "listeners"),
             ("SIPWARDEN_TCP__NOPE", "1", "nope"),
             ("SIPWARDEN_TCP__FLUSH_EVERY", "0", "tcp.flush_every"),
+            ("SIPWARDEN_UDP__FLUSH_EVERY", "0", "udp.flush_every"),
             (
                 "SIPWARDEN_UDP__THREADS_PER_SOCKET",
                 "0",

@@ -266,13 +266,16 @@ impl Edge {
                     stop.clone(),
                     tokio::runtime::Handle::current(),
                 );
-                let max = cfg.udp.max_datagram;
+                let limits = udp::Limits {
+                    max_datagram: cfg.udp.max_datagram,
+                    flush_every: cfg.udp.flush_every,
+                };
                 // The drain waits for the thread: it holds a tracker token until it returns.
                 let token = tracker.token();
                 std::thread::Builder::new()
                     .name(format!("udp-{idx}-{n}"))
                     .spawn(move || {
-                        udp::recv_thread(group, n, idx, max, d, stop, rt);
+                        udp::recv_thread(group, n, idx, limits, d, stop, rt);
                         drop(token);
                     })
                     .map_err(|e| StartError::Bind {

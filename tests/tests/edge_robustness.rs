@@ -379,6 +379,82 @@ fn tcp_pipelined_requests_are_relayed_in_order_both_ways() {
     assert!(answers.iter().all(|a| a.starts_with("SIP/2.0 200 OK\r\n")));
 }
 
+/// A burst of UDP requests relayed with a send after every datagram (`udp.flush_every = 1`, so
+/// each receive batch sends as it goes rather than once at its end): every request reaches the
+/// PBX and every answer the phone, and each datagram's hold is counted once in the delay
+/// histogram however many sends its batch took.
+#[test]
+fn a_udp_burst_sent_as_it_goes_loses_nothing_and_counts_each_hold_once() {
+    const N: usize = 40;
+    let pbx = UdpSocket::bind("127.0.0.42:0").unwrap();
+    let pbx_addr = pbx.local_addr().unwrap();
+    let extra = format!(
+        "[[backends]]\naddress = \"{pbx_addr}\"\n[health]\ninterval_ms = 60000\ntimeout_ms = 50000\nfall = 5\n"
+    );
+    let edge = EdgeProc::start_with_env(EDGE_IP, &extra, &[("SIPWARDEN_UDP__FLUSH_EVERY", "1")]);
+    let before = delays_counted(&edge.metrics());
+    // The PBX answers each request it gets until it has them all (or 10 s pass).
+    let pbx_side = std::thread::spawn(move || {
+        pbx.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 65536];
+        while got.len() < N && Instant::now() < deadline {
+            if let Ok((n, from)) = pbx.recv_from(&mut buf) {
+                let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if req.contains("Call-ID: burst-") {
+                    pbx.send_to(ok_for(&req).as_bytes(), from).unwrap();
+                    got.push(cseq_of(&req));
+                }
+            }
+        }
+        got
+    });
+    let phone = UdpSocket::bind("127.0.0.43:0").unwrap();
+    let me = phone.local_addr().unwrap();
+    for i in 1..=N {
+        let req = format!(
+            "OPTIONS sip:pbx@example.com SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKburst{i};rport\r\nFrom: <sip:alice@example.com>;tag=b\r\nTo: <sip:pbx@example.com>\r\nCall-ID: burst-{i}\r\nCSeq: {i} OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        );
+        phone.send_to(req.as_bytes(), edge.addr()).unwrap();
+    }
+    let mut answered = Vec::new();
+    phone
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 65536];
+    while answered.len() < N && Instant::now() < deadline {
+        if let Ok((n, _)) = phone.recv_from(&mut buf) {
+            let a = String::from_utf8_lossy(&buf[..n]).into_owned();
+            assert!(a.starts_with("SIP/2.0 200 OK\r\n"), "{a}");
+            answered.push(cseq_of(&a));
+        }
+    }
+    let mut relayed = pbx_side.join().unwrap();
+    relayed.sort_unstable();
+    answered.sort_unstable();
+    let want: Vec<u32> = (1..=N as u32).collect();
+    assert_eq!(relayed, want, "every request reaches the PBX");
+    assert_eq!(answered, want, "every answer reaches the phone");
+    // 40 requests and 40 answers crossed the listener; nothing else did.
+    wait_until(Duration::from_secs(5), || {
+        delays_counted(&edge.metrics()) - before >= 2.0 * N as f64
+    });
+    let counted = delays_counted(&edge.metrics()) - before;
+    assert_eq!(counted, 2.0 * N as f64, "each hold counted once");
+}
+
+/// `sipwarden_edge_udp_delay_seconds_count` in a metrics page.
+fn delays_counted(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sipwarden_edge_udp_delay_seconds_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// The kernel thread id of the edge's thread named `name` (`/proc/<pid>/task/*/comm`).
 fn thread_named(pid: u32, name: &str) -> Option<i32> {
     std::fs::read_dir(format!("/proc/{pid}/task"))

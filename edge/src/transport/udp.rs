@@ -410,10 +410,20 @@ impl Group {
     }
 }
 
+/// What a receive thread takes and when it sends.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longer datagrams are dropped (and counted).
+    pub max_datagram: usize,
+    /// What the batch has produced is sent once this many datagrams wait, not only at the end
+    /// of the batch (`udp.flush_every`).
+    pub flush_every: usize,
+}
+
 /// A receive thread's buffers and what it hands the dispatcher.
 struct Receiver {
     listener: usize,
-    max_datagram: usize,
+    limits: Limits,
     bufs: Vec<Vec<u8>>,
     rx: MultiHeaders<SockaddrStorage>,
     reply: ReplyPath,
@@ -477,6 +487,7 @@ impl Receiver {
     /// receipt to send, ns; 0 when it took none).
     fn batch(&mut self, fd: i32, own: i32, flags: MsgFlags, d: &Arc<Dispatcher>) -> u64 {
         let hold;
+        let mut longest = 0;
         {
             // On the stack: a heap list of slices per batch was one allocation per wake-up.
             let mut bufs = self.bufs.iter_mut();
@@ -510,7 +521,7 @@ impl Receiver {
                 if keepalive(data) {
                     continue;
                 }
-                if n > self.max_datagram {
+                if n > self.limits.max_datagram {
                     d.oversize(Transport::Udp, source);
                     continue;
                 }
@@ -524,9 +535,14 @@ impl Receiver {
                     let now = d.service.firewall.clock.now_ms();
                     self.tally.count(&d.shield, source.ip(), now);
                 }
+                // A large batch sends as it goes: the first datagrams' forwards do not wait for
+                // the last to be handled, nor leave with them as one burst.
+                if self.sending.out.queue.len() >= self.limits.flush_every {
+                    longest = longest.max(self.sending.send(own, d, &mut self.handled));
+                }
             }
         }
-        let longest = self.sending.send(own, d, &mut self.handled);
+        let longest = longest.max(self.sending.send(own, d, &mut self.handled));
         self.handled.busy_us += hold.instant().elapsed().as_micros() as u64;
         longest
     }
@@ -571,13 +587,13 @@ fn look(s: usize, mine: usize, joined: bool, idle_us: u64) -> Look {
 /// As thread `me` of `group`, receives datagrams on its socket until `stop`, each handed to the
 /// dispatcher; what a batch produces for this listener leaves through this socket in one
 /// `sendmmsg`. Then takes what waits on another socket none of whose threads has taken any
-/// lately. Datagrams longer than `max_datagram` and keep-alives are dropped here. Runs on its own
-/// thread; `rt` is the runtime that rare asynchronous work is spawned onto.
+/// lately. Datagrams longer than `limits.max_datagram` and keep-alives are dropped here. Runs on
+/// its own thread; `rt` is the runtime that rare asynchronous work is spawned onto.
 pub fn recv_thread(
     group: Arc<Group>,
     me: usize,
     listener: usize,
-    max_datagram: usize,
+    limits: Limits,
     dispatcher: Arc<Dispatcher>,
     stop: CancellationToken,
     rt: tokio::runtime::Handle,
@@ -588,8 +604,10 @@ pub fn recv_thread(
     let fd = sock.as_raw_fd();
     let mut r = Receiver {
         listener,
-        max_datagram,
-        bufs: (0..BATCH).map(|_| vec![0u8; max_datagram + 1]).collect(),
+        limits,
+        bufs: (0..BATCH)
+            .map(|_| vec![0u8; limits.max_datagram + 1])
+            .collect(),
         rx: MultiHeaders::<SockaddrStorage>::preallocate(BATCH, Some(nix::cmsg_space!(TimeSpec))),
         reply: ReplyPath::Udp(sock),
         tally: super::shield::DropTally::default(),
