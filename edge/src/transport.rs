@@ -30,10 +30,12 @@ pub enum ReplyPath {
     Stream(Arc<tcp::Conn>),
 }
 
-/// What a receive loop sends after its batch instead of message by message: datagrams that leave
-/// through the listener a UDP receive thread serves (one `sendmmsg`), and stream writes joined per
-/// connection (one send for everything a batch relays over a connection — on loopback each send
-/// also runs the receiver's TCP input and wake-up, the largest kernel cost of a relayed message).
+/// What a receive loop sends a few messages at a time instead of message by message (every
+/// `udp.flush_every` / `tcp.flush_every` messages and at the end of its batch or read):
+/// datagrams that leave through the listener a UDP receive thread serves (one `sendmmsg`), and
+/// stream writes joined per connection (one send for what it holds for a connection — on
+/// loopback each send also runs the receiver's TCP input and wake-up, the largest kernel cost of a
+/// relayed message).
 pub struct Outbox {
     listener: usize,
     queue: Vec<(SocketAddr, Vec<u8>)>,

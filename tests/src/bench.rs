@@ -254,8 +254,8 @@ pub fn start_relay(bin: &Path, port: u16, uas: &str, transport: &str) -> Proc {
 }
 
 /// The socket buffers SIPp is given (`-buff_size`, bytes; the kernel caps it at
-/// `net.core.rmem_max`/`wmem_max`), and the size Kamailio's UDP receive buffer may grow to (`-b`), as the
-/// edge sets its own. SIPp's own default is 64 KB: at 12,500 calls/s on one vCPU
+/// `net.core.rmem_max`/`wmem_max`), and the size Kamailio's UDP receive buffer may grow to
+/// (`-b`), as the edge sets its own. SIPp's own default is 64 KB: at 12,500 calls/s on one vCPU
 /// the UAS's receive queue overflowed whenever SIPp waited for its core, 100,000–150,000
 /// datagrams a run whichever proxy was in front (Kamailio's run failed 1.7% of calls, the edge's
 /// 0.05%), so the maximum measured SIPp's buffer, not the proxy. A PBX's socket has the system

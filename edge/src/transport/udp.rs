@@ -3,7 +3,8 @@
 //!
 //! A receive thread blocks in `recvmmsg` (up to [`BATCH`] datagrams per call, `MSG_WAITFORONE`),
 //! runs the service on each datagram in place and sends what the batch produced on its own socket
-//! with one `sendmmsg`. The service is synchronous, so nothing here crosses into the async runtime:
+//! by `sendmmsg`: once `udp.flush_every` datagrams wait ([`Limits`]) and at the batch's end. The
+//! service is synchronous, so nothing here crosses into the async runtime:
 //! no task wake-up, no `epoll` round per datagram, no hand-off between worker threads — the
 //! kernel wakes the thread that then does all the work, as Kamailio's UDP workers do. Rare work
 //! that must wait (a next hop by name, a TCP connect) is spawned onto the runtime, which the thread
@@ -585,8 +586,8 @@ fn look(s: usize, mine: usize, joined: bool, idle_us: u64) -> Look {
 }
 
 /// As thread `me` of `group`, receives datagrams on its socket until `stop`, each handed to the
-/// dispatcher; what a batch produces for this listener leaves through this socket in one
-/// `sendmmsg`. Then takes what waits on another socket none of whose threads has taken any
+/// dispatcher; what a batch produces for this listener leaves through this socket by `sendmmsg`,
+/// every `limits.flush_every` datagrams and at the batch's end. Then takes what waits on another socket none of whose threads has taken any
 /// lately. Datagrams longer than `limits.max_datagram` and keep-alives are dropped here. Runs on
 /// its own thread; `rt` is the runtime that rare asynchronous work is spawned onto.
 pub fn recv_thread(
