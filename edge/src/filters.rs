@@ -31,9 +31,14 @@ pub mod sanity;
 pub mod scanner;
 pub mod tollfraud;
 
+use crate::clock::Clock;
 use crate::pipeline::{Action, BuildError};
 use crate::policy::RuleAction;
 use aho_corasick::AhoCorasick;
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::keyed::DashMapStateStore;
+use governor::{Quota, RateLimiter};
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Mutex, MutexGuard};
@@ -74,6 +79,81 @@ pub fn action_of(a: RuleAction, ttl_s: u64, code: u16, reason: &'static str) -> 
         },
         RuleAction::Drop => Action::Drop,
         RuleAction::Ban => Action::Ban { ttl_s },
+    }
+}
+
+/// A keyed GCRA limiter (`governor`, one DashMap of per-key state) with its upkeep.
+///
+/// [`KeyedLimiter::upkeep`] runs every second on the housekeeping task, which shares a core with
+/// the receive threads, so it does little: it drops the keys back at full burst (forgetting them
+/// changes no verdict) and gives memory back only when a minute's most keys have fallen to a
+/// quarter of what the maps were last sized for — after a flood from many sources, not in steady
+/// load. Shrinking every second made the maps of a steady load (a thousand callers, each idle for a
+/// moment at the tick) shrink and then grow back on the receive path, rehashing under a shard
+/// lock, every second.
+pub struct KeyedLimiter<K: Hash + Eq + Clone> {
+    limiter: RateLimiter<K, DashMapStateStore<K>, Clock, NoOpMiddleware<Nanos>>,
+    sizing: Mutex<Sizing>,
+}
+
+/// What [`KeyedLimiter::upkeep`] remembers between ticks.
+#[derive(Debug, Default)]
+struct Sizing {
+    /// Ticks since the last look at shrinking.
+    ticks: u32,
+    /// The most keys held at a tick since that look.
+    recent: usize,
+    /// The most keys held since the maps were last shrunk (what their capacity is sized for).
+    sized_for: usize,
+}
+
+impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
+    /// Ticks between two looks at shrinking.
+    pub const SHRINK_EVERY: u32 = 60;
+
+    pub fn new(quota: Quota, clock: Clock) -> Self {
+        KeyedLimiter {
+            limiter: RateLimiter::dashmap_with_clock(quota, clock),
+            sizing: Mutex::new(Sizing::default()),
+        }
+    }
+
+    /// One key's cell: `Ok`, or when the next one would conform.
+    pub fn check_key(
+        &self,
+        key: &K,
+    ) -> Result<(), governor::NotUntil<<Clock as governor::clock::Clock>::Instant>> {
+        self.limiter.check_key(key)
+    }
+
+    /// Keys held.
+    pub fn len(&self) -> usize {
+        self.limiter.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The periodic upkeep (see the type's doc). Returns whether the maps were shrunk.
+    pub fn upkeep(&self) -> bool {
+        let held = self.limiter.len();
+        self.limiter.retain_recent();
+        let mut s = self.sizing.lock().unwrap_or_else(|p| p.into_inner());
+        s.recent = s.recent.max(held);
+        s.sized_for = s.sized_for.max(held);
+        s.ticks += 1;
+        if s.ticks < Self::SHRINK_EVERY {
+            return false;
+        }
+        let shrink = s.recent.saturating_mul(4) < s.sized_for;
+        if shrink {
+            self.limiter.shrink_to_fit();
+            s.sized_for = s.recent;
+        }
+        s.ticks = 0;
+        s.recent = 0;
+        shrink
     }
 }
 
@@ -158,6 +238,7 @@ pub(crate) mod testkit;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::num::NonZeroU32;
 
     struct E(u64);
     impl Stamped for E {
@@ -171,6 +252,49 @@ mod tests {
         assert!(contains_ci("Friendly-Scanner 1.0", "friendly-scanner"));
         assert!(!contains_ci("friendly", "friendly-scanner"));
         assert!(contains_ci("x", ""));
+    }
+
+    #[test]
+    fn limiter_upkeep_forgets_idle_keys_and_shrinks_only_after_a_quiet_minute() {
+        let clock = Clock::manual(1_000_000);
+        let l: KeyedLimiter<u32> = KeyedLimiter::new(
+            Quota::per_second(NonZeroU32::new(10).unwrap()),
+            clock.clone(),
+        );
+        // A flood from 1,000 sources, then a steady 10.
+        for k in 0..1_000 {
+            assert!(l.check_key(&k).is_ok());
+        }
+        clock.advance_ms(1_000);
+        assert!(!l.upkeep(), "no look at shrinking before a minute of ticks");
+        assert!(l.is_empty(), "keys back at full burst are forgotten");
+        let steady = |l: &KeyedLimiter<u32>, clock: &Clock, ticks: u32| {
+            let mut shrunk = 0;
+            for _ in 0..ticks {
+                for k in 0..10 {
+                    let _ = l.check_key(&k);
+                }
+                clock.advance_ms(1_000);
+                shrunk += l.upkeep() as u32;
+            }
+            shrunk
+        };
+        assert_eq!(
+            steady(&l, &clock, KeyedLimiter::<u32>::SHRINK_EVERY - 1),
+            0,
+            "the minute of the flood keeps its size"
+        );
+        assert_eq!(
+            steady(&l, &clock, KeyedLimiter::<u32>::SHRINK_EVERY),
+            1,
+            "a minute well under the flood's size gives the memory back"
+        );
+        assert_eq!(
+            steady(&l, &clock, 3 * KeyedLimiter::<u32>::SHRINK_EVERY),
+            0,
+            "steady load: sized for what it holds, never shrunk again"
+        );
+        assert!(l.check_key(&0).is_ok(), "verdicts unchanged by upkeep");
     }
 
     #[test]

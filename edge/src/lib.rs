@@ -389,23 +389,13 @@ async fn housekeeping(firewall: Arc<Firewall>, metrics: Arc<Metrics>, stop: Canc
     loop {
         let registered = firewall.housekeep();
         metrics.registrations_active.set(registered as i64);
-        let mut by_origin = [0i64; 4];
-        for (_, b) in firewall.state.bans.snapshot().iter() {
-            by_origin[match b.origin {
-                bans::BanOrigin::Config => 0,
-                bans::BanOrigin::Auto => 1,
-                bans::BanOrigin::Manual => 2,
-                bans::BanOrigin::Cluster => 3,
-            }] += 1;
-        }
-        for (i, origin) in ["config", "auto", "manual", "cluster"]
-            .into_iter()
-            .enumerate()
-        {
+        for (origin, n) in firewall.state.bans.count_by_origin() {
             metrics
                 .bans_active
-                .get_or_create(&metrics::OriginLabels { origin })
-                .set(by_origin[i]);
+                .get_or_create(&metrics::OriginLabels {
+                    origin: origin.as_str(),
+                })
+                .set(n as i64);
         }
         tokio::select! {
             _ = stop.cancelled() => return,

@@ -1,19 +1,14 @@
 //! `flood`: a per-source GCRA limiter (`governor`) ahead of the parser; a source that keeps
 //! exceeding it within a window is banned.
 
-use super::{Stamped, Windows};
+use super::{KeyedLimiter, Stamped, Windows};
 use crate::clock::Clock;
 use crate::pipeline::{Action, Filter, Finding, Meta, State};
 use crate::policy;
-use governor::middleware::NoOpMiddleware;
-use governor::state::keyed::DashMapStateStore;
-use governor::{Quota, RateLimiter};
+use governor::Quota;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-
-type Limiter =
-    RateLimiter<IpAddr, DashMapStateStore<IpAddr>, Clock, NoOpMiddleware<governor::nanos::Nanos>>;
 
 /// Messages over the limit per source within the current window.
 pub struct Over {
@@ -33,7 +28,7 @@ pub type Excess = Windows<IpAddr, Over>;
 /// The flood limiter.
 pub struct Flood {
     cfg: policy::Flood,
-    limiter: Limiter,
+    limiter: KeyedLimiter<IpAddr>,
     state: Arc<State>,
 }
 
@@ -43,7 +38,7 @@ impl Flood {
         let quota = Quota::per_second(nz(cfg.rate_per_s)).allow_burst(nz(cfg.burst));
         Flood {
             cfg: cfg.clone(),
-            limiter: RateLimiter::dashmap_with_clock(quota, clock),
+            limiter: KeyedLimiter::new(quota, clock),
             state: state.clone(),
         }
     }
@@ -106,8 +101,7 @@ impl Filter for Flood {
     }
 
     fn housekeep(&self) {
-        self.limiter.retain_recent();
-        self.limiter.shrink_to_fit();
+        self.limiter.upkeep();
     }
 }
 

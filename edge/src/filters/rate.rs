@@ -2,26 +2,23 @@
 //! limiter (`governor`) allowing the per-minute count as a burst. Refusals are `503` with a
 //! `Retry-After` saying when the next request would conform, or a drop or ban, per policy.
 
-use super::action_of;
+use super::{action_of, KeyedLimiter};
 use crate::clock::Clock;
 use crate::pipeline::{Action, Filter, Finding, RequestCx};
 use crate::policy::{self, MethodLimits, RuleAction};
 use crate::proxy::Side;
 use governor::clock::Clock as _;
-use governor::middleware::NoOpMiddleware;
-use governor::nanos::Nanos;
-use governor::state::keyed::DashMapStateStore;
-use governor::{Quota, RateLimiter};
+use governor::Quota;
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-type Keyed<K> = RateLimiter<K, DashMapStateStore<K>, Clock, NoOpMiddleware<Nanos>>;
+type Keyed<K> = KeyedLimiter<K>;
 
 fn limiter<K: Hash + Eq + Clone>(per_min: u32, clock: &Clock) -> Option<Keyed<K>> {
     let n = NonZeroU32::new(per_min)?;
-    Some(RateLimiter::dashmap_with_clock(
+    Some(KeyedLimiter::new(
         Quota::per_minute(n).allow_burst(n),
         clock.clone(),
     ))
@@ -136,12 +133,10 @@ impl Filter for Rate {
     fn housekeep(&self) {
         for l in &self.limits {
             if let Some(s) = &l.per_source {
-                s.retain_recent();
-                s.shrink_to_fit();
+                s.upkeep();
             }
             if let Some(a) = &l.per_aor {
-                a.retain_recent();
-                a.shrink_to_fit();
+                a.upkeep();
             }
         }
     }
