@@ -23,7 +23,10 @@
 //!   over TCP the messages are framed from the reassembled streams): each message's transit
 //!   through the proxy, and the response time of every transaction at the UAC through the proxy
 //!   and straight to the UAS, so that the p99 a proxy adds end to end is p99(proxy) − p99(direct)
-//!   over all the load's transactions, not the probe's few;
+//!   over all the load's transactions, not the probe's few; and how long the UAS took to answer
+//!   (its request in to its response out), the rest of each response time: on this host the
+//!   slowest transactions at the UAC spent nearly all of it there (SIPp's own scheduling), not in
+//!   the proxy, which is why the proxy's transit is the figure for what it adds;
 //! - for the edge, how many of its UDP receive threads did a tenth or more of their CPU in each run
 //!   (the kernel's flow hash, or the edge's steering, decides which sockets the two flows reach);
 //! - failed transactions.
@@ -39,7 +42,10 @@
 //! (default `udp,tcp`), `SW_BENCH_RATES` (default `2000,5000`), `SW_BENCH_SECONDS` (default 10),
 //! `SW_BENCH_RUNS` (default 3), `SW_BENCH_MAX`, `SW_BENCH_MAX_STEP`, `SW_BENCH_CAPTURE`, and
 //! `SW_BENCH_PIN=LOAD:PROXY` (taskset CPU lists such as `0:1`) to run SIPp, tcpdump and the probe
-//! on LOAD and each proxy on PROXY, as where a proxy does not share its cores with its load.
+//! on LOAD and each proxy on PROXY, as where a proxy does not share its cores with its load, and
+//! with it `SW_BENCH_SHIELD=1` to keep the rest of the machine (other processes, unbound kernel
+//! threads) off PROXY for the run, as `isolcpus` or tuned's cpu-partitioning profile would
+//! (needs root; every task moved is put back at the end).
 
 use sipwarden_tests::bench::*;
 use sipwarden_tests::*;
@@ -59,6 +65,8 @@ struct Figures {
     transit_txn_p99_ms: Vec<f64>,
     /// From the same captures: p99 response time at the UAC, ms, per run.
     response_p99_ms: Vec<f64>,
+    /// And p99 of the UAS's own time to answer, ms, per run.
+    answer_p99_ms: Vec<f64>,
     /// The edge's UDP receive threads that did a tenth or more of their CPU, per run.
     receive_threads: Vec<usize>,
     ok: u64,
@@ -82,6 +90,9 @@ fn record(f: &mut Figures, run: Run) {
     }
     if !run.response.is_empty() {
         f.response_p99_ms.push(percentile(&run.response, 0.99));
+    }
+    if !run.answer.is_empty() {
+        f.answer_p99_ms.push(percentile(&run.answer, 0.99));
     }
     if !run.rtts.is_empty() {
         f.p50_ms.push(percentile(&run.rtts, 0.50));
@@ -130,10 +141,26 @@ fn main() {
         // Before any thread or child exists, so that all of them inherit it.
         pin_self(load);
     }
+    // `SW_BENCH_SHIELD=1` (with SW_BENCH_PIN): the rest of the machine kept off the proxy's CPUs
+    // until the end (see `Shield`).
+    let shield = match (&pinning, std::env::var("SW_BENCH_SHIELD").as_deref()) {
+        (Some((_, proxy)), Ok("1")) => Some(Shield::raise(proxy)),
+        (None, Ok("1")) => {
+            panic!("SW_BENCH_SHIELD=1 keeps the proxy's CPUs: it needs SW_BENCH_PIN")
+        }
+        _ => None,
+    };
     let root = tempfile::tempdir().unwrap();
 
     if let Some((load, proxy)) = &pinning {
         println!("load generators on CPUs {load}, each proxy on CPUs {proxy}");
+    }
+    if let Some(s) = &shield {
+        println!(
+            "shield: {} other tasks moved off the proxy's CPUs for the run ({} kernel threads the kernel would not move stay)",
+            s.moved(),
+            s.stayed
+        );
     }
     println!(
         "{seconds} s per run, {runs} runs per rate; CPU in µs per transaction or call, median (min–max) over runs (the user share is the kernel's tick-sampled split, indicative only; the total is exact); latency in ms at the UAC"
@@ -325,7 +352,8 @@ fn target_line(t: &Target, f: &Figures, w: Workload) -> String {
     let own = ms_figure("own delay per datagram p99", &f.own_p99_ms);
     let transit = ms_figure("transit p99 per message", &f.transit_msg_p99_ms)
         + &ms_figure("per transaction", &f.transit_txn_p99_ms);
-    let response = ms_figure("response p99 at the UAC (capture)", &f.response_p99_ms);
+    let response = ms_figure("response p99 at the UAC (capture)", &f.response_p99_ms)
+        + &ms_figure("the UAS's own answer p99", &f.answer_p99_ms);
     let receivers = if f.receive_threads.is_empty() {
         String::new()
     } else {

@@ -3,7 +3,7 @@
 //! `bench/kamailio-proxy.cfg`), SIPp as UAC and UAS, CPU from /proc, a latency probe with a
 //! microsecond clock, and a loopback capture for each message's transit ([`crate::capture`]).
 
-use crate::capture::{messages, response_times, transit, Capture, Packets, Transit};
+use crate::capture::{answer_times, messages, response_times, transit, Capture, Packets, Transit};
 use crate::*;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -77,6 +77,99 @@ pub fn pin_self(cpus: &str) {
         .status()
         .expect("taskset (util-linux)");
     assert!(status.success(), "taskset -c {cpus} refused");
+}
+
+/// The CPUs of a `taskset` list such as `1` or `0,2-3`.
+pub fn cpu_list(list: &str) -> Vec<usize> {
+    let mut out = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (Ok(a), Ok(b)) = (a.parse::<usize>(), b.parse::<usize>()) else {
+            panic!("{list:?} is not a CPU list (such as 1 or 0,2-3)");
+        };
+        out.extend(a..=b);
+    }
+    out
+}
+
+/// The proxy's CPUs kept for the proxy while it is alive (`SW_BENCH_SHIELD=1`): every other task
+/// on the machine whose affinity allows a proxy CPU and some other CPU — other processes and their
+/// threads, unbound kernel threads such as `kdamond` — is confined to the others, and put back when
+/// the shield drops (at the end of the run or on a panic; a killed benchmark leaves them confined).
+/// Tasks confined to the proxy CPUs (the proxies) or off them (the load, this process) are left as
+/// they are, and so are kernel threads the kernel will not move (unbound workqueue workers; they
+/// are counted). This is what a latency-sensitive deployment does with `isolcpus`
+/// or tuned's cpu-partitioning profile; on this host, without it, the machine's own agent (pid 1's
+/// threads, nice −10) and DAMON's `kdamond` took the proxy's vCPU for 1–4 ms several times a
+/// second, whichever proxy ran there.
+pub struct Shield {
+    moved: Vec<(nix::unistd::Pid, nix::sched::CpuSet)>,
+    pub stayed: usize,
+}
+
+impl Shield {
+    pub fn raise(proxy: &str) -> Shield {
+        use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+        let proxy = cpu_list(proxy);
+        let mut shield = Shield {
+            moved: Vec::new(),
+            stayed: 0,
+        };
+        let tasks = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|p| {
+                std::fs::read_dir(p.path().join("task"))
+                    .into_iter()
+                    .flatten()
+            })
+            .flatten();
+        for task in tasks {
+            let Ok(tid) = task.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let pid = nix::unistd::Pid::from_raw(tid);
+            let Ok(old) = sched_getaffinity(pid) else {
+                continue;
+            };
+            let allowed: Vec<usize> = (0..CpuSet::count())
+                .filter(|&c| old.is_set(c).unwrap_or(false))
+                .collect();
+            let on_proxy = allowed.iter().any(|c| proxy.contains(c));
+            let elsewhere: Vec<usize> = allowed
+                .iter()
+                .copied()
+                .filter(|c| !proxy.contains(c))
+                .collect();
+            if !on_proxy || elsewhere.is_empty() {
+                continue;
+            }
+            let mut new = CpuSet::new();
+            for c in elsewhere {
+                let _ = new.set(c);
+            }
+            match sched_setaffinity(pid, &new) {
+                Ok(()) => shield.moved.push((pid, old)),
+                Err(_) => shield.stayed += 1,
+            }
+        }
+        shield
+    }
+
+    /// Tasks moved off the proxy CPUs.
+    pub fn moved(&self) -> usize {
+        self.moved.len()
+    }
+}
+
+impl Drop for Shield {
+    fn drop(&mut self) {
+        for (pid, old) in &self.moved {
+            // A task that has ended since is gone; nothing to put back.
+            let _ = nix::sched::sched_setaffinity(*pid, old);
+        }
+    }
 }
 
 /// (thread id, user + system ticks) of each thread of `pid` whose name starts with `prefix`.
@@ -303,6 +396,9 @@ pub struct Run {
     /// From the same capture: the response time of each of the UAC's transactions, ms, sorted
     /// (through the proxy, or straight to the UAS).
     pub response: Vec<f64>,
+    /// From the same capture: how long the UAS took to answer each request it was sent, ms,
+    /// sorted.
+    pub answer: Vec<f64>,
     /// The SIPp UAC's address.
     pub uac: SocketAddr,
     /// For the edge: how many of its UDP receive threads did a tenth or more of their CPU.
@@ -371,6 +467,7 @@ pub fn load(
         receive_threads: None,
         transit: None,
         response: Vec::new(),
+        answer: Vec::new(),
         uac,
     }
 }
@@ -583,6 +680,7 @@ pub fn measure(
     if let Some((packets, dropped)) = capturer.and_then(|c| c.join().ok().flatten()) {
         let datagrams = messages(&packets);
         run.response = response_times(&datagrams, run.uac.ip(), target);
+        run.answer = answer_times(&datagrams, t.forwards_to.unwrap_or(target));
         if let Some(uas) = t.forwards_to {
             let mut through = transit(&datagrams, target, uas);
             through.dropped = dropped;
@@ -646,7 +744,7 @@ pub fn env_num(name: &str, default: u32) -> u32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{bucket_quantile, median, stat_fields, stat_num, threads_carrying};
+    use super::{bucket_quantile, cpu_list, median, stat_fields, stat_num, threads_carrying};
 
     #[test]
     fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
@@ -675,6 +773,12 @@ mod tests {
             None
         );
         assert_eq!(bucket_quantile(&[], 0.99), None);
+    }
+
+    #[test]
+    fn cpu_lists_expand_ranges() {
+        assert_eq!(cpu_list("1"), [1]);
+        assert_eq!(cpu_list("0,2-4"), [0, 2, 3, 4]);
     }
 
     #[test]

@@ -399,26 +399,48 @@ pub fn transit(datagrams: &[Datagram], proxy: SocketAddr, uas: SocketAddr) -> Tr
 /// the proxy and straight to the UAS under the same load: besides the proxy's own hold, it counts
 /// what the proxy's way of sending does to the hops after it.
 pub fn response_times(datagrams: &[Datagram], uac: IpAddr, target: SocketAddr) -> Vec<f64> {
-    let mut sent: HashMap<MessageKey, u64> = HashMap::new();
-    let mut answered: HashMap<MessageKey, u64> = HashMap::new();
+    round_trips(
+        datagrams,
+        |d| d.src.ip() == uac && d.dst == target,
+        |d| d.src == target && d.dst.ip() == uac,
+    )
+}
+
+/// How long `uas` took to answer each request it was sent, ms, sorted: from the request reaching
+/// it to its response leaving (first copies), whoever sent it. Through a proxy, a transaction's
+/// response time at the UAC is this plus the proxy's transit both ways, so the two show where a
+/// slow transaction spent its time.
+pub fn answer_times(datagrams: &[Datagram], uas: SocketAddr) -> Vec<f64> {
+    round_trips(datagrams, |d| d.dst == uas, |d| d.src == uas)
+}
+
+/// From each request that `sent` picks to the first response to it that `answered` picks, ms,
+/// sorted.
+fn round_trips(
+    datagrams: &[Datagram],
+    sent: impl Fn(&Datagram) -> bool,
+    answered: impl Fn(&Datagram) -> bool,
+) -> Vec<f64> {
+    let mut out_at: HashMap<MessageKey, u64> = HashMap::new();
+    let mut back_at: HashMap<MessageKey, u64> = HashMap::new();
     for d in datagrams {
         let Some(key) = message_key(&d.payload) else {
             continue;
         };
         if key.is_request() {
-            if d.src.ip() == uac && d.dst == target {
-                sent.entry(key).or_insert(d.at_ns);
+            if sent(d) {
+                out_at.entry(key).or_insert(d.at_ns);
             }
         } else if let Some(request) = key.answers() {
-            if d.src == target && d.dst.ip() == uac {
-                answered.entry(request).or_insert(d.at_ns);
+            if answered(d) {
+                back_at.entry(request).or_insert(d.at_ns);
             }
         }
     }
-    let mut out: Vec<f64> = sent
+    let mut out: Vec<f64> = out_at
         .iter()
         .filter_map(|(key, &t0)| {
-            let t1 = *answered.get(key)?;
+            let t1 = *back_at.get(key)?;
             (t1 >= t0).then(|| (t1 - t0) as f64 / 1e6)
         })
         .collect();
@@ -519,6 +541,10 @@ mod tests {
             response_times(&direct, uac, UAS.parse().unwrap()),
             vec![0.25]
         );
+        // The UAS's own part: from the forward reaching it to its final response leaving, whoever
+        // sent the request.
+        assert_eq!(answer_times(&caps, UAS.parse().unwrap()), vec![0.2]);
+        assert_eq!(answer_times(&direct, UAS.parse().unwrap()), vec![0.25]);
     }
 
     #[test]
