@@ -379,6 +379,109 @@ fn tcp_pipelined_requests_are_relayed_in_order_both_ways() {
     assert!(answers.iter().all(|a| a.starts_with("SIP/2.0 200 OK\r\n")));
 }
 
+/// A connection whose peer keeps the edge busy does not hold the others back: with one runtime
+/// worker (as on a one-core edge), a request on a second connection reaches the PBX while the
+/// first connection's backlog of pipelined requests is still being relayed, not after all of it
+/// (a connection's task lets the others run every 32 messages while its socket keeps having more).
+#[test]
+fn a_busy_tcp_connection_does_not_hold_back_another() {
+    const N: usize = 1_000;
+    let pbx = std::net::TcpListener::bind("127.0.0.43:0").unwrap();
+    let pbx_port = pbx.local_addr().unwrap().port();
+    let extra = format!(
+        "[[backends]]\naddress = \"127.0.0.43:{pbx_port}\"\ntransport = \"tcp\"\n[health]\ninterval_ms = 60000\ntimeout_ms = 50000\nfall = 5\n\
+[policy.flood]\nrate_per_s = 1000000\nburst = 1000000\n\
+[policy.rate.options]\nper_source_per_min = 100000000\nper_aor_per_min = 0\n"
+    );
+    let edge = EdgeProc::start_with_env(EDGE_IP, &extra, &[("TOKIO_WORKER_THREADS", "1")]);
+    // The PBX: the Call-IDs of the test's requests in the order each connection brought them.
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Vec<String>>::new()));
+    {
+        let order = order.clone();
+        std::thread::spawn(move || {
+            for (k, conn) in pbx.incoming().take(4).enumerate() {
+                let Ok(mut conn) = conn else { return };
+                order.lock().unwrap().push(Vec::new());
+                let order = order.clone();
+                std::thread::spawn(move || {
+                    let (mut text, mut buf) = (String::new(), vec![0u8; 65536]);
+                    while let Ok(n) = conn.read(&mut buf) {
+                        if n == 0 {
+                            return;
+                        }
+                        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+                        while let Some(end) = text.find("\r\n\r\n") {
+                            let msg: String = text.drain(..end + 4).collect();
+                            if let Some(id) = msg
+                                .lines()
+                                .find_map(|l| l.strip_prefix("Call-ID: "))
+                                .filter(|id| id.starts_with("busy-") || id.starts_with("other-"))
+                            {
+                                order.lock().unwrap()[k].push(id.to_string());
+                            }
+                        }
+                    }
+                });
+            }
+        });
+    }
+    let request = |me: std::net::SocketAddr, call: &str| {
+        format!(
+            "OPTIONS sip:pbx@example.com SIP/2.0\r\nVia: SIP/2.0/TCP {me};branch=z9hG4bK{call};rport\r\nFrom: <sip:alice@example.com>;tag=p\r\nTo: <sip:pbx@example.com>\r\nCall-ID: {call}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    let seen = |call: &str| {
+        order
+            .lock()
+            .unwrap()
+            .iter()
+            .flatten()
+            .position(|id| id == call)
+    };
+    // Both connections up and relaying before the burst.
+    let mut busy = TcpStream::connect(edge.addr()).unwrap();
+    let mut other = TcpStream::connect(edge.addr()).unwrap();
+    let (busy_me, other_me) = (busy.local_addr().unwrap(), other.local_addr().unwrap());
+    busy.write_all(request(busy_me, "busy-0").as_bytes())
+        .unwrap();
+    other
+        .write_all(request(other_me, "other-0").as_bytes())
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || seen("busy-0").is_some()
+            && seen("other-0").is_some()),
+        "both connections relay"
+    );
+    // The busy peer's backlog, then one request on the other connection.
+    let burst: String = (1..=N)
+        .map(|i| request(busy_me, &format!("busy-{i}")))
+        .collect();
+    busy.write_all(burst.as_bytes()).unwrap();
+    other
+        .write_all(request(other_me, "other-1").as_bytes())
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || seen("other-1").is_some()
+            && seen(&format!("busy-{N}")).is_some()),
+        "every request reaches the PBX"
+    );
+    let relayed = order.lock().unwrap().clone();
+    let stream = relayed
+        .iter()
+        .find(|c| c.iter().any(|id| id == "other-1"))
+        .expect("the connection that relayed other-1");
+    let busy_before = stream
+        .iter()
+        .take_while(|id| *id != "other-1")
+        .filter(|id| id.starts_with("busy-"))
+        .count();
+    eprintln!("other-1 reached the PBX after {busy_before} of the {N} pipelined requests");
+    assert!(
+        busy_before < N / 2,
+        "the other connection's request waited behind {busy_before} of the {N} pipelined ones"
+    );
+}
+
 /// A burst of UDP requests relayed with a send after every datagram (`udp.flush_every = 1`, so
 /// each receive batch sends as it goes rather than once at its end): every request reaches the
 /// PBX and every answer the phone, and each datagram's hold is counted once in the delay
