@@ -378,10 +378,6 @@ async fn run(
     tokio::pin!(timer);
     let mut since_yield = 0usize;
     'conn: loop {
-        if since_yield >= YIELD_EVERY {
-            since_yield = 0;
-            tokio::task::yield_now().await;
-        }
         let n = match read_now(&conn.stream, &mut chunk) {
             Ok(0) => break,
             Ok(n) => n,
@@ -427,6 +423,13 @@ async fn run(
                     if held >= reg.cfg.flush_every {
                         out.flush_streams(&d);
                         held = 0;
+                    }
+                    if since_yield >= YIELD_EVERY {
+                        // What is handled leaves first; the rest of the read waits its turn.
+                        out.flush_streams(&d);
+                        held = 0;
+                        since_yield = 0;
+                        tokio::task::yield_now().await;
                     }
                 }
                 Err(e) => {
