@@ -14,9 +14,7 @@ use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-type Keyed<K> = KeyedLimiter<K>;
-
-fn limiter<K: Hash + Eq + Clone>(per_min: u32, clock: &Clock) -> Option<Keyed<K>> {
+fn limiter<K: Hash + Eq + Clone>(per_min: u32, clock: &Clock) -> Option<KeyedLimiter<K>> {
     let n = NonZeroU32::new(per_min)?;
     Some(KeyedLimiter::new(
         Quota::per_minute(n).allow_burst(n),
@@ -27,8 +25,8 @@ fn limiter<K: Hash + Eq + Clone>(per_min: u32, clock: &Clock) -> Option<Keyed<K>
 /// The limits of one method.
 struct Limits {
     method: &'static str,
-    per_source: Option<Keyed<IpAddr>>,
-    per_aor: Option<Keyed<String>>,
+    per_source: Option<KeyedLimiter<IpAddr>>,
+    per_aor: Option<KeyedLimiter<String>>,
     cfg: MethodLimits,
 }
 

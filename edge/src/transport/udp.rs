@@ -587,9 +587,10 @@ fn look(s: usize, mine: usize, joined: bool, idle_us: u64) -> Look {
 
 /// As thread `me` of `group`, receives datagrams on its socket until `stop`, each handed to the
 /// dispatcher; what a batch produces for this listener leaves through this socket by `sendmmsg`,
-/// every `limits.flush_every` datagrams and at the batch's end. Then takes what waits on another socket none of whose threads has taken any
-/// lately. Datagrams longer than `limits.max_datagram` and keep-alives are dropped here. Runs on
-/// its own thread; `rt` is the runtime that rare asynchronous work is spawned onto.
+/// every `limits.flush_every` datagrams and at the batch's end. Then takes what waits on another
+/// socket none of whose threads has taken any lately. Datagrams longer than `limits.max_datagram`
+/// and keep-alives are dropped here. Runs on its own thread; `rt` is the runtime that rare
+/// asynchronous work is spawned onto.
 pub fn recv_thread(
     group: Arc<Group>,
     me: usize,
