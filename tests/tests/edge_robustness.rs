@@ -319,6 +319,14 @@ fn cseq_of(msg: &str) -> u32 {
         .unwrap_or(0)
 }
 
+/// An OPTIONS for the PBX from the phone at `me` over `transport` (`UDP`, `TCP`), with `call` as
+/// its Call-ID (and branch) and `cseq` as its sequence number.
+fn options_to_pbx(transport: &str, me: std::net::SocketAddr, call: &str, cseq: usize) -> String {
+    format!(
+        "OPTIONS sip:pbx@example.com SIP/2.0\r\nVia: SIP/2.0/{transport} {me};branch=z9hG4bK{call};rport\r\nFrom: <sip:alice@example.com>;tag=p\r\nTo: <sip:pbx@example.com>\r\nCall-ID: {call}\r\nCSeq: {cseq} OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+    )
+}
+
 /// Requests pipelined in one TCP write are relayed to a TCP PBX (the edge sends what one read
 /// relays per connection in sends of `tcp.flush_every` messages, 4 by default, so 40 take ten)
 /// and the answers pipelined back: every message arrives, whole and in order, both ways.
@@ -365,9 +373,7 @@ fn tcp_pipelined_requests_are_relayed_in_order_both_ways() {
     let me = phone.local_addr().unwrap();
     let mut burst = String::new();
     for i in 1..=N {
-        burst.push_str(&format!(
-            "OPTIONS sip:pbx@example.com SIP/2.0\r\nVia: SIP/2.0/TCP {me};branch=z9hG4bKpipe{i};rport\r\nFrom: <sip:alice@example.com>;tag=p\r\nTo: <sip:pbx@example.com>\r\nCall-ID: pipe-{i}\r\nCSeq: {i} OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
-        ));
+        burst.push_str(&options_to_pbx("TCP", me, &format!("pipe-{i}"), i));
     }
     phone.write_all(burst.as_bytes()).unwrap();
     let answers = read_pipelined(&mut phone, N, Duration::from_secs(10));
@@ -380,12 +386,17 @@ fn tcp_pipelined_requests_are_relayed_in_order_both_ways() {
 }
 
 /// A connection whose peer keeps the edge busy does not hold the others back: with one runtime
-/// worker (as on a one-core edge), a request on a second connection reaches the PBX while the
-/// first connection's backlog of pipelined requests is still being relayed, not after all of it
-/// (a connection's task lets the others run every 32 messages while its socket keeps having more).
+/// worker (as on a one-core edge), a request on a second connection is relayed while the first
+/// connection's backlog of pipelined requests is still being handled, not after all of it (a
+/// connection's task lets the others run every 32 messages while its socket has more). The edge
+/// is stopped (SIGSTOP) as soon as the backlog's first request reaches the PBX, the second request
+/// is written, and the edge resumed: the backlog's task is then mid-way with the rest of it
+/// buffered, so without the yield the second request would wait for all of it.
 #[test]
 fn a_busy_tcp_connection_does_not_hold_back_another() {
-    const N: usize = 1_000;
+    use nix::sys::signal::{kill, Signal};
+    // ~200 KB: buffered whole by the kernel, and ~30 ms of the debug edge's work.
+    const N: usize = 600;
     let pbx = std::net::TcpListener::bind("127.0.0.43:0").unwrap();
     let pbx_port = pbx.local_addr().unwrap().port();
     let extra = format!(
@@ -394,15 +405,18 @@ fn a_busy_tcp_connection_does_not_hold_back_another() {
 [policy.rate.options]\nper_source_per_min = 100000000\nper_aor_per_min = 0\n"
     );
     let edge = EdgeProc::start_with_env(EDGE_IP, &extra, &[("TOKIO_WORKER_THREADS", "1")]);
-    // The PBX: the Call-IDs of the test's requests in the order each connection brought them.
+    let edge_pid = nix::unistd::Pid::from_raw(edge.proc.pid() as i32);
+    // The PBX: the Call-IDs of the test's requests in the order each connection brought them;
+    // `first` hears when the backlog's first request has come.
     let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Vec<String>>::new()));
+    let (first_tx, first) = std::sync::mpsc::channel::<()>();
     {
         let order = order.clone();
         std::thread::spawn(move || {
             for (k, conn) in pbx.incoming().take(4).enumerate() {
                 let Ok(mut conn) = conn else { return };
                 order.lock().unwrap().push(Vec::new());
-                let order = order.clone();
+                let (order, first_tx) = (order.clone(), first_tx.clone());
                 std::thread::spawn(move || {
                     let (mut text, mut buf) = (String::new(), vec![0u8; 65536]);
                     while let Ok(n) = conn.read(&mut buf) {
@@ -410,26 +424,23 @@ fn a_busy_tcp_connection_does_not_hold_back_another() {
                             return;
                         }
                         text.push_str(&String::from_utf8_lossy(&buf[..n]));
-                        while let Some(end) = text.find("\r\n\r\n") {
-                            let msg: String = text.drain(..end + 4).collect();
-                            if let Some(id) = msg
-                                .lines()
-                                .find_map(|l| l.strip_prefix("Call-ID: "))
-                                .filter(|id| id.starts_with("busy-") || id.starts_with("other-"))
-                            {
-                                order.lock().unwrap()[k].push(id.to_string());
-                            }
+                        let mut got = Vec::new();
+                        take_pipelined(&mut text, &mut got);
+                        let ids: Vec<String> = got
+                            .iter()
+                            .filter_map(|m| m.lines().find_map(|l| l.strip_prefix("Call-ID: ")))
+                            .map(str::to_string)
+                            .collect();
+                        if ids.iter().any(|id| id == "pipe-busy-1") {
+                            let _ = first_tx.send(());
                         }
+                        order.lock().unwrap()[k].extend(ids);
                     }
                 });
             }
         });
     }
-    let request = |me: std::net::SocketAddr, call: &str| {
-        format!(
-            "OPTIONS sip:pbx@example.com SIP/2.0\r\nVia: SIP/2.0/TCP {me};branch=z9hG4bK{call};rport\r\nFrom: <sip:alice@example.com>;tag=p\r\nTo: <sip:pbx@example.com>\r\nCall-ID: {call}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
-        )
-    };
+    let request = |me: std::net::SocketAddr, call: &str| options_to_pbx("TCP", me, call, 1);
     let seen = |call: &str| {
         order
             .lock()
@@ -438,44 +449,49 @@ fn a_busy_tcp_connection_does_not_hold_back_another() {
             .flatten()
             .position(|id| id == call)
     };
-    // Both connections up and relaying before the burst.
+    // Both connections up and relaying before the backlog.
     let mut busy = TcpStream::connect(edge.addr()).unwrap();
     let mut other = TcpStream::connect(edge.addr()).unwrap();
     let (busy_me, other_me) = (busy.local_addr().unwrap(), other.local_addr().unwrap());
-    busy.write_all(request(busy_me, "busy-0").as_bytes())
+    busy.write_all(request(busy_me, "pipe-busy-0").as_bytes())
         .unwrap();
     other
-        .write_all(request(other_me, "other-0").as_bytes())
+        .write_all(request(other_me, "pipe-other-0").as_bytes())
         .unwrap();
     assert!(
-        wait_until(Duration::from_secs(10), || seen("busy-0").is_some()
-            && seen("other-0").is_some()),
+        wait_until(Duration::from_secs(10), || seen("pipe-busy-0").is_some()
+            && seen("pipe-other-0").is_some()),
         "both connections relay"
     );
-    // The busy peer's backlog, then one request on the other connection.
+    // The backlog; the edge stopped as its first request reaches the PBX; the other request
+    // written meanwhile; the edge resumed.
     let burst: String = (1..=N)
-        .map(|i| request(busy_me, &format!("busy-{i}")))
+        .map(|i| request(busy_me, &format!("pipe-busy-{i}")))
         .collect();
     busy.write_all(burst.as_bytes()).unwrap();
-    other
-        .write_all(request(other_me, "other-1").as_bytes())
-        .unwrap();
+    first
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the backlog reaches the PBX");
+    kill(edge_pid, Signal::SIGSTOP).unwrap();
+    let written = other.write_all(request(other_me, "pipe-other-1").as_bytes());
+    kill(edge_pid, Signal::SIGCONT).unwrap();
+    written.unwrap();
     assert!(
-        wait_until(Duration::from_secs(20), || seen("other-1").is_some()
-            && seen(&format!("busy-{N}")).is_some()),
+        wait_until(Duration::from_secs(20), || seen("pipe-other-1").is_some()
+            && seen(&format!("pipe-busy-{N}")).is_some()),
         "every request reaches the PBX"
     );
     let relayed = order.lock().unwrap().clone();
     let stream = relayed
         .iter()
-        .find(|c| c.iter().any(|id| id == "other-1"))
-        .expect("the connection that relayed other-1");
+        .find(|c| c.iter().any(|id| id == "pipe-other-1"))
+        .expect("the connection that relayed pipe-other-1");
     let busy_before = stream
         .iter()
-        .take_while(|id| *id != "other-1")
-        .filter(|id| id.starts_with("busy-"))
+        .take_while(|id| *id != "pipe-other-1")
+        .filter(|id| id.starts_with("pipe-busy-"))
         .count();
-    eprintln!("other-1 reached the PBX after {busy_before} of the {N} pipelined requests");
+    eprintln!("pipe-other-1 reached the PBX after {busy_before} of the {N} pipelined requests");
     assert!(
         busy_before < N / 2,
         "the other connection's request waited behind {busy_before} of the {N} pipelined ones"
@@ -517,9 +533,7 @@ fn a_udp_burst_sent_as_it_goes_loses_nothing_and_counts_each_hold_once() {
     let phone = UdpSocket::bind("127.0.0.43:0").unwrap();
     let me = phone.local_addr().unwrap();
     for i in 1..=N {
-        let req = format!(
-            "OPTIONS sip:pbx@example.com SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKburst{i};rport\r\nFrom: <sip:alice@example.com>;tag=b\r\nTo: <sip:pbx@example.com>\r\nCall-ID: burst-{i}\r\nCSeq: {i} OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
-        );
+        let req = options_to_pbx("UDP", me, &format!("burst-{i}"), i);
         phone.send_to(req.as_bytes(), edge.addr()).unwrap();
     }
     let mut answered = Vec::new();
