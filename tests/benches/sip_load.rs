@@ -67,6 +67,10 @@ struct Figures {
     response_p99_ms: Vec<f64>,
     /// And p99 of the UAS's own time to answer, ms, per run.
     answer_p99_ms: Vec<f64>,
+    /// p99 transit per transaction while the UAS kept up, ms, and the percentage of the capture
+    /// it was behind, per run.
+    kept_up_txn_p99_ms: Vec<f64>,
+    uas_behind_pct: Vec<f64>,
     /// The edge's UDP receive threads that did a tenth or more of their CPU, per run.
     receive_threads: Vec<usize>,
     ok: u64,
@@ -87,6 +91,13 @@ fn record(f: &mut Figures, run: Run) {
     if let Some(t) = run.transit.as_ref().filter(|t| !t.transactions.is_empty()) {
         f.transit_msg_p99_ms.push(percentile(&t.messages, 0.99));
         f.transit_txn_p99_ms.push(percentile(&t.transactions, 0.99));
+        if !t.kept_up_transactions.is_empty() {
+            f.kept_up_txn_p99_ms
+                .push(percentile(&t.kept_up_transactions, 0.99));
+        }
+    }
+    if let Some(share) = run.uas_behind {
+        f.uas_behind_pct.push(100.0 * share);
     }
     if !run.response.is_empty() {
         f.response_p99_ms.push(percentile(&run.response, 0.99));
@@ -351,9 +362,19 @@ fn target_line(t: &Target, f: &Figures, w: Workload) -> String {
     };
     let own = ms_figure("own delay per datagram p99", &f.own_p99_ms);
     let transit = ms_figure("transit p99 per message", &f.transit_msg_p99_ms)
-        + &ms_figure("per transaction", &f.transit_txn_p99_ms);
+        + &ms_figure("per transaction", &f.transit_txn_p99_ms)
+        + &ms_figure("while the UAS kept up", &f.kept_up_txn_p99_ms);
+    let behind = if f.uas_behind_pct.is_empty() {
+        String::new()
+    } else {
+        format!(
+            ", the UAS behind (answers over {UAS_LATE_MS} ms) {}% of the capture",
+            spread_with(&f.uas_behind_pct, 0)
+        )
+    };
     let response = ms_figure("response p99 at the UAC (capture)", &f.response_p99_ms)
-        + &ms_figure("the UAS's own answer p99", &f.answer_p99_ms);
+        + &ms_figure("the UAS's own answer p99", &f.answer_p99_ms)
+        + &behind;
     let receivers = if f.receive_threads.is_empty() {
         String::new()
     } else {

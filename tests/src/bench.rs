@@ -3,7 +3,10 @@
 //! `bench/kamailio-proxy.cfg`), SIPp as UAC and UAS, CPU from /proc, a latency probe with a
 //! microsecond clock, and a loopback capture for each message's transit ([`crate::capture`]).
 
-use crate::capture::{answer_times, messages, response_times, transit, Capture, Packets, Transit};
+use crate::capture::{
+    answer_timeline, messages, response_times, transit, transit_timeline, Behind, Capture,
+    Datagram, Packets, Timed, Transit,
+};
 use crate::*;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -219,7 +222,7 @@ pub fn banned_networks() -> String {
     list.join(", ")
 }
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Workload {
     Options,
     Register,
@@ -399,6 +402,9 @@ pub struct Run {
     /// From the same capture: how long the UAS took to answer each request it was sent, ms,
     /// sorted.
     pub answer: Vec<f64>,
+    /// The share of the capture during which the UAS was behind ([`Behind`], answers later than
+    /// [`UAS_LATE_MS`]).
+    pub uas_behind: Option<f64>,
     /// The SIPp UAC's address.
     pub uac: SocketAddr,
     /// For the edge: how many of its UDP receive threads did a tenth or more of their CPU.
@@ -468,6 +474,7 @@ pub fn load(
         transit: None,
         response: Vec::new(),
         answer: Vec::new(),
+        uas_behind: None,
         uac,
     }
 }
@@ -680,11 +687,21 @@ pub fn measure(
     if let Some((packets, dropped)) = capturer.and_then(|c| c.join().ok().flatten()) {
         let datagrams = messages(&packets);
         run.response = response_times(&datagrams, run.uac.ip(), target);
-        run.answer = answer_times(&datagrams, t.forwards_to.unwrap_or(target));
+        let answers = answer_timeline(&datagrams, t.forwards_to.unwrap_or(target));
+        let behind = Behind::find(&answers, UAS_LATE_MS, UAS_CATCH_UP);
+        if let (Some(first), Some(last)) = (datagrams.first(), datagrams.last()) {
+            run.uas_behind = Some(behind.share(first.at_ns, last.at_ns));
+        }
+        run.answer = answers.iter().map(|a| a.ms).collect();
+        run.answer.sort_by(f64::total_cmp);
         if let Some(uas) = t.forwards_to {
-            let mut through = transit(&datagrams, target, uas);
+            let mut through = transit(&datagrams, target, uas, &behind);
             through.dropped = dropped;
             run.transit = Some(through);
+        }
+        if let Ok(keep) = std::env::var("SW_BENCH_TIMELINES") {
+            let name = format!("{}-{w:?}-{transport}-{rate}", t.name).to_lowercase();
+            write_timelines(Path::new(&keep), &name, &datagrams, target, t.forwards_to);
         }
     }
     if let (Some(http), Some(b0)) = (t.metrics, delays_before) {
@@ -707,6 +724,48 @@ pub fn measure(
     }
     run
 }
+
+/// Writes a run's capture as timelines into `dir` (`SW_BENCH_TIMELINES`): `NAME-N.transit.tsv`
+/// (each message's arrival at the proxy, ns, its transit in ms, `req` or `resp`) for a proxy, and
+/// `NAME-N.answer.tsv` (each request's arrival at the UAS, its answer time in ms), N counting the
+/// runs of NAME: to see where in a run the slow transactions were and what else was slow then.
+fn write_timelines(
+    dir: &Path,
+    name: &str,
+    datagrams: &[Datagram],
+    target: SocketAddr,
+    uas: Option<SocketAddr>,
+) {
+    let _ = std::fs::create_dir_all(dir);
+    let n = (1..)
+        .find(|n| !dir.join(format!("{name}-{n}.answer.tsv")).exists())
+        .unwrap_or(0);
+    let write = |kind: &str, timed: Vec<Timed>| {
+        let text: String = timed
+            .iter()
+            .map(|t| {
+                let what = if t.request { "req" } else { "resp" };
+                format!("{}\t{:.4}\t{what}\n", t.at_ns, t.ms)
+            })
+            .collect();
+        let path = dir.join(format!("{name}-{n}.{kind}.tsv"));
+        if let Err(e) = std::fs::write(&path, text) {
+            eprintln!("could not write {}: {e}", path.display());
+        }
+    };
+    if let Some(uas) = uas {
+        write("transit", transit_timeline(datagrams, target, uas));
+    }
+    write("answer", answer_timeline(datagrams, uas.unwrap_or(target)));
+}
+
+/// A UAS answer later than this (ms) puts the UAS behind: straight to SIPp's UAS, at half the
+/// maximum rate, 99% of answers took under 3.5 ms.
+pub const UAS_LATE_MS: f64 = 5.0;
+
+/// How long after a late answer the UAS still counts as behind: the backlog it sends on catching
+/// up takes a proxy about this long to pass on (5 ms: a few hundred messages).
+pub const UAS_CATCH_UP: Duration = Duration::from_millis(5);
 
 /// After the load's first second, a capture of `span` (cut short by `stop`) of UDP and TCP to and
 /// from `ports`, read back, with the number of packets the kernel dropped on the way to tcpdump.

@@ -74,6 +74,59 @@ pub struct Transit {
     pub unmatched: usize,
     /// Packets the kernel dropped before tcpdump read them (its own count).
     pub dropped: u64,
+    /// `messages` and `transactions` for what reached the proxy while the UAS kept up (outside
+    /// the [`Behind`] spans given to [`transit`]; a transaction when both its messages did).
+    pub kept_up_messages: Vec<f64>,
+    pub kept_up_transactions: Vec<f64>,
+}
+
+/// The spans of a capture while the UAS was behind with its answers: from each request it
+/// answered more than `late_ms` after the request reached it to that answer, stretched by a
+/// margin past its end (a UAS that catches up sends its backlog as one burst, which a proxy then
+/// takes a while to pass on), overlapping spans merged. A proxy's transit in these spans measures
+/// the load generator as much as the proxy: any relay queues a burst behind its first message.
+#[derive(Debug, Default, PartialEq)]
+pub struct Behind {
+    spans: Vec<(u64, u64)>,
+}
+
+impl Behind {
+    pub fn find(answers: &[Timed], late_ms: f64, margin: Duration) -> Behind {
+        let margin = margin.as_nanos() as u64;
+        let mut late: Vec<(u64, u64)> = answers
+            .iter()
+            .filter(|a| a.ms > late_ms)
+            .map(|a| (a.at_ns, a.at_ns + (a.ms * 1e6) as u64 + margin))
+            .collect();
+        late.sort_unstable();
+        let mut spans: Vec<(u64, u64)> = Vec::new();
+        for (start, end) in late {
+            match spans.last_mut() {
+                Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                _ => spans.push((start, end)),
+            }
+        }
+        Behind { spans }
+    }
+
+    /// Whether `at_ns` falls in a span.
+    pub fn contains(&self, at_ns: u64) -> bool {
+        let i = self.spans.partition_point(|s| s.0 <= at_ns);
+        i > 0 && at_ns <= self.spans[i - 1].1
+    }
+
+    /// The share of `from..to` (ns) the spans cover.
+    pub fn share(&self, from: u64, to: u64) -> f64 {
+        if to <= from {
+            return 0.0;
+        }
+        let covered: u64 = self
+            .spans
+            .iter()
+            .map(|&(s, e)| e.min(to).saturating_sub(s.max(from)))
+            .sum();
+        covered as f64 / (to - from) as f64
+    }
 }
 
 impl Capture {
@@ -349,12 +402,83 @@ fn message_key(payload: &[u8]) -> Option<MessageKey> {
 }
 
 /// The transit of each message through the proxy at `proxy` that forwards to the UAS at `uas`,
-/// and of each transaction (request and final response). A retransmission is matched by its
+/// and of each transaction (request and final response), in all and while the UAS kept up (outside
+/// `behind`). A retransmission is matched by its
 /// first copy in each direction. A message arrives at the proxy when it is sent to the proxy's
 /// address or by the UAS, and leaves it when sent from the proxy's address or to the UAS: over
 /// TCP the proxy's connections toward the UAS have addresses of their own (the kernel picks the
 /// source).
-pub fn transit(datagrams: &[Datagram], proxy: SocketAddr, uas: SocketAddr) -> Transit {
+pub fn transit(
+    datagrams: &[Datagram],
+    proxy: SocketAddr,
+    uas: SocketAddr,
+    behind: &Behind,
+) -> Transit {
+    let (held, unmatched) = held(datagrams, proxy, uas);
+    let mut out = Transit {
+        unmatched,
+        ..Transit::default()
+    };
+    for (key, &(at_ns, ms)) in &held {
+        out.messages.push(ms);
+        let kept_up = !behind.contains(at_ns);
+        if kept_up {
+            out.kept_up_messages.push(ms);
+        }
+        let Some(request) = key.answers() else {
+            continue;
+        };
+        if let Some(&(req_at, req_ms)) = held.get(&request) {
+            out.transactions.push(req_ms + ms);
+            if kept_up && !behind.contains(req_at) {
+                out.kept_up_transactions.push(req_ms + ms);
+            }
+        }
+    }
+    for list in [
+        &mut out.messages,
+        &mut out.transactions,
+        &mut out.kept_up_messages,
+        &mut out.kept_up_transactions,
+    ] {
+        list.sort_by(f64::total_cmp);
+    }
+    out
+}
+
+/// Each message's transit through the proxy as [`transit`] finds it, with when it reached the
+/// proxy and whether it is a request, in arrival order: where in a run the slow ones were.
+pub fn transit_timeline(datagrams: &[Datagram], proxy: SocketAddr, uas: SocketAddr) -> Vec<Timed> {
+    let mut out: Vec<Timed> = held(datagrams, proxy, uas)
+        .0
+        .into_iter()
+        .map(|(key, (at_ns, ms))| Timed {
+            at_ns,
+            ms,
+            request: key.is_request(),
+        })
+        .collect();
+    out.sort_by_key(|t| t.at_ns);
+    out
+}
+
+/// A message's time through something (a proxy's transit, a UAS's answer), and when it started.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Timed {
+    /// Kernel timestamp of the message's arrival, ns since the Unix epoch.
+    pub at_ns: u64,
+    pub ms: f64,
+    /// Whether the message timed is a request (for answers, always).
+    pub request: bool,
+}
+
+/// Each message the proxy forwarded: when it arrived and how long it was held (ms); and how many
+/// messages to it have no forward in the capture.
+fn held(
+    datagrams: &[Datagram],
+    proxy: SocketAddr,
+    uas: SocketAddr,
+) -> (HashMap<MessageKey, (u64, f64)>, usize) {
     let mut arrived: HashMap<MessageKey, u64> = HashMap::new();
     let mut left: HashMap<MessageKey, u64> = HashMap::new();
     for d in datagrams {
@@ -367,29 +491,17 @@ pub fn transit(datagrams: &[Datagram], proxy: SocketAddr, uas: SocketAddr) -> Tr
             arrived.entry(key).or_insert(d.at_ns);
         }
     }
-    let mut out = Transit::default();
-    let mut held: HashMap<&MessageKey, f64> = HashMap::new();
-    for (key, &t0) in &arrived {
-        match left.get(key) {
+    let mut unmatched = 0;
+    let mut held = HashMap::new();
+    for (key, t0) in arrived {
+        match left.get(&key) {
             Some(&t1) if t1 >= t0 => {
-                let ms = (t1 - t0) as f64 / 1e6;
-                out.messages.push(ms);
-                held.insert(key, ms);
+                held.insert(key, (t0, (t1 - t0) as f64 / 1e6));
             }
-            _ => out.unmatched += 1,
+            _ => unmatched += 1,
         }
     }
-    for (key, ms) in &held {
-        let Some(request) = key.answers() else {
-            continue;
-        };
-        if let Some(req_ms) = held.get(&request) {
-            out.transactions.push(req_ms + ms);
-        }
-    }
-    out.messages.sort_by(f64::total_cmp);
-    out.transactions.sort_by(f64::total_cmp);
-    out
+    (held, unmatched)
 }
 
 /// Response times at the UAC on `uac` through `target` (a proxy, or the UAS itself), ms, sorted:
@@ -399,11 +511,11 @@ pub fn transit(datagrams: &[Datagram], proxy: SocketAddr, uas: SocketAddr) -> Tr
 /// the proxy and straight to the UAS under the same load: besides the proxy's own hold, it counts
 /// what the proxy's way of sending does to the hops after it.
 pub fn response_times(datagrams: &[Datagram], uac: IpAddr, target: SocketAddr) -> Vec<f64> {
-    round_trips(
+    sorted_ms(round_trips(
         datagrams,
         |d| d.src.ip() == uac && d.dst == target,
         |d| d.src == target && d.dst.ip() == uac,
-    )
+    ))
 }
 
 /// How long `uas` took to answer each request it was sent, ms, sorted: from the request reaching
@@ -411,16 +523,27 @@ pub fn response_times(datagrams: &[Datagram], uac: IpAddr, target: SocketAddr) -
 /// response time at the UAC is this plus the proxy's transit both ways, so the two show where a
 /// slow transaction spent its time.
 pub fn answer_times(datagrams: &[Datagram], uas: SocketAddr) -> Vec<f64> {
+    sorted_ms(answer_timeline(datagrams, uas))
+}
+
+/// The UAS's answers as [`answer_times`] finds them, in the order the requests reached it.
+pub fn answer_timeline(datagrams: &[Datagram], uas: SocketAddr) -> Vec<Timed> {
     round_trips(datagrams, |d| d.dst == uas, |d| d.src == uas)
 }
 
-/// From each request that `sent` picks to the first response to it that `answered` picks, ms,
-/// sorted.
+fn sorted_ms(timed: Vec<Timed>) -> Vec<f64> {
+    let mut out: Vec<f64> = timed.into_iter().map(|t| t.ms).collect();
+    out.sort_by(f64::total_cmp);
+    out
+}
+
+/// From each request that `sent` picks to the first response to it that `answered` picks, in the
+/// order the requests were sent.
 fn round_trips(
     datagrams: &[Datagram],
     sent: impl Fn(&Datagram) -> bool,
     answered: impl Fn(&Datagram) -> bool,
-) -> Vec<f64> {
+) -> Vec<Timed> {
     let mut out_at: HashMap<MessageKey, u64> = HashMap::new();
     let mut back_at: HashMap<MessageKey, u64> = HashMap::new();
     for d in datagrams {
@@ -437,14 +560,18 @@ fn round_trips(
             }
         }
     }
-    let mut out: Vec<f64> = out_at
+    let mut out: Vec<Timed> = out_at
         .iter()
         .filter_map(|(key, &t0)| {
             let t1 = *back_at.get(key)?;
-            (t1 >= t0).then(|| (t1 - t0) as f64 / 1e6)
+            (t1 >= t0).then(|| Timed {
+                at_ns: t0,
+                ms: (t1 - t0) as f64 / 1e6,
+                request: true,
+            })
         })
         .collect();
-    out.sort_by(f64::total_cmp);
+    out.sort_by_key(|t| t.at_ns);
     out
 }
 
@@ -494,10 +621,99 @@ mod tests {
                 sip("OPTIONS sip:a@b SIP/2.0", "c2", "1 OPTIONS"),
             ),
         ];
-        let t = transit(&caps, PROXY.parse().unwrap(), UAS.parse().unwrap());
+        let t = transit(
+            &caps,
+            PROXY.parse().unwrap(),
+            UAS.parse().unwrap(),
+            &Behind::default(),
+        );
         assert_eq!(t.messages, vec![0.05, 0.2, 0.3]);
         assert_eq!(t.transactions, vec![0.5]);
         assert_eq!(t.unmatched, 1);
+        // With the UAS never behind, everything counts as kept up.
+        assert_eq!(t.kept_up_messages, t.messages);
+        assert_eq!(t.kept_up_transactions, t.transactions);
+    }
+
+    fn answered(at_us: u64, ms: f64) -> Timed {
+        Timed {
+            at_ns: at_us * 1000,
+            ms,
+            request: true,
+        }
+    }
+
+    #[test]
+    fn the_uas_is_behind_from_each_late_request_to_its_answer_and_a_margin_after() {
+        let answers = [
+            answered(1_000, 1.0),
+            // Late: behind from 2 ms to 8 ms, and 1 ms past.
+            answered(2_000, 6.0),
+            // Late again within that span: it stretches to 12 + 1 ms.
+            answered(5_000, 7.0),
+            answered(14_000, 2.0),
+            // A span of its own: 20 to 30 ms, and 1 ms past.
+            answered(20_000, 10.0),
+        ];
+        let behind = Behind::find(&answers, 5.0, Duration::from_millis(1));
+        assert_eq!(
+            behind.spans,
+            vec![(2_000_000, 13_000_000), (20_000_000, 31_000_000)]
+        );
+        for (at_us, inside) in [
+            (1_999, false),
+            (2_000, true),
+            (13_000, true),
+            (13_001, false),
+            (19_999, false),
+            (25_000, true),
+            (31_001, false),
+        ] {
+            assert_eq!(behind.contains(at_us * 1000), inside, "at {at_us} µs");
+        }
+        // 11 + 11 ms of 40.
+        assert!((behind.share(0, 40_000_000) - 0.55).abs() < 1e-9);
+        // Clipped to the window asked about.
+        assert!((behind.share(10_000_000, 20_000_000) - 0.3).abs() < 1e-9);
+        assert_eq!(behind.share(5, 5), 0.0);
+        assert_eq!(
+            Behind::find(&answers[..1], 5.0, Duration::ZERO),
+            Behind::default()
+        );
+    }
+
+    #[test]
+    fn a_transaction_counts_as_kept_up_only_when_both_its_messages_reached_the_proxy_outside_the_spans(
+    ) {
+        let req = |c: &str| sip("OPTIONS sip:a@b SIP/2.0", c, "1 OPTIONS");
+        let ok = |c: &str| sip("SIP/2.0 200 OK", c, "1 OPTIONS");
+        let caps = [
+            // c1: all before the UAS fell behind.
+            datagram(1_000, UAC, PROXY, req("c1")),
+            datagram(1_500, PROXY, UAS, req("c1")),
+            datagram(1_600, UAS, PROXY, ok("c1")),
+            datagram(1_850, PROXY, UAC, ok("c1")),
+            // c2: its request before, its response (sent as the UAS caught up) inside.
+            datagram(2_000, UAC, PROXY, req("c2")),
+            datagram(2_500, PROXY, UAS, req("c2")),
+            datagram(9_000, UAS, PROXY, ok("c2")),
+            // c3: its request inside, its response just after.
+            datagram(9_500, UAC, PROXY, req("c3")),
+            datagram(10_000, PROXY, UAS, req("c3")),
+            datagram(10_600, UAS, PROXY, ok("c3")),
+            datagram(10_850, PROXY, UAC, ok("c3")),
+            datagram(11_000, PROXY, UAC, ok("c2")),
+        ];
+        // The UAS answered c2 6.5 ms late: behind from 2.5 ms to 9 ms, and 1 ms past.
+        let answers = answer_timeline(&caps, UAS.parse().unwrap());
+        let behind = Behind::find(&answers, 5.0, Duration::from_millis(1));
+        let t = transit(&caps, PROXY.parse().unwrap(), UAS.parse().unwrap(), &behind);
+        assert_eq!(t.messages, vec![0.25, 0.25, 0.5, 0.5, 0.5, 2.0]);
+        assert_eq!(t.transactions, vec![0.75, 0.75, 2.5]);
+        // c2's request reached the proxy at 2 ms, before the span, its response inside; c3's
+        // request inside, its response after.
+        assert_eq!(t.kept_up_messages, vec![0.25, 0.25, 0.5, 0.5]);
+        assert_eq!(t.kept_up_transactions, vec![0.75]);
     }
 
     #[test]
@@ -690,7 +906,12 @@ mod tests {
             datagram(1_500, UAS, OUT, ok()),
             datagram(1_800, PROXY, UAC, ok()),
         ];
-        let t = transit(&caps, PROXY.parse().unwrap(), UAS.parse().unwrap());
+        let t = transit(
+            &caps,
+            PROXY.parse().unwrap(),
+            UAS.parse().unwrap(),
+            &Behind::default(),
+        );
         assert_eq!(t.messages, vec![0.1, 0.3]);
         assert_eq!(t.transactions, vec![0.4]);
         assert_eq!(t.unmatched, 0);
