@@ -11,7 +11,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use sipwarden_shared::ban::BanSource;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
@@ -175,18 +174,10 @@ impl Metrics {
         self.commit.set(g(st.commit));
         self.applied.set(g(st.applied));
         let (revision, by_source, registrations, edges) = handle.read(|s| {
-            let mut by_source = [0i64; 3];
-            for b in s.bans() {
-                by_source[match b.source {
-                    BanSource::Manual => 0,
-                    BanSource::AutoRule(_) => 1,
-                    BanSource::Feed(_) => 2,
-                }] += 1;
-            }
             (
                 s.revision(),
-                by_source,
-                s.bindings().count(),
+                s.ban_counts(),
+                s.binding_count(),
                 s.edges().count(),
             )
         });
@@ -194,7 +185,7 @@ impl Metrics {
         for (i, source) in ["manual", "auto", "feed"].into_iter().enumerate() {
             self.bans
                 .get_or_create(&SourceLabels { source })
-                .set(by_source[i]);
+                .set(by_source[i] as i64);
         }
         self.registrations.set(registrations as i64);
         self.edges_known.set(edges as i64);

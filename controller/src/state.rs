@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 use sipwarden_shared::ban::{Ban, BanSource, BanTarget, Binding};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// A ban to add; the state machine gives it its id and creation time.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +150,22 @@ pub struct AuditEntry {
     pub detail: String,
 }
 
+/// What expires, as `StateMachine::expiries` holds it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Expiring {
+    Ban(String),
+    Binding { aor: String, contact: String },
+}
+
+/// The slot of a ban's source in `StateMachine::ban_counts` and `ban_counts()`.
+fn source_slot(source: &BanSource) -> usize {
+    match source {
+        BanSource::Manual => 0,
+        BanSource::AutoRule(_) => 1,
+        BanSource::Feed(_) => 2,
+    }
+}
+
 /// The state every controller replicates.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct StateMachine {
@@ -159,6 +175,19 @@ pub struct StateMachine {
     /// `(target, site)` → id: one ban per target and scope. Rebuilt from `bans` on restore.
     #[serde(skip)]
     by_target: BTreeMap<(BanTarget, Option<String>), String>,
+    /// Bans by source (`BanSource::slot`), kept with `bans`: the metrics read them on every
+    /// scrape without a walk of the ban list under the lock the Raft loop needs. Rebuilt on
+    /// restore.
+    #[serde(skip)]
+    ban_counts: [usize; 3],
+    /// How many bindings `bindings` holds, for the same reason. Rebuilt on restore.
+    #[serde(skip)]
+    binding_count: usize,
+    /// Every ban and binding that expires, by when, soonest first: the leader asks once a second
+    /// whether anything is due, and `Expire` takes what is, without walking every ban and
+    /// binding. Rebuilt on restore.
+    #[serde(skip)]
+    expiries: BTreeSet<(u64, Expiring)>,
     /// AOR → contact → binding.
     bindings: BTreeMap<String, BTreeMap<String, Binding>>,
     policies: BTreeMap<String, PolicyDoc>,
@@ -303,7 +332,7 @@ impl StateMachine {
                         }
                     };
                     self.by_target.insert(key, ban.id.clone());
-                    self.bans.insert(ban.id.clone(), ban.clone());
+                    self.put_ban(ban.clone());
                     stored.push(ban);
                 }
                 let detail = summarize("ban", stored.iter().map(|b| b.target.to_string()));
@@ -324,8 +353,7 @@ impl StateMachine {
                             .collect(),
                     };
                     for id in ids {
-                        if let Some(b) = self.bans.remove(&id) {
-                            self.by_target.remove(&(b.target.clone(), b.site.clone()));
+                        if let Some(b) = self.take_ban(&id) {
                             removed.push(b);
                         }
                     }
@@ -338,10 +366,18 @@ impl StateMachine {
             Op::PutBindings(list) => {
                 let mut changes = Vec::new();
                 for b in list {
-                    self.bindings
+                    let old = self
+                        .bindings
                         .entry(b.aor.clone())
                         .or_default()
                         .insert(b.contact.clone(), b.clone());
+                    match old {
+                        Some(old) => {
+                            self.expiries.remove(&binding_expiry(&old));
+                        }
+                        None => self.binding_count += 1,
+                    }
+                    self.expiries.insert(binding_expiry(b));
                     changes.push(Change::BindingPut(b.clone()));
                 }
                 let put = changes.len();
@@ -392,24 +428,25 @@ impl StateMachine {
             }
             Op::Expire => {
                 let now = cmd.at_unix_ms;
-                let expired: Vec<String> = self
-                    .bans
-                    .values()
-                    .filter(|b| !b.live(now))
-                    .map(|b| b.id.clone())
-                    .collect();
+                // What is due, in the order a walk of the maps gives (bans by id, bindings by
+                // AOR and contact), as controllers before the index did.
+                let (mut expired, mut old) = (Vec::new(), Vec::new());
+                for (_, what) in self.expiries.iter().take_while(|(at, _)| *at <= now) {
+                    match what {
+                        Expiring::Ban(id) => expired.push(id.clone()),
+                        Expiring::Binding { aor, contact } => {
+                            old.push((aor.clone(), contact.clone()))
+                        }
+                    }
+                }
+                expired.sort_unstable();
+                old.sort_unstable();
                 let mut changes = Vec::new();
                 for id in &expired {
-                    if let Some(b) = self.bans.remove(id) {
-                        self.by_target.remove(&(b.target.clone(), b.site.clone()));
+                    if let Some(b) = self.take_ban(id) {
                         changes.push(Change::BanRemoved(b));
                     }
                 }
-                let old: Vec<(String, String)> = self
-                    .bindings()
-                    .filter(|b| b.expires_unix_ms <= now)
-                    .map(|b| (b.aor.clone(), b.contact.clone()))
-                    .collect();
                 for (aor, contact) in &old {
                     self.remove_binding(aor, contact);
                     changes.push(Change::BindingRemoved {
@@ -443,18 +480,57 @@ impl StateMachine {
         let Some(m) = self.bindings.get_mut(aor) else {
             return false;
         };
-        let gone = m.remove(contact).is_some();
+        let gone = m.remove(contact);
         if m.is_empty() {
             self.bindings.remove(aor);
         }
-        gone
+        if let Some(b) = &gone {
+            self.expiries.remove(&binding_expiry(b));
+            self.binding_count -= 1;
+        }
+        gone.is_some()
+    }
+
+    /// Stores `ban` (its `by_target` entry is the caller's), replacing any of the same id.
+    fn put_ban(&mut self, ban: Ban) {
+        // The old one's index entries go first: the new one may expire at the same time.
+        if let Some(old) = self.bans.remove(&ban.id) {
+            self.ban_counts[source_slot(&old.source)] -= 1;
+            if let Some(at) = old.expires_unix_ms {
+                self.expiries.remove(&(at, Expiring::Ban(old.id)));
+            }
+        }
+        self.ban_counts[source_slot(&ban.source)] += 1;
+        if let Some(at) = ban.expires_unix_ms {
+            self.expiries.insert((at, Expiring::Ban(ban.id.clone())));
+        }
+        self.bans.insert(ban.id.clone(), ban);
+    }
+
+    /// Removes the ban `id` and everything kept about it.
+    fn take_ban(&mut self, id: &str) -> Option<Ban> {
+        let b = self.bans.remove(id)?;
+        self.by_target.remove(&(b.target.clone(), b.site.clone()));
+        self.ban_counts[source_slot(&b.source)] -= 1;
+        if let Some(at) = b.expires_unix_ms {
+            self.expiries.remove(&(at, Expiring::Ban(b.id.clone())));
+        }
+        Some(b)
+    }
+
+    /// How many bindings there are (`bindings().count()` without the walk).
+    pub fn binding_count(&self) -> usize {
+        self.binding_count
+    }
+
+    /// How many bans each source holds: manual, auto (an edge's rule), feed.
+    pub fn ban_counts(&self) -> [usize; 3] {
+        self.ban_counts
     }
 
     /// The earliest expiry of any ban or binding: when the leader should next propose `Expire`.
     pub fn next_expiry(&self) -> Option<u64> {
-        let bans = self.bans.values().filter_map(|b| b.expires_unix_ms);
-        let binds = self.bindings().map(|b| b.expires_unix_ms);
-        bans.chain(binds).min()
+        self.expiries.first().map(|(at, _)| *at)
     }
 
     /// The state as bytes (the change window is not included).
@@ -473,8 +549,26 @@ impl StateMachine {
             .values()
             .map(|b| ((b.target.clone(), b.site.clone()), b.id.clone()))
             .collect();
+        for b in s.bans.values() {
+            s.ban_counts[source_slot(&b.source)] += 1;
+            if let Some(at) = b.expires_unix_ms {
+                s.expiries.insert((at, Expiring::Ban(b.id.clone())));
+            }
+        }
+        let bindings: Vec<_> = s.bindings().map(binding_expiry).collect();
+        s.binding_count = bindings.len();
+        s.expiries.extend(bindings);
         Ok(s)
     }
+}
+
+/// A binding's entry in `StateMachine::expiries`.
+fn binding_expiry(b: &Binding) -> (u64, Expiring) {
+    let what = Expiring::Binding {
+        aor: b.aor.clone(),
+        contact: b.contact.clone(),
+    };
+    (b.expires_unix_ms, what)
 }
 
 /// `verb a, b, c` or `verb 1000 targets (a, b, c, …)`.

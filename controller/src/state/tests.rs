@@ -261,3 +261,135 @@ fn an_edge_is_recorded_once_until_it_changes() {
     let r = StateMachine::restore(&s.snapshot()).unwrap();
     assert_eq!(r.edges().count(), 1, "kept in snapshots");
 }
+
+/// What the derived indexes must say, by a walk of everything.
+fn walked(s: &StateMachine) -> ([usize; 3], usize, Option<u64>) {
+    let mut counts = [0; 3];
+    for b in s.bans() {
+        counts[source_slot(&b.source)] += 1;
+    }
+    let bans = s.bans().filter_map(|b| b.expires_unix_ms);
+    let next = bans.chain(s.bindings().map(|b| b.expires_unix_ms)).min();
+    (counts, s.bindings().count(), next)
+}
+
+#[test]
+fn counts_and_expiries_kept_with_the_state_match_a_walk_of_it_after_every_command() {
+    // A fixed pseudo-random walk over few targets and contacts, so that bans are replaced with
+    // other sources and expiries, bindings refreshed, and both removed and expired often.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut s = StateMachine::new();
+    let mut now = T0;
+    let (mut expired_bans, mut expired_bindings) = (0, 0);
+    for step in 0..3_000 {
+        now += next(20);
+        let expires = |k: u64| (k > 0).then_some(now + k * 10);
+        let op = match next(6) {
+            0 | 1 => Op::AddBans(
+                (0..1 + next(3))
+                    .map(|_| NewBan {
+                        source: match next(3) {
+                            0 => BanSource::Manual,
+                            1 => BanSource::AutoRule("scanner".into()),
+                            _ => BanSource::Feed("apiban".into()),
+                        },
+                        ..ip_ban(&format!("192.0.2.{}", next(20)), expires(next(4)))
+                    })
+                    .collect(),
+            ),
+            2 => Op::RemoveBans(vec![BanSelector::Target(
+                BanTarget::parse("ip", &format!("192.0.2.{}", next(20))).unwrap(),
+            )]),
+            3 => Op::PutBindings(
+                (0..1 + next(3))
+                    .map(|_| {
+                        let aor = format!("sip:{}@example.com", next(10));
+                        binding(&aor, &format!("sip:c{}@x", next(3)), now + 1 + next(40))
+                    })
+                    .collect(),
+            ),
+            4 => {
+                let b: Vec<(String, String)> = s
+                    .bindings()
+                    .take(1)
+                    .map(|b| (b.aor.clone(), b.contact.clone()))
+                    .collect();
+                Op::RemoveBindings(b)
+            }
+            _ => Op::Expire,
+        };
+        let due = |s: &StateMachine| {
+            let bans = s.bans().filter(|b| !b.live(now)).count();
+            (
+                bans,
+                s.bindings().filter(|b| b.expires_unix_ms <= now).count(),
+            )
+        };
+        let before = due(&s);
+        let applied = s.apply(&cmd(now, op));
+        if let Applied::Expired { bans, bindings } = applied {
+            assert_eq!(
+                (bans, bindings),
+                before,
+                "step {step}: everything due expired"
+            );
+            assert_eq!(due(&s), (0, 0), "step {step}: nothing due left");
+            expired_bans += bans;
+            expired_bindings += bindings;
+        }
+        assert_eq!(
+            (s.ban_counts(), s.binding_count(), s.next_expiry()),
+            walked(&s),
+            "step {step}"
+        );
+    }
+    assert!(
+        expired_bans > 100 && expired_bindings > 100,
+        "the walk expired both"
+    );
+    // A restored snapshot rebuilds the same indexes.
+    let r = StateMachine::restore(&s.snapshot()).unwrap();
+    assert_eq!(
+        (r.ban_counts(), r.binding_count(), r.next_expiry()),
+        walked(&s)
+    );
+    assert_eq!(r.expiries, s.expiries);
+}
+
+#[test]
+fn expire_reports_bans_by_id_then_bindings_by_aor_whatever_their_expiry_order() {
+    let mut s = StateMachine::new();
+    s.apply(&cmd(
+        T0,
+        Op::AddBans(vec![
+            ip_ban("192.0.2.1", Some(T0 + 30)),
+            ip_ban("192.0.2.2", Some(T0 + 10)),
+            ip_ban("192.0.2.3", Some(T0 + 500)),
+        ]),
+    ));
+    s.apply(&cmd(
+        T0,
+        Op::PutBindings(vec![
+            binding("sip:b@x", "sip:1@x", T0 + 5),
+            binding("sip:a@x", "sip:1@x", T0 + 20),
+        ]),
+    ));
+    s.apply(&cmd(T0 + 100, Op::Expire));
+    let changes = s.changes_since(2).unwrap();
+    let got: Vec<String> = changes
+        .iter()
+        .map(|(_, c)| match c {
+            Change::BanRemoved(b) => b.id.clone(),
+            Change::BindingRemoved { aor, .. } => aor.clone(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(got, ["b1", "b2", "sip:a@x", "sip:b@x"]);
+    assert_eq!(s.next_expiry(), Some(T0 + 500));
+}
