@@ -54,8 +54,6 @@ fn add<K: std::hash::Hash + Eq + Clone>(
 ) -> (f64, bool) {
     map.with(
         key,
-        now,
-        window_ms,
         || Score {
             start_ms: now,
             score: 0.0,
@@ -119,8 +117,8 @@ impl Filter for BruteForce {
         let weight = match cx.status {
             200 if !cx.had_credentials => return None,
             200 => {
-                failures.sources.lock().remove(&ip);
-                failures.aors.lock().remove(&uri_aor(aor_uri));
+                failures.sources.lock().pop(&ip);
+                failures.aors.lock().pop(&uri_aor(aor_uri));
                 return None;
             }
             401 | 407 if cx.had_credentials => self.cfg.failure_weight,

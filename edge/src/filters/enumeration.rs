@@ -65,8 +65,6 @@ impl Filter for Enumeration {
         let cap = self.cfg.distinct_users as usize;
         let distinct = self.state.enumeration.with(
             &cx.peer.ip(),
-            now,
-            window_ms,
             || Probe {
                 start_ms: now,
                 users: HashSet::new(),

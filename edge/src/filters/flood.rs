@@ -64,8 +64,6 @@ impl Filter for Flood {
         let window_ms = self.cfg.window_s * 1000;
         let over = self.state.flood.with(
             &ip,
-            meta.now_ms,
-            window_ms,
             || Over {
                 start_ms: meta.now_ms,
                 count: 0,

@@ -237,7 +237,7 @@ impl Filter for TollFraud {
                 ));
             }
         }
-        let (per_min, run) = self.state.dialing.lock().get(account).map_or((0, 0), |a| {
+        let (per_min, run) = self.state.dialing.lock().peek(account).map_or((0, 0), |a| {
             let in_min = in_last_minute(&a.recent, now);
             let next = number
                 .as_deref()
@@ -309,11 +309,8 @@ impl Filter for TollFraud {
             .number(cx)
             .and_then(|n| n.trim_start_matches('+').parse::<u128>().ok());
         let keep = self.cfg.calls_per_min as usize + 1;
-        let window = self.cfg.sequential_window_s.max(60) * 1000;
         self.state.dialing.with(
             account,
-            now,
-            window,
             || Activity {
                 recent: VecDeque::new(),
                 last_number: None,

@@ -119,7 +119,7 @@ fn a_high_call_rate_keeps_only_the_last_minute() {
     let kept = |state: &State| {
         let map = state.dialing.lock();
         assert_eq!(map.len(), 1);
-        map.values().next().map(|a| a.recent.len()).unwrap()
+        map.iter().next().map(|(_, a)| a.recent.len()).unwrap()
     };
     // The calls at T0 + 120,000 .. T0 + 179,990 ms: 6,000, counted by the next call.
     assert_eq!(kept(&state), 6_000);
