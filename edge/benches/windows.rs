@@ -2,9 +2,12 @@
 //! enumeration, flood and toll-fraud filters, full at their default cap of 100,000 live entries:
 //! what a message from a key already held costs, what one from a new key costs (a spray from many
 //! sources, which spoofed UDP makes free, keeps the map full and every key new), and the
-//! once-a-second sweep when nothing is due. `cargo bench -p sipwarden-edge --bench windows`.
+//! once-a-second sweep when nothing is due; and the REGISTERs in flight (`registered::Bindings`)
+//! full at their cap of 50,000: a new one, and an answer matched to one.
+//! `cargo bench -p sipwarden-edge --bench windows`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use sipwarden_edge::filters::registered::{Bindings, Pending};
 use sipwarden_edge::filters::{Stamped, Windows};
 use std::hint::black_box;
 
@@ -78,5 +81,45 @@ fn windows(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, windows);
+fn asked(at_ms: u64) -> Pending {
+    Pending {
+        contacts: vec!["sip:2000@198.51.100.7:5060".into()],
+        removing: false,
+        user_agent: "Yealink SIP-T46S".into(),
+        at_ms,
+    }
+}
+
+fn pending(c: &mut Criterion) {
+    let mut g = c.benchmark_group("registers_in_flight_full_at_50k");
+    let full = || {
+        let b = Bindings::default();
+        for i in 0..Bindings::MAX_PENDING as u64 {
+            b.pending(&format!("{i}@198.51.100.7"), 1, asked(NOW + i / 1_000));
+        }
+        b
+    };
+    let now = NOW + Bindings::MAX_PENDING as u64 / 1_000;
+    let b = full();
+    let mut next = Bindings::MAX_PENDING as u64;
+    g.bench_function("a_new_register", |bench| {
+        bench.iter(|| {
+            next += 1;
+            b.pending(black_box(&format!("{next}@198.51.100.7")), 1, asked(now))
+        })
+    });
+    let b = full();
+    let mut i = 0u64;
+    g.bench_function("an_answer_and_its_next_register", |bench| {
+        bench.iter(|| {
+            i = (i + 7_919) % Bindings::MAX_PENDING as u64;
+            let call_id = format!("{i}@198.51.100.7");
+            let p = b.answered(black_box(&call_id), 1);
+            b.pending(&call_id, 1, p.unwrap_or_else(|| asked(now)));
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, windows, pending);
 criterion_main!(benches);

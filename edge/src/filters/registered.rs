@@ -11,8 +11,10 @@ use crate::pipeline::{Filter, Finding, RequestCx, ResponseCx, State};
 use crate::policy;
 use crate::proxy::Side;
 use crate::sip::{addr_uri, header_param, split_list, HeaderName, Message};
+use lru::LruCache;
 use sipwarden_shared::ban::Binding;
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -25,15 +27,56 @@ pub struct Bindings {
     inner: Mutex<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
     /// Source address → key → expiry (Unix ms). Local keys are AORs; cluster keys are
     /// `"\0" aor "\0" contact`, which no AOR can be.
     by_ip: HashMap<IpAddr, HashMap<String, u64>>,
     /// Cluster binding `(aor, contact)` → the address it is filed under.
     cluster: HashMap<(String, String), IpAddr>,
-    /// `(Call-ID, CSeq)` of a REGISTER in flight → what its 200 needs.
-    pending: HashMap<(String, u32), Pending>,
+    /// REGISTERs in flight, oldest first: the hash of `(Call-ID, CSeq)` → the Call-ID (compared
+    /// when the answer comes) and what its 200 needs. Keyed by a hash so that neither the
+    /// REGISTER nor its answer allocates a key; the hasher's key is random to the process, so no
+    /// one can aim a collision (and one would only fail a lookup). In arrival order, so the ones
+    /// past `PENDING_MS` are taken from the front without a walk of the rest.
+    pending: LruCache<u64, (Box<str>, Pending)>,
+    pending_keys: RandomState,
+    /// Tests: every key the same, to see a collision handled.
+    #[cfg(test)]
+    colliding: bool,
+}
+
+impl Default for Inner {
+    fn default() -> Inner {
+        Inner {
+            by_ip: HashMap::new(),
+            cluster: HashMap::new(),
+            pending: LruCache::unbounded(),
+            pending_keys: RandomState::new(),
+            #[cfg(test)]
+            colliding: false,
+        }
+    }
+}
+
+impl Inner {
+    fn pending_key(&self, call_id: &str, cseq: u32) -> u64 {
+        #[cfg(test)]
+        if self.colliding {
+            return 0;
+        }
+        self.pending_keys.hash_one((call_id, cseq))
+    }
+
+    /// Forgets, from the front, the REGISTERs in flight that arrived `PENDING_MS` or more
+    /// before `now_ms`.
+    fn drop_stale_pending(&mut self, now_ms: u64) {
+        while let Some((_, (_, p))) = self.pending.peek_lru() {
+            if p.at_ms + Bindings::PENDING_MS > now_ms {
+                break;
+            }
+            self.pending.pop_lru();
+        }
+    }
 }
 
 /// What a REGISTER asked for, kept until its answer (or `PENDING_MS`).
@@ -133,21 +176,25 @@ impl Bindings {
     /// Remembers what the REGISTER `(call_id, cseq)` asked for until its answer.
     pub fn pending(&self, call_id: &str, cseq: u32, p: Pending) {
         let mut inner = self.lock();
-        if inner.pending.len() >= Self::MAX_PENDING {
-            let now = p.at_ms;
-            inner
-                .pending
-                .retain(|_, q| q.at_ms + Self::PENDING_MS > now);
+        let key = inner.pending_key(call_id, cseq);
+        if inner.pending.len() >= Self::MAX_PENDING && !inner.pending.contains(&key) {
+            inner.drop_stale_pending(p.at_ms);
             if inner.pending.len() >= Self::MAX_PENDING {
                 return;
             }
         }
-        inner.pending.insert((call_id.to_string(), cseq), p);
+        // A retransmission replaces its first copy and moves to the back.
+        inner.pending.push(key, (call_id.into(), p));
     }
 
     /// What the REGISTER `(call_id, cseq)` asked for, once.
     pub fn answered(&self, call_id: &str, cseq: u32) -> Option<Pending> {
-        self.lock().pending.remove(&(call_id.to_string(), cseq))
+        let mut inner = self.lock();
+        let key = inner.pending_key(call_id, cseq);
+        match inner.pending.peek(&key) {
+            Some((id, _)) if **id == *call_id => inner.pending.pop(&key).map(|(_, p)| p),
+            _ => None,
+        }
     }
 
     /// Whether `ip` holds a registration live at `now_ms`.
@@ -166,18 +213,15 @@ impl Bindings {
             keys.retain(|_, e| *e > now_ms);
             !keys.is_empty()
         });
-        let Inner {
-            by_ip,
-            cluster,
-            pending,
-        } = &mut *inner;
+        let Inner { by_ip, cluster, .. } = &mut *inner;
         cluster.retain(|(aor, contact), ip| {
             by_ip
                 .get(ip)
                 .is_some_and(|k| k.contains_key(&cluster_key(aor, contact)))
         });
-        pending.retain(|_, p| p.at_ms + Self::PENDING_MS > now_ms);
-        by_ip.len()
+        let registered = by_ip.len();
+        inner.drop_stale_pending(now_ms);
+        registered
     }
 }
 
@@ -568,5 +612,63 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(!state.bindings.live(addr("192.0.2.1:1").ip(), T0 + 1));
+    }
+
+    fn asked(at_ms: u64) -> Pending {
+        Pending {
+            contacts: vec!["sip:2000@192.0.2.7".into()],
+            removing: false,
+            user_agent: "ua".into(),
+            at_ms,
+        }
+    }
+
+    #[test]
+    fn registers_in_flight_are_answered_once_and_the_stale_make_room_at_the_cap() {
+        let b = Bindings::default();
+        b.pending("a@x", 1, asked(T0));
+        assert!(b.answered("a@x", 2).is_none(), "another CSeq");
+        assert!(b.answered("b@x", 1).is_none(), "another Call-ID");
+        assert_eq!(b.answered("a@x", 1).unwrap().at_ms, T0);
+        assert!(b.answered("a@x", 1).is_none(), "once");
+        // Full with REGISTERs 10 ms apart in thousands: none stale yet at the last one.
+        let n = Bindings::MAX_PENDING as u64;
+        for i in 0..n {
+            b.pending(&format!("{i}@x"), 1, asked(T0 + i / 1_000 * 10));
+        }
+        let last = T0 + (n - 1) / 1_000 * 10;
+        b.pending("new@x", 1, asked(last));
+        assert!(
+            b.answered("new@x", 1).is_none(),
+            "refused: nothing stale to drop"
+        );
+        // A retransmission of one held is still taken.
+        b.pending("7@x", 1, asked(last));
+        assert_eq!(b.answered("7@x", 1).unwrap().at_ms, last);
+        b.pending("filler@x", 1, asked(last));
+        // 32 s after the first thousand: those (and only those) make room; 7, sent again, was
+        // answered.
+        let later = T0 + Bindings::PENDING_MS;
+        b.pending("new@x", 1, asked(later));
+        assert!(b.answered("new@x", 1).is_some());
+        assert!(b.answered("999@x", 1).is_none(), "dropped as stale");
+        assert!(b.answered("1000@x", 1).is_some(), "still in flight");
+        // The sweep takes what went stale since, from the front.
+        b.expire(T0 + 100 + Bindings::PENDING_MS);
+        assert!(b.answered("10999@x", 1).is_none());
+        assert!(b.answered("11000@x", 1).is_some());
+        assert_eq!(b.lock().pending.len(), Bindings::MAX_PENDING - 11_000);
+    }
+
+    #[test]
+    fn an_answer_whose_key_collides_takes_nothing() {
+        let b = Bindings::default();
+        b.lock().colliding = true;
+        b.pending("a@x", 1, asked(T0));
+        assert!(b.answered("b@x", 1).is_none(), "same key, another Call-ID");
+        assert!(
+            b.answered("a@x", 1).is_some(),
+            "still there for its own answer"
+        );
     }
 }
