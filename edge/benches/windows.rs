@@ -121,5 +121,26 @@ fn pending(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, windows, pending);
+/// The registrations' once-a-second sweep with 100,000 phones registered (each its own address,
+/// half also known from the cluster) and nothing due: how long it holds the lock every INVITE's
+/// registered-source check takes.
+fn registrations(c: &mut Criterion) {
+    let mut g = c.benchmark_group("registrations_100k");
+    let b = Bindings::default();
+    let later = NOW + 3_600_000;
+    for i in 0..100_000u32 {
+        let ip = std::net::IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        b.set(ip, format!("sip:{i}@example.com"), later, NOW);
+        if i % 2 == 0 {
+            let contact = format!("sip:{i}@10.0.0.1:5060");
+            b.put_cluster(&format!("sip:{i}@example.com"), &contact, ip, later, NOW);
+        }
+    }
+    g.bench_function("sweep_with_nothing_due", |bench| {
+        bench.iter(|| b.expire(black_box(NOW + 1_000)))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, windows, pending, registrations);
 criterion_main!(benches);

@@ -13,7 +13,7 @@ use crate::proxy::Side;
 use crate::sip::{addr_uri, header_param, split_list, HeaderName, Message};
 use lru::LruCache;
 use sipwarden_shared::ban::Binding;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,9 +28,12 @@ pub struct Bindings {
 }
 
 struct Inner {
-    /// Source address → key → expiry (Unix ms). Local keys are AORs; cluster keys are
-    /// `"\0" aor "\0" contact`, which no AOR can be.
-    by_ip: HashMap<IpAddr, HashMap<String, u64>>,
+    /// Source address → its keys and their expiries (Unix ms). Local keys are AORs; cluster
+    /// keys are `"\0" aor "\0" contact`, which no AOR can be.
+    by_ip: HashMap<IpAddr, Source>,
+    /// `(due_at, address)` for every address in `by_ip`, soonest first: the sweep looks only at
+    /// addresses that may have something expired, not at every registered phone.
+    due: BTreeSet<(u64, IpAddr)>,
     /// Cluster binding `(aor, contact)` → the address it is filed under.
     cluster: HashMap<(String, String), IpAddr>,
     /// REGISTERs in flight, oldest first: the hash of `(Call-ID, CSeq)` → the Call-ID (compared
@@ -49,6 +52,7 @@ impl Default for Inner {
     fn default() -> Inner {
         Inner {
             by_ip: HashMap::new(),
+            due: BTreeSet::new(),
             cluster: HashMap::new(),
             pending: LruCache::unbounded(),
             pending_keys: RandomState::new(),
@@ -58,7 +62,84 @@ impl Default for Inner {
     }
 }
 
+/// One source address's registrations.
+#[derive(Default)]
+struct Source {
+    keys: HashMap<String, u64>,
+    /// Where the address sits in `Inner::due`: no later than its soonest expiry (a refresh or a
+    /// removal may leave it earlier; the sweep then files it again).
+    due_at: u64,
+}
+
 impl Inner {
+    /// Files `key` of `ip` until `expires_ms`, keeping `due` in step.
+    fn file(&mut self, ip: IpAddr, key: String, expires_ms: u64) {
+        let fresh = !self.by_ip.contains_key(&ip);
+        let src = self.by_ip.entry(ip).or_default();
+        src.keys.insert(key, expires_ms);
+        if fresh || expires_ms < src.due_at {
+            if !fresh {
+                self.due.remove(&(src.due_at, ip));
+            }
+            src.due_at = expires_ms;
+            self.due.insert((expires_ms, ip));
+        }
+    }
+
+    /// Drops `key` of `ip`, and the address with its last key.
+    fn unfile(&mut self, ip: IpAddr, key: &str) {
+        if let Some(src) = self.by_ip.get_mut(&ip) {
+            src.keys.remove(key);
+            if src.keys.is_empty() {
+                let due_at = src.due_at;
+                self.by_ip.remove(&ip);
+                self.due.remove(&(due_at, ip));
+            }
+        }
+    }
+
+    /// Forgets, soonest due first, the keys expired at `now_ms` of at most `limit` addresses (a
+    /// cluster key also from `cluster`); returns whether addresses were left due.
+    fn sweep(&mut self, now_ms: u64, limit: usize) -> bool {
+        for _ in 0..limit {
+            let Some(&(due_at, ip)) = self.due.first() else {
+                return false;
+            };
+            if due_at > now_ms {
+                return false;
+            }
+            self.due.pop_first();
+            let Some(src) = self.by_ip.get_mut(&ip) else {
+                continue;
+            };
+            let cluster = &mut self.cluster;
+            src.keys.retain(|key, &mut e| {
+                let live = e > now_ms;
+                if !live {
+                    if let Some((aor, contact)) =
+                        key.strip_prefix('\0').and_then(|k| k.split_once('\0'))
+                    {
+                        let id = (aor.to_string(), contact.to_string());
+                        if cluster.get(&id) == Some(&ip) {
+                            cluster.remove(&id);
+                        }
+                    }
+                }
+                live
+            });
+            match src.keys.values().min() {
+                Some(&soonest) => {
+                    src.due_at = soonest;
+                    self.due.insert((soonest, ip));
+                }
+                None => {
+                    self.by_ip.remove(&ip);
+                }
+            }
+        }
+        self.due.first().is_some_and(|&(t, _)| t <= now_ms)
+    }
+
     fn pending_key(&self, call_id: &str, cseq: u32) -> u64 {
         #[cfg(test)]
         if self.colliding {
@@ -106,26 +187,22 @@ impl Bindings {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Addresses the sweep takes per hold of the lock.
+    pub const SWEEP_BATCH: usize = 1_000;
+
     fn put(inner: &mut Inner, ip: IpAddr, key: String, expires_ms: u64, now_ms: u64) -> bool {
         if !inner.by_ip.contains_key(&ip) && inner.by_ip.len() >= Self::MAX_SOURCES {
-            inner
-                .by_ip
-                .retain(|_, keys| keys.values().any(|&e| e > now_ms));
+            inner.sweep(now_ms, usize::MAX);
             if inner.by_ip.len() >= Self::MAX_SOURCES {
                 return false;
             }
         }
-        inner.by_ip.entry(ip).or_default().insert(key, expires_ms);
+        inner.file(ip, key, expires_ms);
         true
     }
 
     fn remove(inner: &mut Inner, ip: IpAddr, key: &str) {
-        if let Some(keys) = inner.by_ip.get_mut(&ip) {
-            keys.remove(key);
-            if keys.is_empty() {
-                inner.by_ip.remove(&ip);
-            }
-        }
+        inner.unfile(ip, key);
     }
 
     /// Records (or, with `expires_ms <= now_ms`, removes) the binding of `aor` from `ip`.
@@ -150,6 +227,9 @@ impl Bindings {
         }
         if Self::put(&mut inner, ip, key, expires_ms, now_ms) {
             inner.cluster.insert(id, ip);
+        } else {
+            // Refused at the cap: its old filing is gone too.
+            inner.cluster.remove(&id);
         }
     }
 
@@ -202,26 +282,17 @@ impl Bindings {
         self.lock()
             .by_ip
             .get(&ip)
-            .is_some_and(|keys| keys.values().any(|&e| e > now_ms))
+            .is_some_and(|src| src.keys.values().any(|&e| e > now_ms))
     }
 
     /// Forgets expired bindings and REGISTERs never answered; returns how many addresses remain
     /// registered.
     pub fn expire(&self, now_ms: u64) -> usize {
+        // In batches, so that the receive threads get the lock in between.
+        while self.lock().sweep(now_ms, Self::SWEEP_BATCH) {}
         let mut inner = self.lock();
-        inner.by_ip.retain(|_, keys| {
-            keys.retain(|_, e| *e > now_ms);
-            !keys.is_empty()
-        });
-        let Inner { by_ip, cluster, .. } = &mut *inner;
-        cluster.retain(|(aor, contact), ip| {
-            by_ip
-                .get(ip)
-                .is_some_and(|k| k.contains_key(&cluster_key(aor, contact)))
-        });
-        let registered = by_ip.len();
         inner.drop_stale_pending(now_ms);
-        registered
+        inner.by_ip.len()
     }
 }
 
@@ -669,6 +740,98 @@ mod tests {
         assert!(
             b.answered("a@x", 1).is_some(),
             "still there for its own answer"
+        );
+    }
+
+    /// Everything `Bindings` holds, flattened: `(address, key) → expiry`, and the cluster map.
+    type Held = (
+        std::collections::BTreeMap<(IpAddr, String), u64>,
+        std::collections::BTreeMap<(String, String), IpAddr>,
+    );
+
+    fn held(b: &Bindings) -> Held {
+        let inner = b.lock();
+        let mut keys = std::collections::BTreeMap::new();
+        for (ip, src) in &inner.by_ip {
+            for (k, e) in &src.keys {
+                keys.insert((*ip, k.clone()), *e);
+            }
+            // The index: one entry per address, no later than its soonest expiry.
+            assert!(inner.due.contains(&(src.due_at, *ip)));
+            assert!(src.keys.values().all(|&e| e >= src.due_at));
+        }
+        assert_eq!(
+            inner.due.len(),
+            inner.by_ip.len(),
+            "one index entry per address"
+        );
+        let cluster = inner.cluster.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        (keys, cluster)
+    }
+
+    #[test]
+    fn the_sweep_by_due_time_keeps_what_a_walk_of_everything_kept() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let b = Bindings::default();
+        // The model: the same operations on plain maps, swept by a walk as before.
+        let (mut keys, mut cluster): Held = Default::default();
+        let mut now = T0;
+        let (mut swept, mut moved) = (0, 0);
+        for step in 0..4_000 {
+            now += next(30);
+            let ip: IpAddr = format!("192.0.2.{}", next(30)).parse().unwrap();
+            let aor = format!("sip:{}@x", next(10));
+            let contact = format!("sip:c{}@y", next(3));
+            let expires = now + next(200);
+            match next(6) {
+                0 | 1 => {
+                    b.set(ip, aor.clone(), expires, now);
+                    if expires <= now {
+                        keys.remove(&(ip, aor));
+                    } else {
+                        keys.insert((ip, aor), expires);
+                    }
+                }
+                2 | 3 => {
+                    b.put_cluster(&aor, &contact, ip, expires, now);
+                    let id = (aor.clone(), contact.clone());
+                    if let Some(old) = cluster.get(&id).copied().filter(|&o| o != ip) {
+                        keys.remove(&(old, cluster_key(&aor, &contact)));
+                        moved += 1;
+                    }
+                    keys.insert((ip, cluster_key(&aor, &contact)), expires);
+                    cluster.insert(id, ip);
+                }
+                4 => {
+                    b.remove_cluster(&aor, &contact);
+                    if let Some(old) = cluster.remove(&(aor.clone(), contact.clone())) {
+                        keys.remove(&(old, cluster_key(&aor, &contact)));
+                    }
+                }
+                _ => {
+                    let before = keys.len();
+                    keys.retain(|_, e| *e > now);
+                    swept += before - keys.len();
+                    cluster.retain(|(a, c), ip| keys.contains_key(&(*ip, cluster_key(a, c))));
+                    let registered = b.expire(now);
+                    let ips: std::collections::BTreeSet<_> = keys.keys().map(|k| k.0).collect();
+                    assert_eq!(registered, ips.len(), "step {step}");
+                }
+            }
+            assert_eq!(held(&b), (keys.clone(), cluster.clone()), "step {step}");
+            let probe: IpAddr = format!("192.0.2.{}", next(30)).parse().unwrap();
+            let live = keys.iter().any(|((i, _), e)| *i == probe && *e > now);
+            assert_eq!(b.live(probe, now), live, "step {step}");
+        }
+        assert!(
+            swept > 500 && moved > 50,
+            "the walk expired and moved bindings"
         );
     }
 }
