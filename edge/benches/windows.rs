@@ -8,6 +8,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use sipwarden_edge::filters::registered::{Bindings, Pending};
+use sipwarden_edge::filters::tollfraud::Calls;
 use sipwarden_edge::filters::{Stamped, Windows};
 use std::hint::black_box;
 
@@ -142,5 +143,33 @@ fn registrations(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, windows, pending, registrations);
+/// The toll-fraud call table's once-a-second sweep (calls whose BYE was lost) with 50,000 calls up
+/// and none older than the limit, and a call's start and end beside it.
+fn calls(c: &mut Criterion) {
+    let mut g = c.benchmark_group("calls_up_50k");
+    let calls = Calls::default();
+    for i in 0..50_000u64 {
+        calls.start(
+            &format!("{i}@pbx"),
+            format!("acct{}", i % 500),
+            NOW + i / 100,
+        );
+    }
+    let now = NOW + 1_000;
+    g.bench_function("sweep_with_nothing_due", |bench| {
+        bench.iter(|| calls.expire(black_box(now), 4 * 3_600_000))
+    });
+    let mut i = 50_000u64;
+    g.bench_function("a_call_up_and_down", |bench| {
+        bench.iter(|| {
+            i += 1;
+            let id = format!("{i}@pbx");
+            calls.start(black_box(&id), "acct7".to_string(), now);
+            calls.end(&id);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, windows, pending, registrations, calls);
 criterion_main!(benches);

@@ -11,6 +11,7 @@ use crate::pipeline::sipview::uri_aor;
 use crate::pipeline::{Action, Filter, Finding, RequestCx, ResponseCx, State};
 use crate::policy::{self, RuleAction};
 use crate::proxy::Side;
+use lru::LruCache;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -20,10 +21,20 @@ pub struct Calls {
     inner: Mutex<CallTable>,
 }
 
-#[derive(Default)]
 struct CallTable {
-    by_id: HashMap<String, (String, u64)>,
+    /// Call-ID → (account, answered at), in the order answered: the sweep takes the calls past
+    /// the limit from the front without a walk of the rest.
+    by_id: LruCache<String, (String, u64)>,
     per_account: HashMap<String, u32>,
+}
+
+impl Default for CallTable {
+    fn default() -> CallTable {
+        CallTable {
+            by_id: LruCache::unbounded(),
+            per_account: HashMap::new(),
+        }
+    }
 }
 
 impl Calls {
@@ -36,17 +47,17 @@ impl Calls {
     /// A call answered.
     pub fn start(&self, call_id: &str, account: String, now_ms: u64) {
         let mut t = self.lock();
-        if t.by_id.contains_key(call_id) || t.by_id.len() >= Self::MAX_CALLS {
+        if t.by_id.contains(call_id) || t.by_id.len() >= Self::MAX_CALLS {
             return;
         }
         *t.per_account.entry(account.clone()).or_default() += 1;
-        t.by_id.insert(call_id.to_string(), (account, now_ms));
+        t.by_id.push(call_id.to_string(), (account, now_ms));
     }
 
     /// A call ended.
     pub fn end(&self, call_id: &str) {
         let mut t = self.lock();
-        if let Some((account, _)) = t.by_id.remove(call_id) {
+        if let Some((account, _)) = t.by_id.pop(call_id) {
             Self::dec(&mut t.per_account, &account);
         }
     }
@@ -65,18 +76,18 @@ impl Calls {
         self.lock().per_account.get(account).copied().unwrap_or(0)
     }
 
-    /// Forgets calls older than `max_ms` (their BYE was lost).
+    /// Forgets calls older than `max_ms` (their BYE was lost), oldest first, until the first
+    /// that is not (answer times read on different threads may be a tick out of order: such a
+    /// call goes a second later).
     pub fn expire(&self, now_ms: u64, max_ms: u64) {
         let mut t = self.lock();
-        let old: Vec<(String, String)> = t
-            .by_id
-            .iter()
-            .filter(|(_, (_, at))| now_ms.saturating_sub(*at) >= max_ms)
-            .map(|(id, (acc, _))| (id.clone(), acc.clone()))
-            .collect();
-        for (id, acc) in old {
-            t.by_id.remove(&id);
-            Self::dec(&mut t.per_account, &acc);
+        while let Some((_, &(_, at))) = t.by_id.peek_lru() {
+            if now_ms.saturating_sub(at) < max_ms {
+                break;
+            }
+            if let Some((_, (account, _))) = t.by_id.pop_lru() {
+                Self::dec(&mut t.per_account, &account);
+            }
         }
     }
 }

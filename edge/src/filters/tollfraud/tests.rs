@@ -220,3 +220,25 @@ fn sequential_dialling() {
     assert!(call(&f, T0, "1001", "206").is_none());
     assert!(call(&f, T0, "1001", "207").is_some());
 }
+
+#[test]
+fn calls_whose_bye_was_lost_go_oldest_first_and_only_those() {
+    let calls = Calls::default();
+    let max = 4 * 3600 * 1000;
+    calls.start("c1", "a".into(), T0);
+    calls.start("c2", "b".into(), T0 + 10);
+    calls.start("c3", "a".into(), T0 + 20);
+    calls.start("c4", "a".into(), T0 + 30);
+    calls.end("c3");
+    // Answered again (a retransmitted 200): still one call, still its first time.
+    calls.start("c1", "a".into(), T0 + 25);
+    assert_eq!((calls.up("a"), calls.up("b")), (2, 1));
+    calls.expire(T0 + 15 + max, max);
+    assert_eq!((calls.up("a"), calls.up("b")), (1, 0), "c1 and c2 went");
+    calls.expire(T0 + 29 + max, max);
+    assert_eq!(calls.up("a"), 1, "c4 has not reached the limit");
+    calls.end("c4");
+    assert_eq!(calls.up("a"), 0);
+    calls.expire(T0 + 100 + max, max);
+    assert_eq!(calls.up("a"), 0);
+}
