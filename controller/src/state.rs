@@ -262,13 +262,11 @@ impl StateMachine {
         if revision < self.window_start {
             return None;
         }
-        Some(
-            self.changes
-                .iter()
-                .filter(|(r, _)| *r > revision)
-                .cloned()
-                .collect(),
-        )
+        // Revisions only grow along the window: the first one after `revision` is a binary
+        // search away, not a scan of the 100,000 before it (this runs for every watching edge
+        // on every applied change).
+        let first = self.changes.partition_point(|(r, _)| *r <= revision);
+        Some(self.changes.range(first..).cloned().collect())
     }
 
     /// Bumps the revision and writes the audit entry when `changes` is not empty (or for a note).

@@ -393,3 +393,33 @@ fn expire_reports_bans_by_id_then_bindings_by_aor_whatever_their_expiry_order() 
     assert_eq!(got, ["b1", "b2", "sip:a@x", "sip:b@x"]);
     assert_eq!(s.next_expiry(), Some(T0 + 500));
 }
+
+#[test]
+fn changes_since_starts_after_every_change_of_the_revision_given() {
+    let mut s = StateMachine::new();
+    s.apply(&cmd(
+        T0,
+        Op::AddBans(vec![
+            ip_ban("192.0.2.1", None),
+            ip_ban("192.0.2.2", None),
+            ip_ban("192.0.2.3", None),
+        ]),
+    ));
+    s.apply(&cmd(T0, Op::AddBans(vec![ip_ban("192.0.2.4", None)])));
+    s.apply(&cmd(
+        T0,
+        Op::AddBans(vec![ip_ban("192.0.2.5", None), ip_ban("192.0.2.6", None)]),
+    ));
+    let revs = |from: u64| -> Vec<u64> {
+        s.changes_since(from)
+            .unwrap()
+            .iter()
+            .map(|(r, _)| *r)
+            .collect()
+    };
+    assert_eq!(revs(0), [1, 1, 1, 2, 3, 3]);
+    assert_eq!(revs(1), [2, 3, 3]);
+    assert_eq!(revs(2), [3, 3]);
+    assert!(revs(3).is_empty());
+    assert!(revs(9).is_empty(), "ahead of the state: nothing");
+}
