@@ -232,18 +232,29 @@ impl<K: Hash + Eq + Clone, V: Stamped> Windows<K, V> {
     /// Forgets entries whose stamp is `window_ms` or more before `now_ms`: from the front, until
     /// the first that is not, [`Self::SWEEP_BATCH`] per hold of the lock.
     pub fn expire(&self, now_ms: u64, window_ms: u64) {
-        loop {
-            let mut map = self.lock();
-            for _ in 0..Self::SWEEP_BATCH {
-                match map.peek_lru() {
-                    Some((_, v)) if now_ms.saturating_sub(v.stamp()) >= window_ms => {
-                        map.pop_lru();
-                    }
-                    _ => return,
-                }
-            }
+        let due = |v: &V| now_ms.saturating_sub(v.stamp()) >= window_ms;
+        while drain_due(&mut self.lock(), Self::SWEEP_BATCH, due, |_, _| ()) {}
+    }
+}
+
+/// Pops entries from the front of `cache` (kept in the order they fell due) while `due` holds
+/// for the first, at most `limit` of them, each handed to `gone`; returns whether it stopped at
+/// `limit` with the next one due too. The sweep of every table the rules keep in time order.
+pub(crate) fn drain_due<K: Hash + Eq, V>(
+    cache: &mut LruCache<K, V>,
+    limit: usize,
+    due: impl Fn(&V) -> bool,
+    mut gone: impl FnMut(K, V),
+) -> bool {
+    for _ in 0..limit {
+        if !cache.peek_lru().is_some_and(|(_, v)| due(v)) {
+            return false;
+        }
+        if let Some((k, v)) = cache.pop_lru() {
+            gone(k, v);
         }
     }
+    cache.peek_lru().is_some_and(|(_, v)| due(v))
 }
 
 #[cfg(test)]

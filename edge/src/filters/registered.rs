@@ -4,7 +4,7 @@
 //! lifetime is the largest Contact `expires`, else `Expires`, else the default; a 200 listing no
 //! Contact ends it). Keyed by source IP: phones behind one NAT share their public address.
 
-use super::action_of;
+use super::{action_of, drain_due};
 use crate::cluster::Report;
 use crate::netset::NetSet;
 use crate::pipeline::{Filter, Finding, RequestCx, ResponseCx, State};
@@ -151,12 +151,8 @@ impl Inner {
     /// Forgets, from the front, the REGISTERs in flight that arrived `PENDING_MS` or more
     /// before `now_ms`.
     fn drop_stale_pending(&mut self, now_ms: u64) {
-        while let Some((_, (_, p))) = self.pending.peek_lru() {
-            if p.at_ms + Bindings::PENDING_MS > now_ms {
-                break;
-            }
-            self.pending.pop_lru();
-        }
+        let due = |(_, p): &(Box<str>, Pending)| p.at_ms + Bindings::PENDING_MS <= now_ms;
+        drain_due(&mut self.pending, usize::MAX, due, |_, _| ());
     }
 }
 
@@ -201,15 +197,11 @@ impl Bindings {
         true
     }
 
-    fn remove(inner: &mut Inner, ip: IpAddr, key: &str) {
-        inner.unfile(ip, key);
-    }
-
     /// Records (or, with `expires_ms <= now_ms`, removes) the binding of `aor` from `ip`.
     pub fn set(&self, ip: IpAddr, aor: String, expires_ms: u64, now_ms: u64) {
         let mut inner = self.lock();
         if expires_ms <= now_ms {
-            Self::remove(&mut inner, ip, &aor);
+            inner.unfile(ip, &aor);
         } else {
             Self::put(&mut inner, ip, aor, expires_ms, now_ms);
         }
@@ -222,7 +214,7 @@ impl Bindings {
         let key = cluster_key(aor, contact);
         if let Some(old) = inner.cluster.get(&id).copied() {
             if old != ip {
-                Self::remove(&mut inner, old, &key);
+                inner.unfile(old, &key);
             }
         }
         if Self::put(&mut inner, ip, key, expires_ms, now_ms) {
@@ -240,7 +232,7 @@ impl Bindings {
             .cluster
             .remove(&(aor.to_string(), contact.to_string()))
         {
-            Self::remove(&mut inner, ip, &cluster_key(aor, contact));
+            inner.unfile(ip, &cluster_key(aor, contact));
         }
     }
 
@@ -249,7 +241,7 @@ impl Bindings {
         let mut inner = self.lock();
         let all: Vec<_> = inner.cluster.drain().collect();
         for ((aor, contact), ip) in all {
-            Self::remove(&mut inner, ip, &cluster_key(&aor, &contact));
+            inner.unfile(ip, &cluster_key(&aor, &contact));
         }
     }
 

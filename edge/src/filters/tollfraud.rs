@@ -6,7 +6,7 @@
 //! The account is the caller's From AOR. Calls are counted when an INVITE is forwarded; a call is
 //! up from the PBX's `200` to the INVITE until a BYE passes either way (or `max_call_s`).
 
-use super::{action_of, Stamped, Windows};
+use super::{action_of, drain_due, Stamped, Windows};
 use crate::pipeline::sipview::uri_aor;
 use crate::pipeline::{Action, Filter, Finding, RequestCx, ResponseCx, State};
 use crate::policy::{self, RuleAction};
@@ -81,14 +81,11 @@ impl Calls {
     /// call goes a second later).
     pub fn expire(&self, now_ms: u64, max_ms: u64) {
         let mut t = self.lock();
-        while let Some((_, &(_, at))) = t.by_id.peek_lru() {
-            if now_ms.saturating_sub(at) < max_ms {
-                break;
-            }
-            if let Some((_, (account, _))) = t.by_id.pop_lru() {
-                Self::dec(&mut t.per_account, &account);
-            }
-        }
+        let CallTable { by_id, per_account } = &mut *t;
+        let due = |&(_, at): &(String, u64)| now_ms.saturating_sub(at) >= max_ms;
+        drain_due(by_id, usize::MAX, due, |_, (account, _)| {
+            Self::dec(per_account, &account)
+        });
     }
 }
 
