@@ -493,15 +493,9 @@ impl StateMachine {
     fn put_ban(&mut self, ban: Ban) {
         // The old one's index entries go first: the new one may expire at the same time.
         if let Some(old) = self.bans.remove(&ban.id) {
-            self.ban_counts[source_slot(&old.source)] -= 1;
-            if let Some(at) = old.expires_unix_ms {
-                self.expiries.remove(&(at, Expiring::Ban(old.id)));
-            }
+            self.unindex_ban(&old);
         }
-        self.ban_counts[source_slot(&ban.source)] += 1;
-        if let Some(at) = ban.expires_unix_ms {
-            self.expiries.insert((at, Expiring::Ban(ban.id.clone())));
-        }
+        self.index_ban(&ban);
         self.bans.insert(ban.id.clone(), ban);
     }
 
@@ -509,11 +503,24 @@ impl StateMachine {
     fn take_ban(&mut self, id: &str) -> Option<Ban> {
         let b = self.bans.remove(id)?;
         self.by_target.remove(&(b.target.clone(), b.site.clone()));
-        self.ban_counts[source_slot(&b.source)] -= 1;
-        if let Some(at) = b.expires_unix_ms {
-            self.expiries.remove(&(at, Expiring::Ban(b.id.clone())));
-        }
+        self.unindex_ban(&b);
         Some(b)
+    }
+
+    /// Counts `b` by its source and files its expiry.
+    fn index_ban(&mut self, b: &Ban) {
+        self.ban_counts[source_slot(&b.source)] += 1;
+        if let Some(e) = ban_expiry(b) {
+            self.expiries.insert(e);
+        }
+    }
+
+    /// Takes back what `index_ban` kept about `b`.
+    fn unindex_ban(&mut self, b: &Ban) {
+        self.ban_counts[source_slot(&b.source)] -= 1;
+        if let Some(e) = ban_expiry(b) {
+            self.expiries.remove(&e);
+        }
     }
 
     /// How many bindings there are (`bindings().count()` without the walk).
@@ -547,17 +554,22 @@ impl StateMachine {
             .values()
             .map(|b| ((b.target.clone(), b.site.clone()), b.id.clone()))
             .collect();
-        for b in s.bans.values() {
-            s.ban_counts[source_slot(&b.source)] += 1;
-            if let Some(at) = b.expires_unix_ms {
-                s.expiries.insert((at, Expiring::Ban(b.id.clone())));
-            }
+        let bans = std::mem::take(&mut s.bans);
+        for b in bans.values() {
+            s.index_ban(b);
         }
+        s.bans = bans;
         let bindings: Vec<_> = s.bindings().map(binding_expiry).collect();
         s.binding_count = bindings.len();
         s.expiries.extend(bindings);
         Ok(s)
     }
+}
+
+/// A ban's entry in `StateMachine::expiries`, when it expires.
+fn ban_expiry(b: &Ban) -> Option<(u64, Expiring)> {
+    b.expires_unix_ms
+        .map(|at| (at, Expiring::Ban(b.id.clone())))
 }
 
 /// A binding's entry in `StateMachine::expiries`.
