@@ -4,8 +4,8 @@
 //! microsecond clock, and a loopback capture for each message's transit ([`crate::capture`]).
 
 use crate::capture::{
-    answer_timeline, messages, response_times, transit, transit_timeline, Behind, Capture,
-    Datagram, Packets, Timed, Transit,
+    answer_timeline, messages, response_times, sorted_ms, transit, transit_timeline, Behind,
+    Capture, Packets, Timed, Transit,
 };
 use crate::*;
 use std::net::SocketAddr;
@@ -692,8 +692,7 @@ pub fn measure(
         if let (Some(first), Some(last)) = (datagrams.first(), datagrams.last()) {
             run.uas_behind = Some(behind.share(first.at_ns, last.at_ns));
         }
-        run.answer = answers.iter().map(|a| a.ms).collect();
-        run.answer.sort_by(f64::total_cmp);
+        run.answer = sorted_ms(&answers);
         if let Some(uas) = t.forwards_to {
             let mut through = transit(&datagrams, target, uas, &behind);
             through.dropped = dropped;
@@ -701,7 +700,10 @@ pub fn measure(
         }
         if let Ok(keep) = std::env::var("SW_BENCH_TIMELINES") {
             let name = format!("{}-{w:?}-{transport}-{rate}", t.name).to_lowercase();
-            write_timelines(Path::new(&keep), &name, &datagrams, target, t.forwards_to);
+            let transits = t
+                .forwards_to
+                .map(|uas| transit_timeline(&datagrams, target, uas));
+            write_timelines(Path::new(&keep), &name, transits, &answers);
         }
     }
     if let (Some(http), Some(b0)) = (t.metrics, delays_before) {
@@ -729,18 +731,12 @@ pub fn measure(
 /// (each message's arrival at the proxy, ns, its transit in ms, `req` or `resp`) for a proxy, and
 /// `NAME-N.answer.tsv` (each request's arrival at the UAS, its answer time in ms), N counting the
 /// runs of NAME: to see where in a run the slow transactions were and what else was slow then.
-fn write_timelines(
-    dir: &Path,
-    name: &str,
-    datagrams: &[Datagram],
-    target: SocketAddr,
-    uas: Option<SocketAddr>,
-) {
+fn write_timelines(dir: &Path, name: &str, transits: Option<Vec<Timed>>, answers: &[Timed]) {
     let _ = std::fs::create_dir_all(dir);
     let n = (1..)
         .find(|n| !dir.join(format!("{name}-{n}.answer.tsv")).exists())
         .unwrap_or(0);
-    let write = |kind: &str, timed: Vec<Timed>| {
+    let write = |kind: &str, timed: &[Timed]| {
         let text: String = timed
             .iter()
             .map(|t| {
@@ -753,10 +749,10 @@ fn write_timelines(
             eprintln!("could not write {}: {e}", path.display());
         }
     };
-    if let Some(uas) = uas {
-        write("transit", transit_timeline(datagrams, target, uas));
+    if let Some(transits) = transits {
+        write("transit", &transits);
     }
-    write("answer", answer_timeline(datagrams, uas.unwrap_or(target)));
+    write("answer", answers);
 }
 
 /// A UAS answer later than this (ms) puts the UAS behind: straight to SIPp's UAS, at half the

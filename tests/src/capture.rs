@@ -511,28 +511,24 @@ fn held(
 /// the proxy and straight to the UAS under the same load: besides the proxy's own hold, it counts
 /// what the proxy's way of sending does to the hops after it.
 pub fn response_times(datagrams: &[Datagram], uac: IpAddr, target: SocketAddr) -> Vec<f64> {
-    sorted_ms(round_trips(
+    sorted_ms(&round_trips(
         datagrams,
         |d| d.src.ip() == uac && d.dst == target,
         |d| d.src == target && d.dst.ip() == uac,
     ))
 }
 
-/// How long `uas` took to answer each request it was sent, ms, sorted: from the request reaching
-/// it to its response leaving (first copies), whoever sent it. Through a proxy, a transaction's
-/// response time at the UAC is this plus the proxy's transit both ways, so the two show where a
-/// slow transaction spent its time.
-pub fn answer_times(datagrams: &[Datagram], uas: SocketAddr) -> Vec<f64> {
-    sorted_ms(answer_timeline(datagrams, uas))
-}
-
-/// The UAS's answers as [`answer_times`] finds them, in the order the requests reached it.
+/// How long `uas` took to answer each request it was sent, in the order the requests reached it:
+/// from the request reaching it to its response leaving (first copies), whoever sent it. Through
+/// a proxy, a transaction's response time at the UAC is this plus the proxy's transit both ways,
+/// so the two show where a slow transaction spent its time.
 pub fn answer_timeline(datagrams: &[Datagram], uas: SocketAddr) -> Vec<Timed> {
     round_trips(datagrams, |d| d.dst == uas, |d| d.src == uas)
 }
 
-fn sorted_ms(timed: Vec<Timed>) -> Vec<f64> {
-    let mut out: Vec<f64> = timed.into_iter().map(|t| t.ms).collect();
+/// The times of `timed`, ms, sorted.
+pub fn sorted_ms(timed: &[Timed]) -> Vec<f64> {
+    let mut out: Vec<f64> = timed.iter().map(|t| t.ms).collect();
     out.sort_by(f64::total_cmp);
     out
 }
@@ -759,8 +755,9 @@ mod tests {
         );
         // The UAS's own part: from the forward reaching it to its final response leaving, whoever
         // sent the request.
-        assert_eq!(answer_times(&caps, UAS.parse().unwrap()), vec![0.2]);
-        assert_eq!(answer_times(&direct, UAS.parse().unwrap()), vec![0.25]);
+        let answers = |caps: &[Datagram]| sorted_ms(&answer_timeline(caps, UAS.parse().unwrap()));
+        assert_eq!(answers(&caps), vec![0.2]);
+        assert_eq!(answers(&direct), vec![0.25]);
     }
 
     #[test]
