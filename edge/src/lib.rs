@@ -74,6 +74,11 @@ pub enum StartError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot start the {what} thread: {source}")]
+    Thread {
+        what: &'static str,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Bans(#[from] bans::BanFileError),
     #[error("policy: {0}")]
@@ -202,7 +207,12 @@ impl Edge {
             ));
         }
         bans.apply(clock.now_ms());
-        tracker.spawn(bans.clone().run(clock.clone(), stop.clone()));
+        bans.clone()
+            .spawn_writer(clock.clone(), stop.clone(), tracker.token())
+            .map_err(|source| StartError::Thread {
+                what: "ban writer",
+                source,
+            })?;
         tracker.spawn(housekeeping(
             firewall.clone(),
             metrics.clone(),

@@ -1,0 +1,67 @@
+//! Criterion benchmarks of the ban store's writer (`bans::BanStore`) with a large ban list: what
+//! applying one new ban costs (the batch the writer makes of a lone auto-ban or a cluster ban), and
+//! what writing the ban file costs (done at most once a second while bans change).
+//! `cargo bench -p sipwarden-edge --bench bans`; `SW_BENCH_BANS` sets the list's size (default
+//! 100,000).
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use ipnet::IpNet;
+use sipwarden_edge::bans::{Ban, BanOrigin, BanStore};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+const NOW: u64 = 1_000_000;
+
+fn ban(n: u32) -> Ban {
+    Ban {
+        network: IpNet::from(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n))),
+        origin: BanOrigin::Auto,
+        rule: "bruteforce".into(),
+        reason: "401 threshold".into(),
+        created_unix_ms: NOW,
+        expires_unix_ms: NOW + 3_600_000 + u64::from(n),
+    }
+}
+
+fn bans(c: &mut Criterion) {
+    let size: u32 = std::env::var("SW_BENCH_BANS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = BanStore::new(Some(dir.path().join("bans.json")), 1_000_000);
+    for n in 0..size {
+        store.ban(ban(n));
+    }
+    store.apply(NOW);
+    store.save_if_dirty().expect("save");
+
+    let mut g = c.benchmark_group(format!("ban_store_{size}"));
+    g.sample_size(20);
+    g.measurement_time(Duration::from_secs(10));
+    // Each iteration bans a new address and takes back the one banned before, so the list keeps
+    // its size.
+    let mut next = size;
+    g.bench_function("apply_one_ban", |b| {
+        b.iter(|| {
+            store.ban(ban(next));
+            store.unban(IpNet::from(IpAddr::V4(Ipv4Addr::from(
+                0x0a00_0000 + next - size,
+            ))));
+            next += 1;
+            store.apply(NOW)
+        })
+    });
+    g.bench_function("save_file", |b| {
+        b.iter(|| {
+            // A change that leaves the list as it was but marks the file to be written.
+            store.ban(ban(next - 1));
+            store.apply(NOW);
+            store.save_if_dirty().expect("save")
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bans);
+criterion_main!(benches);
