@@ -1,6 +1,8 @@
-//! Criterion benchmarks of the ban store's writer (`bans::BanStore`) with a large ban list: what
-//! applying one new ban costs (the batch the writer makes of a lone auto-ban or a cluster ban), and
-//! what writing the ban file costs (done at most once a second while bans change).
+//! Criterion benchmarks of the ban store (`bans::BanStore`) with a large ban list: what applying
+//! one new ban costs (the batch the writer makes of a lone auto-ban or a cluster ban), what writing
+//! the ban file costs (done at most once a second while bans change), and the lookup every message
+//! makes at the pre-parse gate, for a banned and a clean address, with changes held beside the
+//! list's base and without.
 //! `cargo bench -p sipwarden-edge --bench bans`; `SW_BENCH_BANS` sets the list's size (default
 //! 100,000).
 
@@ -60,6 +62,27 @@ fn bans(c: &mut Criterion) {
             store.save_if_dirty().expect("save")
         })
     });
+    // The lookups: first with the changes the iterations above left beside the base, then after a
+    // batch that folds them in (a replacement of every auto-ban by the same list).
+    let banned = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + next - 1));
+    let clean = IpAddr::V4(Ipv4Addr::from(0x0b00_0000));
+    g.sample_size(50);
+    g.measurement_time(Duration::from_secs(3));
+    for (name, ip) in [("banned", banned), ("clean", clean)] {
+        g.bench_function(format!("lookup_{name}_with_changes"), |b| {
+            b.iter(|| store.lookup(std::hint::black_box(ip), NOW))
+        });
+    }
+    store.replace(
+        BanOrigin::Auto,
+        (next - size..next).map(ban).collect::<Vec<_>>(),
+    );
+    store.apply(NOW);
+    for (name, ip) in [("banned", banned), ("clean", clean)] {
+        g.bench_function(format!("lookup_{name}_folded"), |b| {
+            b.iter(|| store.lookup(std::hint::black_box(ip), NOW))
+        });
+    }
     g.finish();
 }
 

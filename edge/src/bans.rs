@@ -94,8 +94,139 @@ struct BanFile {
     bans: Vec<Ban>,
 }
 
-/// A snapshot: network → ban.
-pub type BanSet = NetSet<Arc<Ban>>;
+/// A snapshot: network → ban. A large base shared by the snapshots made from it, and the changes
+/// made since (`None`: taken out), folded into a new base once they outgrow four times the square
+/// root of its size: a batch copies the changes rather than the list. With 1,000,000 bans the
+/// copy was 65 ms of each batch, however few bans it changed.
+#[derive(Debug, Clone, Default)]
+pub struct BanSet {
+    base: Arc<NetSet<Arc<Ban>>>,
+    delta: NetSet<Option<Arc<Ban>>>,
+    len: usize,
+}
+
+impl BanSet {
+    /// Changes held beside a base of any size before they are folded into it.
+    const FOLD_MIN: usize = 256;
+
+    pub fn new() -> BanSet {
+        BanSet::default()
+    }
+
+    fn with_base(base: NetSet<Arc<Ban>>) -> BanSet {
+        BanSet {
+            len: base.len(),
+            base: Arc::new(base),
+            delta: NetSet::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The ban on exactly `net`.
+    pub fn get(&self, net: IpNet) -> Option<&Arc<Ban>> {
+        match self.delta.get(net) {
+            Some(change) => change.as_ref(),
+            None => self.base.get(net),
+        }
+    }
+
+    /// Every ban on a network containing `ip`, longest first.
+    pub fn matches(&self, ip: IpAddr) -> impl Iterator<Item = (u8, &Arc<Ban>)> + '_ {
+        let mut delta = self.delta.matches(ip).peekable();
+        let mut base = self.base.matches(ip).peekable();
+        std::iter::from_fn(move || loop {
+            let changed = delta.peek().map(|(len, _)| *len);
+            let based = base.peek().map(|(len, _)| *len);
+            match (changed, based) {
+                (Some(c), b) if b.is_none_or(|b| c >= b) => {
+                    let (len, change) = delta.next()?;
+                    if b == Some(c) {
+                        // The change is to that network: the base's ban is not in force.
+                        base.next();
+                    }
+                    if let Some(ban) = change {
+                        return Some((len, ban));
+                    }
+                }
+                _ => return base.next(),
+            }
+        })
+    }
+
+    /// The longest ban covering `ip` that `pick` takes. Without changes beside the base (most of
+    /// the time) the base is read alone: the merge of the two costs ~4 ns a lookup.
+    pub fn find(&self, ip: IpAddr, pick: impl Fn(&Ban) -> bool) -> Option<&Arc<Ban>> {
+        if self.delta.is_empty() {
+            return self.base.matches(ip).map(|(_, b)| b).find(|b| pick(b));
+        }
+        self.matches(ip).map(|(_, b)| b).find(|b| pick(b))
+    }
+
+    /// Whether a ban covers `ip` (expired or not).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.matches(ip).next().is_some()
+    }
+
+    /// Every ban, as `(network, ban)`.
+    pub fn iter(&self) -> impl Iterator<Item = (IpNet, &Arc<Ban>)> + '_ {
+        let changed = self
+            .delta
+            .iter()
+            .filter_map(|(net, change)| change.as_ref().map(|b| (net, b)));
+        let kept = self
+            .base
+            .iter()
+            .filter(|(net, _)| self.delta.get(*net).is_none());
+        changed.chain(kept)
+    }
+
+    /// Sets the ban on `b.network`, returning the one it replaces.
+    fn insert(&mut self, b: Arc<Ban>) -> Option<Arc<Ban>> {
+        let old = self.get(b.network).cloned();
+        self.delta.insert(b.network, Some(b));
+        if old.is_none() {
+            self.len += 1;
+        }
+        old
+    }
+
+    /// Takes the ban on exactly `net` out.
+    fn remove(&mut self, net: IpNet) -> Option<Arc<Ban>> {
+        let old = self.get(net).cloned()?;
+        if self.base.get(net).is_some() {
+            self.delta.insert(net, None);
+        } else {
+            self.delta.remove(net);
+        }
+        self.len -= 1;
+        Some(old)
+    }
+
+    /// Folds the changes into a new base once they are many for its size (more than `min` and
+    /// than four times the square root of the base's size).
+    fn fold_if_large(&mut self, min: usize) {
+        let bound = min.max(4 * self.base.len().isqrt());
+        if self.delta.len() <= bound {
+            return;
+        }
+        let mut base = (*self.base).clone();
+        for (net, change) in self.delta.iter() {
+            match change {
+                Some(b) => base.insert(net, b.clone()),
+                None => base.remove(net),
+            };
+        }
+        self.base = Arc::new(base);
+        self.delta = NetSet::new();
+    }
+}
 
 enum Change {
     Add(Arc<Ban>),
@@ -178,7 +309,7 @@ struct Draft<'a> {
 impl Draft<'_> {
     fn put(&mut self, b: Arc<Ban>) {
         // The one replaced first: it may be filed under the same key.
-        if let Some(old) = self.set.insert(b.network, b.clone()) {
+        if let Some(old) = self.set.insert(b.clone()) {
             self.index.unfile(&old);
         }
         self.index.file(&b);
@@ -294,13 +425,14 @@ impl BanStore {
                 ),
             });
         }
-        let mut set = BanSet::new();
+        let mut base = NetSet::new();
         for b in parsed.bans {
             if b.live(now_ms) && b.origin != BanOrigin::Config {
-                set.insert(b.network, Arc::new(b));
+                base.insert(b.network, Arc::new(b));
             }
         }
-        info!(path = %file.display(), bans = set.len(), "ban file loaded");
+        info!(path = %file.display(), bans = base.len(), "ban file loaded");
+        let set = BanSet::with_base(base);
         let mut w = lock(&store.writer);
         w.index = Index::of(&set);
         store.install(set, &mut w);
@@ -329,11 +461,7 @@ impl BanStore {
     /// The live ban covering `ip`, if any. Lock-free.
     pub fn lookup(&self, ip: IpAddr, now_ms: u64) -> Option<Arc<Ban>> {
         // The longest live one: an expired host ban must not hide a live network ban.
-        self.snapshot
-            .load()
-            .matches(ip)
-            .find(|(_, b)| b.live(now_ms))
-            .map(|(_, b)| b.clone())
+        self.snapshot.load().find(ip, |b| b.live(now_ms)).cloned()
     }
 
     /// The current snapshot (for listing and metrics).
@@ -394,12 +522,9 @@ impl BanStore {
             match c {
                 Change::Add(b) => {
                     // A config ban is not shortened by a rule's TTL.
-                    let keep_existing =
-                        next.set.lookup(b.network.addr()).is_some_and(|(len, old)| {
-                            len == b.network.prefix_len()
-                                && old.origin == BanOrigin::Config
-                                && b.origin != BanOrigin::Config
-                        });
+                    let keep_existing = next.set.get(b.network).is_some_and(|old| {
+                        old.origin == BanOrigin::Config && b.origin != BanOrigin::Config
+                    });
                     if !keep_existing {
                         next.put(b);
                         file_changed = true;
@@ -409,10 +534,7 @@ impl BanStore {
                     file_changed |= next.take(n).is_some();
                 }
                 Change::RemoveFrom(n, origin) => {
-                    let ours = next
-                        .set
-                        .lookup(n.addr())
-                        .is_some_and(|(len, b)| len == n.prefix_len() && b.origin == origin);
+                    let ours = next.set.get(n).is_some_and(|b| b.origin == origin);
                     if ours {
                         next.take(n);
                         file_changed = true;
@@ -421,10 +543,10 @@ impl BanStore {
                 Change::Replace(origin, bans) => {
                     next.take_all(|b| b.origin == origin);
                     for b in bans {
-                        let config_there =
-                            next.set.lookup(b.network.addr()).is_some_and(|(len, old)| {
-                                len == b.network.prefix_len() && old.origin == BanOrigin::Config
-                            });
+                        let config_there = next
+                            .set
+                            .get(b.network)
+                            .is_some_and(|old| old.origin == BanOrigin::Config);
                         if !config_there {
                             next.put(b);
                         }
@@ -451,7 +573,8 @@ impl BanStore {
             next.take_soonest();
         }
         self.evict_over_cap(&mut next);
-        let set = next.set;
+        let mut set = next.set;
+        set.fold_if_large(BanSet::FOLD_MIN);
         drop(cur);
         let len = set.len();
         self.install(set, &mut w);
@@ -781,6 +904,97 @@ mod tests {
         assert_eq!((parsed.version, parsed.bans), (1, vec![a, b]));
         let empty: BanFile = serde_json::from_slice(&file_body(&[]).unwrap()).unwrap();
         assert!(empty.bans.is_empty());
+    }
+
+    #[test]
+    fn a_set_with_changes_beside_its_base_reads_as_one_map() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        // Networks inside one another, in both families, so that matches merge lengths.
+        let nets: Vec<IpNet> = [
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "10.1.2.0/24",
+            "10.1.3.0/24",
+            "2001:db8::/32",
+            "2001:db8:1::/48",
+            "::/0",
+        ]
+        .iter()
+        .map(|n| n.to_string())
+        .chain((0..8).map(|i| format!("10.1.2.{i}/32")))
+        .chain((0..4).map(|i| format!("2001:db8:1::{i}/128")))
+        .map(|n| n.parse().unwrap())
+        .collect();
+        let probes: Vec<IpAddr> = ["10.1.2.3", "10.1.2.200", "10.1.3.1", "10.9.9.9", "11.0.0.1"]
+            .iter()
+            .chain(&[
+                "2001:db8:1::2",
+                "2001:db8:2::1",
+                "2001:db9::1",
+                "::ffff:10.1.2.5",
+            ])
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let mut set = BanSet::new();
+        let mut model: std::collections::BTreeMap<IpNet, u64> = Default::default();
+        let mut folds = 0;
+        for step in 0..5_000u64 {
+            let net = nets[rng.random_range(0..nets.len())];
+            match rng.random_range(0..10) {
+                0..=5 => {
+                    let old = set.insert(Arc::new(ban(&net.to_string(), BanOrigin::Auto, step)));
+                    assert_eq!(
+                        old.map(|b| b.expires_unix_ms),
+                        model.insert(net, step),
+                        "step {step}"
+                    );
+                }
+                6..=8 => {
+                    let old = set.remove(net);
+                    assert_eq!(old.map(|b| b.expires_unix_ms), model.remove(&net));
+                }
+                _ => {
+                    let before = Arc::as_ptr(&set.base);
+                    set.fold_if_large(rng.random_range(0..6));
+                    if Arc::as_ptr(&set.base) != before {
+                        folds += 1;
+                        assert!(set.delta.is_empty());
+                    }
+                }
+            }
+            assert_eq!(set.len(), model.len(), "step {step}");
+            let all: std::collections::BTreeMap<IpNet, u64> =
+                set.iter().map(|(n, b)| (n, b.expires_unix_ms)).collect();
+            assert_eq!(all, model, "step {step}");
+            assert_eq!(set.iter().count(), model.len(), "each network once");
+            for n in &nets {
+                assert_eq!(
+                    set.get(*n).map(|b| b.expires_unix_ms),
+                    model.get(n).copied()
+                );
+            }
+            for ip in &probes {
+                let got: Vec<(u8, u64)> = set
+                    .matches(*ip)
+                    .map(|(len, b)| (len, b.expires_unix_ms))
+                    .collect();
+                let mut want: Vec<(u8, u64)> = model
+                    .iter()
+                    .filter(|(n, _)| {
+                        let mapped = match *ip {
+                            IpAddr::V6(a) => a.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(*ip),
+                            v4 => v4,
+                        };
+                        n.contains(&mapped)
+                    })
+                    .map(|(n, at)| (n.prefix_len(), *at))
+                    .collect();
+                want.sort_by_key(|w| std::cmp::Reverse(w.0));
+                assert_eq!(got, want, "matches of {ip} at step {step}");
+            }
+        }
+        assert!(folds > 50, "{folds} folds");
     }
 
     /// What the snapshot holds: network → (origin, expiry).

@@ -122,6 +122,14 @@ impl<V> NetSet<V> {
         v
     }
 
+    /// The value of exactly `net` (host bits ignored), not of networks inside or around it.
+    pub fn get(&self, net: IpNet) -> Option<&V> {
+        let (v4, width, bits) = key(net.addr());
+        let len = net.prefix_len();
+        let (_, t) = self.family(v4).tables.iter().find(|(l, _)| *l == len)?;
+        t.get(&Family::<V>::mask(len, width, bits))
+    }
+
     /// The value of the longest network containing `ip`, with that network's prefix length.
     pub fn lookup(&self, ip: IpAddr) -> Option<(u8, &V)> {
         let (v4, width, bits) = key(ip);
@@ -214,6 +222,19 @@ mod tests {
         assert_eq!(s.lookup(ip("10.1.2.4")), Some((8, &"wide")));
         let all: Vec<u8> = s.matches(ip("10.1.2.3")).map(|(l, _)| l).collect();
         assert_eq!(all, vec![32, 8]);
+        assert_eq!(s.get(net("10.1.2.3/32")), Some(&"host"));
+        assert_eq!(
+            s.get(net("10.200.0.0/8")),
+            Some(&"wide"),
+            "host bits ignored"
+        );
+        assert_eq!(s.get(net("10.1.2.3/31")), None, "only that exact network");
+        assert_eq!(s.get(net("10.1.2.0/24")), None, "removed");
+        assert_eq!(
+            s.get(net("::ffff:10.1.2.3/128")),
+            None,
+            "a v4 key is not a /128"
+        );
     }
 
     #[test]
