@@ -71,7 +71,7 @@ impl Rig {
                 listener: 0,
             })
             .decision;
-        // Bans are applied by the writer task in production; here, at once.
+        // Bans are applied by the ban writer in production; here, at once.
         self.svc.firewall.state.bans.apply(self.clock.now_ms());
         d
     }
