@@ -782,3 +782,114 @@ fn stalled_thread_strands_nothing_after(
     );
     edge
 }
+
+/// The ban writer runs on a thread of its own, so a writer that cannot go on (held here in a
+/// ptrace stop, as if in the `fsync` of a slow disk or a batch of a million bans) holds up no SIP:
+/// with one runtime worker (`TOKIO_WORKER_THREADS=1`, as on an edge given one core) a phone's
+/// OPTIONS over TCP is relayed to the PBX and answered meanwhile. A scanner banned meanwhile is
+/// still stopped by the rule, its ban waits in the queue (not yet counted), and it takes effect
+/// once the writer runs again.
+#[test]
+fn a_stalled_ban_writer_holds_up_no_tcp_connection() {
+    use nix::sys::ptrace;
+    use nix::sys::wait::{waitpid, WaitPidFlag};
+    use nix::unistd::Pid;
+
+    let pbx = UdpSocket::bind("127.0.0.42:0").unwrap();
+    let pbx_port = pbx.local_addr().unwrap().port();
+    let extra = format!(
+        "[[backends]]\naddress = \"127.0.0.42:{pbx_port}\"\n[health]\ninterval_ms = 60000\ntimeout_ms = 50000\nfall = 5\n"
+    );
+    let edge = EdgeProc::start_with_env(EDGE_IP, &extra, &[("TOKIO_WORKER_THREADS", "1")]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pbx_side = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            pbx.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let mut buf = [0u8; 65536];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((n, from)) = pbx.recv_from(&mut buf) else {
+                    continue;
+                };
+                let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if m.starts_with("OPTIONS ") {
+                    let _ = pbx.send_to(ok_for(&m).as_bytes(), from);
+                }
+            }
+        })
+    };
+    let auto_bans = |edge: &EdgeProc| {
+        metric(
+            &edge.metrics(),
+            "sipwarden_edge_bans_active{origin=\"auto\"}",
+        )
+        .unwrap_or(0.0)
+    };
+
+    let tid = thread_named(edge.proc.pid(), "bans").expect("the ban writer's thread");
+    let tid = Pid::from_raw(tid);
+    ptrace::seize(tid, ptrace::Options::empty()).expect("ptrace the ban writer");
+    ptrace::interrupt(tid).expect("stop the ban writer");
+    waitpid(tid, Some(WaitPidFlag::__WALL)).expect("the ban writer stopped");
+
+    // A scanner is banned by the rule while the writer is stopped.
+    let scanner = UdpSocket::bind("127.0.0.44:0").unwrap();
+    let scan = format!(
+        "OPTIONS sip:100@{e} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bKwscan\r\n\
+Max-Forwards: 70\r\nFrom: <sip:100@{e}>;tag=w1\r\nTo: <sip:100@{e}>\r\nCall-ID: writer-scan\r\n\
+CSeq: 1 OPTIONS\r\nUser-Agent: friendly-scanner\r\nContent-Length: 0\r\n\r\n",
+        e = edge.addr(),
+        local = scanner.local_addr().unwrap()
+    );
+    scanner.send_to(scan.as_bytes(), edge.addr()).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || edge.events("scanner", "ban")
+            >= 1.0),
+        "the scanner rule banned the scanner"
+    );
+
+    // A phone's OPTIONS over TCP, through the edge's one runtime worker.
+    let mut phone = TcpStream::connect(edge.addr()).unwrap();
+    phone
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let me = phone.local_addr().unwrap();
+    phone
+        .write_all(
+            format!(
+                "OPTIONS sip:pbx@example.com SIP/2.0\r\nVia: SIP/2.0/TCP {me};branch=z9hG4bKwriter1\r\nFrom: <sip:p@example.com>;tag=w2\r\nTo: <sip:pbx@example.com>\r\nCall-ID: writer-tcp\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") && Instant::now() < deadline {
+        if let Ok(n) = phone.read(&mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    let queued = auto_bans(&edge);
+    let still_stopped =
+        std::fs::read_to_string(format!("/proc/{}/task/{}/stat", edge.proc.pid(), tid))
+            .is_ok_and(|s| s.split_whitespace().nth(2) == Some("t"));
+    let _ = ptrace::detach(tid, None);
+    assert!(
+        still_stopped,
+        "the ban writer stayed stopped through the call"
+    );
+    assert!(
+        got.starts_with(b"SIP/2.0 200 "),
+        "the phone's OPTIONS over TCP was answered while the ban writer was stopped: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(queued, 0.0, "the scanner's ban waited for the writer");
+    assert!(
+        wait_until(Duration::from_secs(5), || auto_bans(&edge) >= 1.0),
+        "the scanner's ban took effect once the writer ran again"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    pbx_side.join().unwrap();
+}
