@@ -687,6 +687,40 @@ fn a_joined_thread_takes_the_first_sockets_datagrams_while_its_own_thread_cannot
     );
 }
 
+/// A PBX on 127.0.0.42 over UDP that answers every OPTIONS (health probes included) with 200
+/// until the flag is set: the edge's config for it (backend, slow health checks), the flag, and
+/// its thread.
+fn answering_pbx() -> (
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
+    let pbx = UdpSocket::bind("127.0.0.42:0").unwrap();
+    let pbx_port = pbx.local_addr().unwrap().port();
+    let extra = format!(
+        "[[backends]]\naddress = \"127.0.0.42:{pbx_port}\"\n[health]\ninterval_ms = 60000\ntimeout_ms = 50000\nfall = 5\n"
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pbx_side = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            pbx.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let mut buf = [0u8; 65536];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((n, from)) = pbx.recv_from(&mut buf) else {
+                    continue;
+                };
+                let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if m.starts_with("OPTIONS ") {
+                    let _ = pbx.send_to(ok_for(&m).as_bytes(), from);
+                }
+            }
+        })
+    };
+    (extra, stop, pbx_side)
+}
+
 /// Sixteen phones get their OPTIONS answered through the PBX while the edge's receive thread
 /// `udp-0-0` is held in a ptrace stop, with the UDP layout of `env`. Returns the edge, still running.
 fn stalled_thread_strands_nothing(env: &[(&str, &str)]) -> EdgeProc {
@@ -702,32 +736,8 @@ fn stalled_thread_strands_nothing_after(
     use nix::sys::wait::{waitpid, WaitPidFlag};
     use nix::unistd::Pid;
 
-    let pbx = UdpSocket::bind("127.0.0.42:0").unwrap();
-    let pbx_port = pbx.local_addr().unwrap().port();
-    let extra = format!(
-        "[[backends]]\naddress = \"127.0.0.42:{pbx_port}\"\n[health]\ninterval_ms = 60000\ntimeout_ms = 50000\nfall = 5\n"
-    );
+    let (extra, stop, pbx_side) = answering_pbx();
     let edge = EdgeProc::start_with_env(EDGE_IP, &extra, env);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // The PBX answers everything (health probes included) with 200.
-    let pbx_side = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            pbx.set_read_timeout(Some(Duration::from_millis(100)))
-                .unwrap();
-            let mut buf = [0u8; 65536];
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let Ok((n, from)) = pbx.recv_from(&mut buf) else {
-                    continue;
-                };
-                let m = String::from_utf8_lossy(&buf[..n]).into_owned();
-                if !m.starts_with("OPTIONS ") {
-                    continue;
-                }
-                let _ = pbx.send_to(ok_for(&m).as_bytes(), from);
-            }
-        })
-    };
 
     prepare(&edge);
     let tid = thread_named(edge.proc.pid(), "udp-0-0").expect("receive thread udp-0-0");
@@ -795,30 +805,8 @@ fn a_stalled_ban_writer_holds_up_no_tcp_connection() {
     use nix::sys::wait::{waitpid, WaitPidFlag};
     use nix::unistd::Pid;
 
-    let pbx = UdpSocket::bind("127.0.0.42:0").unwrap();
-    let pbx_port = pbx.local_addr().unwrap().port();
-    let extra = format!(
-        "[[backends]]\naddress = \"127.0.0.42:{pbx_port}\"\n[health]\ninterval_ms = 60000\ntimeout_ms = 50000\nfall = 5\n"
-    );
+    let (extra, stop, pbx_side) = answering_pbx();
     let edge = EdgeProc::start_with_env(EDGE_IP, &extra, &[("TOKIO_WORKER_THREADS", "1")]);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let pbx_side = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            pbx.set_read_timeout(Some(Duration::from_millis(100)))
-                .unwrap();
-            let mut buf = [0u8; 65536];
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let Ok((n, from)) = pbx.recv_from(&mut buf) else {
-                    continue;
-                };
-                let m = String::from_utf8_lossy(&buf[..n]).into_owned();
-                if m.starts_with("OPTIONS ") {
-                    let _ = pbx.send_to(ok_for(&m).as_bytes(), from);
-                }
-            }
-        })
-    };
     let auto_bans = |edge: &EdgeProc| {
         metric(
             &edge.metrics(),
