@@ -536,7 +536,7 @@ pub async fn run(link: Arc<Link>, state: Arc<State>, clock: Clock, stop: Cancell
 async fn watch_once(
     link: &Link,
     endpoint: &str,
-    state: &State,
+    state: &Arc<State>,
     clock: &Clock,
     revision: &mut u64,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -559,10 +559,16 @@ async fn watch_once(
     while let Some(e) = stream.message().await? {
         apply_peers(&link.peers, &link.edge_id, &e);
         metrics.peer_edges.set(link.peers.len() as i64);
-        *revision = apply(state, &link.site, clock.now_ms(), &e);
         if matches!(e.kind, Some(Kind::Snapshot(_))) {
+            // A snapshot files every ban and binding anew (with 1,000,000 bans and 100,000
+            // bindings 0.46 s): on a blocking thread, not on the runtime's workers, which serve
+            // the TCP connections; the next event waits for it.
+            let (state, site, now) = (state.clone(), link.site.clone(), clock.now_ms());
+            *revision = tokio::task::spawn_blocking(move || apply(&state, &site, now, &e)).await?;
             link.synced
                 .store(true, std::sync::atomic::Ordering::Release);
+        } else {
+            *revision = apply(state, &link.site, clock.now_ms(), &e);
         }
         metrics.watch_revision.set(*revision as i64);
     }
