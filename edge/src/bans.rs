@@ -811,6 +811,16 @@ mod tests {
         s.ban(ban("198.51.100.0/24", BanOrigin::Auto, 5));
         s.apply(0);
         assert!(s.lookup(ip("198.51.100.9"), 10).is_some());
+        // Nor when a longer ban sits at the network's own address (the check reads exactly that
+        // network, not the longest ban covering its address).
+        s.ban(ban("198.51.100.0/32", BanOrigin::Auto, 5));
+        s.apply(0);
+        s.ban(ban("198.51.100.0/24", BanOrigin::Auto, 5));
+        s.apply(0);
+        assert_eq!(
+            s.lookup(ip("198.51.100.9"), 10).map(|b| b.origin),
+            Some(BanOrigin::Config)
+        );
         s.set_config(vec!["203.0.113.0/24".parse().unwrap()]);
         s.apply(10);
         assert!(s.lookup(ip("198.51.100.9"), 10).is_none());
