@@ -1,6 +1,7 @@
 //! Criterion benchmarks of the ban store (`bans::BanStore`) with a large ban list: what applying
-//! one new ban costs (the batch the writer makes of a lone auto-ban or a cluster ban), what writing
-//! the ban file costs (done at most once a second while bans change), and the lookup every message
+//! one new ban costs (the batch the writer makes of a lone auto-ban or a cluster ban), what keeping
+//! it on disk costs (a line in the journal) and what a whole origin replaced costs with the ban
+//! file written whole (a cluster snapshot), and the lookup every message
 //! makes at the pre-parse gate, for a banned and a clean address, with changes held beside the
 //! list's base and without.
 //! `cargo bench -p sipwarden-edge --bench bans`; `SW_BENCH_BANS` sets the list's size (default
@@ -54,9 +55,9 @@ fn bans(c: &mut Criterion) {
             store.apply(NOW)
         })
     });
-    g.bench_function("save_file", |b| {
+    g.bench_function("apply_and_journal_one_ban", |b| {
         b.iter(|| {
-            // A change that leaves the list as it was but marks the file to be written.
+            // A change that leaves the list as it was, kept by a line in the journal.
             store.ban(ban(next - 1));
             store.apply(NOW);
             store.save_if_dirty().expect("save")
@@ -83,6 +84,19 @@ fn bans(c: &mut Criterion) {
             b.iter(|| store.lookup(std::hint::black_box(ip), NOW))
         });
     }
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(10));
+    g.bench_function("replace_all_and_rewrite_file", |b| {
+        b.iter(|| {
+            // A whole origin replaced (as by a cluster snapshot): the file is written whole.
+            store.replace(
+                BanOrigin::Auto,
+                (next - size..next).map(ban).collect::<Vec<_>>(),
+            );
+            store.apply(NOW);
+            store.save_if_dirty().expect("save")
+        })
+    });
     g.finish();
 }
 

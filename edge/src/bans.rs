@@ -95,7 +95,27 @@ const FILE_VERSION: u32 = 1;
 #[derive(Debug, Deserialize)]
 struct BanFile {
     version: u32,
+    /// The generation of the journal that follows this file (a journal of another one is older
+    /// than the file, left by a crash between the two writes, and is not replayed).
+    #[serde(default)]
+    journal: u64,
     bans: Vec<Ban>,
+}
+
+/// The journal's first line.
+#[derive(Debug, Serialize, Deserialize)]
+struct JournalHead {
+    journal: u64,
+}
+
+/// One line of the ban journal (`bans.journal` beside `bans.json`): what a batch did to the bans
+/// the file keeps, in order. Replayed over the file at start; folded into it by a rewrite once it
+/// outgrows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Logged {
+    Put(Ban),
+    Del(IpNet),
 }
 
 /// A snapshot: network → ban. A large base shared by the snapshots made from it, and the changes
@@ -302,26 +322,53 @@ struct Writer {
     /// else holds it, so that freeing a large set (12% of a batch's time with 100,000 bans) falls
     /// to the writer rather than to whichever receive thread let go of it last.
     retired: Vec<Arc<BanSet>>,
+    /// What the batches did to the kept bans since the last write, for the journal.
+    log: Vec<Logged>,
+    /// Lines in the journal since the file was last written whole.
+    journaled: usize,
+    /// The next write must be of the whole file (a replacement of a whole origin, a journal that
+    /// could not be written, one replayed or found stale at start).
+    rewrite: bool,
+    /// The journal generation: the file's, and the journal's once `journal_ready`.
+    generation: u64,
+    /// The journal on disk starts with this generation's head, so lines can be appended.
+    journal_ready: bool,
 }
 
-/// The next snapshot being made, with its index kept in step.
+/// The next snapshot being made, with its index kept in step and what it does to the kept
+/// (non-config) bans logged for the journal.
 struct Draft<'a> {
     set: BanSet,
     index: &'a mut Index,
+    log: &'a mut Vec<Logged>,
+    /// Off once the batch replaced a whole origin: the file is then written whole.
+    logging: bool,
 }
 
 impl Draft<'_> {
     fn put(&mut self, b: Arc<Ban>) {
         // The one replaced first: it may be filed under the same key.
-        if let Some(old) = self.set.insert(b.clone()) {
-            self.index.unfile(&old);
+        let old = self.set.insert(b.clone());
+        if let Some(old) = &old {
+            self.index.unfile(old);
         }
         self.index.file(&b);
+        if self.logging {
+            if b.origin != BanOrigin::Config {
+                self.log.push(Logged::Put((*b).clone()));
+            } else if let Some(old) = old.filter(|o| o.origin != BanOrigin::Config) {
+                // A config ban over a kept one: the file no longer keeps that network.
+                self.log.push(Logged::Del(old.network));
+            }
+        }
     }
 
     fn take(&mut self, net: IpNet) -> Option<Arc<Ban>> {
         let old = self.set.remove(net)?;
         self.index.unfile(&old);
+        if self.logging && old.origin != BanOrigin::Config {
+            self.log.push(Logged::Del(old.network));
+        }
         Some(old)
     }
 
@@ -385,6 +432,8 @@ impl BanStore {
     pub const MIN_APPLY_INTERVAL: Duration = Duration::from_millis(5);
     /// Longest time a changed ban set waits to be written to the ban file.
     pub const SAVE_INTERVAL: Duration = Duration::from_secs(1);
+    /// Lines the journal may hold before the ban file is written whole, whatever its size.
+    pub const JOURNAL_MIN: usize = 1_000;
     /// How many times as long as a batch or a write of the file took the next one waits, at least.
     pub const PACE: u32 = 10;
     /// How often expired bans are purged when nothing else happens.
@@ -407,38 +456,64 @@ impl BanStore {
     /// A store loaded from `file` (a missing file is an empty store); expired bans are skipped.
     pub fn open(file: PathBuf, max_entries: usize, now_ms: u64) -> Result<BanStore, BanFileError> {
         let store = BanStore::new(Some(file.clone()), max_entries);
-        let io = |source| BanFileError::Io {
-            path: file.display().to_string(),
-            source,
+        let format = |path: &Path, message: String| BanFileError::Format {
+            path: path.display().to_string(),
+            message,
         };
-        let text = match std::fs::read_to_string(&file) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(store),
-            Err(e) => return Err(io(e)),
-        };
-        let parsed: BanFile = serde_json::from_str(&text).map_err(|e| BanFileError::Format {
-            path: file.display().to_string(),
-            message: e.to_string(),
-        })?;
-        if parsed.version != FILE_VERSION {
-            return Err(BanFileError::Format {
-                path: file.display().to_string(),
-                message: format!(
-                    "version {} (this edge reads version {FILE_VERSION})",
-                    parsed.version
-                ),
-            });
-        }
         let mut base = NetSet::new();
-        for b in parsed.bans {
-            if b.live(now_ms) && b.origin != BanOrigin::Config {
-                base.insert(b.network, Arc::new(b));
+        let mut generation = 0;
+        match std::fs::read_to_string(&file) {
+            Ok(text) => {
+                let parsed: BanFile =
+                    serde_json::from_str(&text).map_err(|e| format(&file, e.to_string()))?;
+                if parsed.version != FILE_VERSION {
+                    return Err(format(
+                        &file,
+                        format!(
+                            "version {} (this edge reads version {FILE_VERSION})",
+                            parsed.version
+                        ),
+                    ));
+                }
+                generation = parsed.journal;
+                for b in parsed.bans {
+                    if b.origin != BanOrigin::Config {
+                        base.insert(b.network, Arc::new(b));
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(BanFileError::Io {
+                    path: file.display().to_string(),
+                    source,
+                })
             }
         }
-        info!(path = %file.display(), bans = base.len(), "ban file loaded");
+        let journal = journal_path(&file);
+        let replayed = match std::fs::read_to_string(&journal) {
+            Ok(text) => replay(&text, generation, &mut base).map_err(|m| format(&journal, m))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(0),
+            Err(source) => {
+                return Err(BanFileError::Io {
+                    path: journal.display().to_string(),
+                    source,
+                })
+            }
+        };
+        base.retain(|b| b.live(now_ms));
+        info!(path = %file.display(), bans = base.len(), replayed = replayed.unwrap_or(0), "ban file loaded");
+        if replayed.is_none() {
+            info!(path = %journal.display(), "ban journal older than the ban file: not replayed");
+        }
         let set = BanSet::with_base(base);
         let mut w = lock(&store.writer);
         w.index = Index::of(&set);
+        w.generation = generation;
+        // What the journal held goes into the file at the first write, which starts a new
+        // journal; a stale journal is replaced by it too, so that nothing is appended to it.
+        w.rewrite = replayed != Some(0);
+        store.dirty.store(w.rewrite, Ordering::Release);
         store.install(set, &mut w);
         drop(w);
         Ok(store)
@@ -517,9 +592,12 @@ impl BanStore {
         if changes.is_empty() && !expired {
             return cur.len();
         }
+        let w = &mut *w;
         let mut next = Draft {
             set: (*cur).clone(),
             index: &mut w.index,
+            log: &mut w.log,
+            logging: !w.rewrite,
         };
         let mut file_changed = expired;
         for c in changes {
@@ -545,6 +623,10 @@ impl BanStore {
                     }
                 }
                 Change::Replace(origin, bans) => {
+                    // A whole origin (a cluster snapshot of any size): the file is written whole
+                    // rather than journaled a ban a line.
+                    next.logging = false;
+                    next.log.clear();
                     next.take_all(|b| b.origin == origin);
                     for b in bans {
                         let config_there = next
@@ -577,11 +659,12 @@ impl BanStore {
             next.take_soonest();
         }
         self.evict_over_cap(&mut next);
+        w.rewrite |= !next.logging;
         let mut set = next.set;
         set.fold_if_large(BanSet::FOLD_MIN);
         drop(cur);
         let len = set.len();
-        self.install(set, &mut w);
+        self.install(set, w);
         if file_changed {
             self.dirty.store(true, Ordering::Release);
         }
@@ -603,7 +686,10 @@ impl BanStore {
         }
     }
 
-    /// Writes the non-config bans to the ban file if a batch changed them.
+    /// Keeps what the batches since the last call did to the non-config bans: appended to the
+    /// journal, or the whole ban file written anew (and the journal emptied) when the journal
+    /// would grow past the file's size ([`BanStore::JOURNAL_MIN`] lines at least), after a
+    /// replacement of a whole origin, or after a failed write.
     pub fn save_if_dirty(&self) -> Result<(), BanFileError> {
         let Some(path) = &self.file else {
             return Ok(());
@@ -611,24 +697,66 @@ impl BanStore {
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
+        let mut w = lock(&self.writer);
         let snap = self.snapshot.load_full();
+        let kept = snap.len() - w.index.by_origin[BanOrigin::Config.index()];
+        let journal = journal_path(path);
+        let io = |path: &Path, source| BanFileError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        if !w.rewrite && w.journaled + w.log.len() <= Self::JOURNAL_MIN.max(kept) {
+            let log = std::mem::take(&mut w.log);
+            let head = (!w.journal_ready).then_some(w.generation);
+            return match append_lines(&journal, head, &log) {
+                Ok(()) => {
+                    w.journaled += log.len();
+                    w.journal_ready = true;
+                    Ok(())
+                }
+                Err(e) => {
+                    // The journal may hold part of it: the whole file next time, which holds all.
+                    w.rewrite = true;
+                    self.dirty.store(true, Ordering::Release);
+                    Err(io(&journal, e))
+                }
+            };
+        }
+        w.log.clear();
+        w.rewrite = true;
         let mut bans: Vec<&Ban> = snap
             .iter()
             .filter(|(_, b)| b.origin != BanOrigin::Config)
             .map(|(_, b)| &**b)
             .collect();
         bans.sort_by_key(|b| b.network);
-        let body = file_body(&bans).map_err(|e| BanFileError::Format {
+        // A new generation: a crash between the file's rename and the journal's leaves a journal
+        // of the old one, which the next start does not replay over the newer file.
+        let generation = w.generation + 1;
+        let body = file_body(generation, &bans).map_err(|e| BanFileError::Format {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
-        write_atomic(path, &body).map_err(|source| {
+        if let Err(e) = write_atomic(path, &body) {
             self.dirty.store(true, Ordering::Release);
-            BanFileError::Io {
-                path: path.display().to_string(),
-                source,
+            return Err(io(path, e));
+        }
+        w.generation = generation;
+        w.journaled = 0;
+        match write_atomic(&journal, &journal_head(generation)) {
+            Ok(()) => {
+                w.rewrite = false;
+                w.journal_ready = true;
             }
-        })
+            Err(e) => {
+                // Lines appended to the old journal would not be replayed: whole files until a
+                // new journal can be started.
+                w.journal_ready = false;
+                self.dirty.store(true, Ordering::Release);
+                return Err(io(&journal, e));
+            }
+        }
+        Ok(())
     }
 
     /// The writer: applies queued changes in batches, purges expired bans, keeps the file. A
@@ -689,11 +817,91 @@ impl BanStore {
     }
 }
 
+/// The journal beside the ban file `file` (`bans.json` → `bans.journal`).
+fn journal_path(file: &Path) -> PathBuf {
+    file.with_extension("journal")
+}
+
+/// The journal's first line for `generation`.
+fn journal_head(generation: u64) -> Vec<u8> {
+    let mut head = serde_json::to_vec(&JournalHead {
+        journal: generation,
+    })
+    .unwrap_or_default();
+    head.push(b'\n');
+    head
+}
+
+/// Replays the lines of a journal of `generation` over `base`: the number replayed, or `None`
+/// for a journal of another generation (older than the file: not replayed). A last line cut
+/// short (a crash in the middle of an append) is left out; a bad line before it is an error,
+/// naming the line.
+fn replay(
+    text: &str,
+    generation: u64,
+    base: &mut NetSet<Arc<Ban>>,
+) -> Result<Option<usize>, String> {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let Some(first) = lines.first() else {
+        return Ok(Some(0));
+    };
+    let head: JournalHead =
+        serde_json::from_str(first).map_err(|e| format!("line 1 (the journal's head): {e}"))?;
+    if head.journal != generation {
+        return Ok(None);
+    }
+    let mut replayed = 0;
+    for (i, line) in lines.iter().enumerate().skip(1) {
+        match serde_json::from_str::<Logged>(line) {
+            Ok(Logged::Put(b)) => {
+                if b.origin != BanOrigin::Config {
+                    base.insert(b.network, Arc::new(b));
+                }
+            }
+            Ok(Logged::Del(net)) => {
+                base.remove(net);
+            }
+            Err(e) if i + 1 == lines.len() => {
+                warn!(error = %e, "the ban journal's last line is cut short; left out");
+                break;
+            }
+            Err(e) => return Err(format!("line {}: {e}", i + 1)),
+        }
+        replayed += 1;
+    }
+    Ok(Some(replayed))
+}
+
+/// Appends `log` to the journal at `path`, a line each, and syncs it; with `head`, the journal is
+/// started anew with that generation's head first.
+fn append_lines(path: &Path, head: Option<u64>, log: &[Logged]) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(generation) = head {
+        write_atomic(path, &journal_head(generation))?;
+    }
+    let mut body = Vec::with_capacity(log.len() * 160);
+    for entry in log {
+        serde_json::to_writer(&mut body, entry)?;
+        body.push(b'\n');
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    f.write_all(&body)?;
+    f.sync_data()
+}
+
 /// The ban file's text: `{"version":1,"bans":[…]}` with a ban a line, so an address can be looked
 /// up with grep; written without indentation, which took longer than the rest of the write.
-fn file_body(bans: &[&Ban]) -> serde_json::Result<Vec<u8>> {
+fn file_body(generation: u64, bans: &[&Ban]) -> serde_json::Result<Vec<u8>> {
     let mut body = Vec::with_capacity(64 + bans.len() * 160);
-    body.extend_from_slice(format!("{{\"version\":{FILE_VERSION},\"bans\":[").as_bytes());
+    body.extend_from_slice(
+        format!("{{\"version\":{FILE_VERSION},\"journal\":{generation},\"bans\":[").as_bytes(),
+    );
     for (i, b) in bans.iter().enumerate() {
         body.extend_from_slice(if i == 0 { b"\n" } else { b",\n" });
         serde_json::to_writer(&mut body, b)?;
@@ -910,13 +1118,16 @@ mod tests {
             reason: "quote \" and\nnewline".into(),
             ..ban("2001:db8::/32", BanOrigin::Manual, NEVER)
         };
-        let body = String::from_utf8(file_body(&[&a, &b]).unwrap()).unwrap();
+        let body = String::from_utf8(file_body(7, &[&a, &b]).unwrap()).unwrap();
         let lines: Vec<&str> = body.lines().collect();
         assert_eq!(lines.len(), 4, "{body}");
         assert!(lines[1].contains("192.0.2.1/32") && lines[2].contains("2001:db8::/32"));
         let parsed: BanFile = serde_json::from_str(&body).unwrap();
-        assert_eq!((parsed.version, parsed.bans), (1, vec![a, b]));
-        let empty: BanFile = serde_json::from_slice(&file_body(&[]).unwrap()).unwrap();
+        assert_eq!(
+            (parsed.version, parsed.journal, parsed.bans),
+            (1, 7, vec![a, b])
+        );
+        let empty: BanFile = serde_json::from_slice(&file_body(0, &[]).unwrap()).unwrap();
         assert!(empty.bans.is_empty());
     }
 
@@ -1009,6 +1220,138 @@ mod tests {
             }
         }
         assert!(folds > 50, "{folds} folds");
+    }
+
+    #[test]
+    fn the_journal_keeps_every_batch_and_a_restart_replays_it() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data/bans.json");
+        let journal = journal_path(&path);
+        let s = BanStore::new(Some(path.clone()), 50);
+        s.set_config(vec!["203.0.113.0/24".parse().unwrap()]);
+        let nets: Vec<String> = (0..80).map(|i| format!("192.0.2.{i}/32")).collect();
+        let origins = [BanOrigin::Auto, BanOrigin::Manual, BanOrigin::Cluster];
+        let mut now = 1_000u64;
+        let (mut appended, mut rewritten, mut restarts) = (0, 0, 0);
+        for step in 0..3_000 {
+            for _ in 0..rng.random_range(1..4) {
+                let net = &nets[rng.random_range(0..nets.len())];
+                match rng.random_range(0..10) {
+                    0..=5 => s.ban(ban(
+                        net,
+                        origins[rng.random_range(0..3)],
+                        now + rng.random_range(1..200) * 1_000,
+                    )),
+                    6..=8 => s.unban(net.parse().unwrap()),
+                    // A config ban over a kept one, now and then a whole cluster snapshot.
+                    _ if rng.random_bool(0.9) => s.set_config(vec![
+                        "203.0.113.0/24".parse().unwrap(),
+                        net.parse().unwrap(),
+                    ]),
+                    _ => s.replace(
+                        BanOrigin::Cluster,
+                        vec![ban(net, BanOrigin::Cluster, now + 50_000)],
+                    ),
+                }
+            }
+            now += rng.random_range(0..5) * 1_000;
+            s.apply(now);
+            let before = std::fs::metadata(&journal).map_or(0, |m| m.len());
+            s.save_if_dirty().unwrap();
+            let after = std::fs::metadata(&journal).map_or(0, |m| m.len());
+            if after > before {
+                appended += 1;
+            } else if after < before {
+                rewritten += 1;
+            }
+            if step % 50 == 49 {
+                // A restart now reads back what the store holds, config bans aside.
+                let again = BanStore::open(path.clone(), 50, now).unwrap();
+                let mut kept = held(&s);
+                kept.retain(|_, (o, _)| *o != BanOrigin::Config);
+                assert_eq!(held(&again), kept, "restart at step {step}");
+                restarts += 1;
+            }
+        }
+        assert!(
+            appended > 1_000 && rewritten > 3 && restarts == 60,
+            "{appended} appends, {rewritten} rewrites"
+        );
+    }
+
+    #[test]
+    fn a_journal_cut_short_loses_its_last_line_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bans.json");
+        let s = BanStore::new(Some(path.clone()), 100);
+        s.ban(ban("192.0.2.1/32", BanOrigin::Auto, NEVER));
+        s.apply(0);
+        s.save_if_dirty().unwrap();
+        s.ban(ban("192.0.2.2/32", BanOrigin::Auto, NEVER));
+        s.unban("192.0.2.1/32".parse().unwrap());
+        s.apply(0);
+        s.save_if_dirty().unwrap();
+        assert!(!path.exists(), "small changes go to the journal only");
+        let journal = journal_path(&path);
+        let text = std::fs::read_to_string(&journal).unwrap();
+        assert_eq!(text.lines().count(), 4, "a head and three lines: {text}");
+        // A crash in the middle of the last append.
+        std::fs::write(&journal, &text[..text.len() - 10]).unwrap();
+        let again = BanStore::open(path.clone(), 100, 0).unwrap();
+        assert!(
+            again.lookup(ip("192.0.2.1"), 0).is_some(),
+            "its removal was cut"
+        );
+        assert!(again.lookup(ip("192.0.2.2"), 0).is_some());
+        // A bad line before the last is not a torn write: the file is refused, naming the line.
+        let lines: Vec<&str> = text.lines().collect();
+        std::fs::write(
+            &journal,
+            format!("{}\n{}\n{{oops\n{}\n", lines[0], lines[1], lines[3]),
+        )
+        .unwrap();
+        let err = BanStore::open(path, 100, 0).unwrap_err().to_string();
+        assert!(
+            err.contains("bans.journal") && err.contains("line 3"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_journal_older_than_the_file_is_not_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bans.json");
+        let s = BanStore::new(Some(path.clone()), 100);
+        s.ban(ban("192.0.2.1/32", BanOrigin::Auto, NEVER));
+        s.ban(ban("192.0.2.2/32", BanOrigin::Auto, NEVER));
+        s.apply(0);
+        s.unban("192.0.2.1/32".parse().unwrap());
+        s.ban(ban("192.0.2.1/32", BanOrigin::Manual, NEVER));
+        s.unban("192.0.2.2/32".parse().unwrap());
+        s.apply(0);
+        s.save_if_dirty().unwrap();
+        let journal = journal_path(&path);
+        let stale = std::fs::read_to_string(&journal).unwrap();
+        // A cluster snapshot makes the next write whole, which empties the journal.
+        s.replace(
+            BanOrigin::Cluster,
+            vec![ban("192.0.2.2/32", BanOrigin::Cluster, NEVER)],
+        );
+        s.apply(0);
+        s.save_if_dirty().unwrap();
+        assert!(path.exists());
+        assert_eq!(
+            std::fs::read_to_string(&journal).unwrap(),
+            "{\"journal\":1}\n",
+            "a new journal, of the file's generation"
+        );
+        // As if the process died between the file's rename and the new journal's: the old
+        // journal's lines would take back the cluster snapshot's ban on 192.0.2.2.
+        std::fs::write(&journal, &stale).unwrap();
+        let again = BanStore::open(path, 100, 0).unwrap();
+        assert_eq!(held(&again), held(&s));
     }
 
     /// What the snapshot holds: network → (origin, expiry).

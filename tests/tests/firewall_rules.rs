@@ -115,12 +115,14 @@ fn a_flood_is_cut_off_banned_and_the_ban_survives_a_restart() {
         "{through} flood messages reached the PBX (bound {bound})"
     );
 
-    // The ban is written to the ban file and enforced after a restart.
-    let bans = edge.dir.path().join("data/bans.json");
+    // The ban is kept on disk (the ban file's journal, until the file is next written whole)
+    // and enforced after a restart.
+    let on_disk = ["data/bans.json", "data/bans.journal"].map(|f| edge.dir.path().join(f));
     assert!(
-        wait_until(Duration::from_secs(5), || std::fs::read_to_string(&bans)
-            .is_ok_and(|t| t.contains(FLOODER_IP))),
-        "the ban file holds the flooder"
+        wait_until(Duration::from_secs(5), || on_disk.iter().any(|f| {
+            std::fs::read_to_string(f).is_ok_and(|t| t.contains(FLOODER_IP))
+        })),
+        "the ban file or its journal holds the flooder"
     );
     edge.restart();
     let before = flood_received(&pbx);
