@@ -8,12 +8,17 @@
 //! the list's size: a snapshot shares its base with the one before and carries the changes since
 //! (folded into a new base past four times the square root of its size), and the writer keeps the
 //! bans in expiry order beside it for the purge and the cap. Expired bans are ignored at lookup and
-//! purged by the writer. Bans made on this edge (not those from config) are kept in a JSON file
-//! (a ban a line) written atomically at most once every [`BanStore::SAVE_INTERVAL`], or ten times
-//! as long as the last write took, and at shutdown, so a restart keeps them. A crash loses at most
-//! that long of bans on disk (a second up to ~100,000 bans; the write takes ~0.75 s with
-//! 1,000,000, so 7.5 s there); cluster bans come back with the next snapshot and auto-bans were
-//! proposed to the cluster as they were made.
+//! purged by the writer. Bans made on this edge (not those from config) are kept on disk, so a
+//! restart keeps them: each write (at most every [`BanStore::SAVE_INTERVAL`], and at shutdown)
+//! appends what the batches since the last one did to a journal (`bans.journal`, a JSON line a
+//! change, synced), and the JSON ban file (a ban a line) is written whole, starting a new journal
+//! generation, only after a whole origin was replaced (a cluster snapshot) or once the journal
+//! outgrows it. A start reads the file and replays the journal of its generation (a journal of an
+//! older one was left by a crash between the two writes; a last line cut short by a crash in an
+//! append is left out). A crash loses at most the second since the last write — longer only just
+//! after a whole write, which waits ten times as long as it took (0.75 s with 1,000,000 bans);
+//! cluster bans come back with the next snapshot and auto-bans were proposed to the cluster as
+//! they were made.
 
 use crate::netset::NetSet;
 use arc_swap::ArcSwap;

@@ -47,7 +47,8 @@ pub struct Bans {
     /// Networks banned by configuration, for as long as they stay listed.
     pub networks: Vec<IpNet>,
     /// Where the standalone edge keeps its auto and manual bans (relative paths are under
-    /// `edge.data_dir`), so a restart keeps them.
+    /// `edge.data_dir`), so a restart keeps them; the journal of changes since the file was last
+    /// written whole sits beside it (the same name with the extension `.journal`).
     pub file: PathBuf,
     /// Upper bound on bans held (config bans excluded); the oldest-expiring go first.
     pub max_entries: usize,
