@@ -1286,11 +1286,18 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_journal_cut_short_loses_its_last_line_only() {
+    /// A store keeping its bans in a temporary directory: the directory, the ban file's path, the
+    /// store.
+    fn kept_store() -> (tempfile::TempDir, PathBuf, BanStore) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bans.json");
         let s = BanStore::new(Some(path.clone()), 100);
+        (dir, path, s)
+    }
+
+    #[test]
+    fn a_journal_cut_short_loses_its_last_line_only() {
+        let (_dir, path, s) = kept_store();
         s.ban(ban("192.0.2.1/32", BanOrigin::Auto, NEVER));
         s.apply(0);
         s.save_if_dirty().unwrap();
@@ -1326,9 +1333,7 @@ mod tests {
 
     #[test]
     fn a_journal_older_than_the_file_is_not_replayed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("bans.json");
-        let s = BanStore::new(Some(path.clone()), 100);
+        let (_dir, path, s) = kept_store();
         s.ban(ban("192.0.2.1/32", BanOrigin::Auto, NEVER));
         s.ban(ban("192.0.2.2/32", BanOrigin::Auto, NEVER));
         s.apply(0);
