@@ -669,10 +669,11 @@ impl BanStore {
         set.fold_if_large(BanSet::FOLD_MIN);
         drop(cur);
         let len = set.len();
-        self.install(set, w);
-        if file_changed {
+        // A config ban over a kept one changes the file too (its line in the log).
+        if file_changed || !w.log.is_empty() {
             self.dirty.store(true, Ordering::Release);
         }
+        self.install(set, w);
         len
     }
 
@@ -1329,6 +1330,20 @@ mod tests {
             err.contains("bans.journal") && err.contains("line 3"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_config_ban_over_a_kept_one_reaches_the_disk_alone() {
+        let (_dir, path, s) = kept_store();
+        s.ban(ban("192.0.2.0/24", BanOrigin::Auto, NEVER));
+        s.apply(0);
+        s.save_if_dirty().unwrap();
+        // A batch with nothing but the config change: the auto ban it replaced is off the disk.
+        s.set_config(vec!["192.0.2.0/24".parse().unwrap()]);
+        s.apply(0);
+        s.save_if_dirty().unwrap();
+        let again = BanStore::open(path, 100, 0).unwrap();
+        assert!(again.snapshot().is_empty(), "{:?}", held(&again));
     }
 
     #[test]
