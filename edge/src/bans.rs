@@ -346,7 +346,8 @@ struct Draft<'a> {
     set: BanSet,
     index: &'a mut Index,
     log: &'a mut Vec<Logged>,
-    /// Off once the batch replaced a whole origin: the file is then written whole.
+    /// Off in a store without a file, and once the next write is to be whole (the batch
+    /// replaced a whole origin, or an earlier one did and was not written yet).
     logging: bool,
 }
 
@@ -602,8 +603,10 @@ impl BanStore {
             set: (*cur).clone(),
             index: &mut w.index,
             log: &mut w.log,
-            logging: !w.rewrite,
+            // A store without a file keeps no log; nor does one whose next write is whole.
+            logging: self.file.is_some() && !w.rewrite,
         };
+        let mut whole = false;
         let mut file_changed = expired;
         for c in changes {
             match c {
@@ -630,8 +633,11 @@ impl BanStore {
                 Change::Replace(origin, bans) => {
                     // A whole origin (a cluster snapshot of any size): the file is written whole
                     // rather than journaled a ban a line.
-                    next.logging = false;
-                    next.log.clear();
+                    if next.logging {
+                        next.logging = false;
+                        next.log.clear();
+                        whole = true;
+                    }
                     next.take_all(|b| b.origin == origin);
                     for b in bans {
                         let config_there = next
@@ -664,7 +670,7 @@ impl BanStore {
             next.take_soonest();
         }
         self.evict_over_cap(&mut next);
-        w.rewrite |= !next.logging;
+        w.rewrite |= whole;
         let mut set = next.set;
         set.fold_if_large(BanSet::FOLD_MIN);
         drop(cur);
@@ -965,6 +971,11 @@ mod tests {
         assert_eq!(s.apply(1_000), 1, "expired ban purged");
         s.unban("2001:db8::/32".parse().unwrap());
         assert_eq!(s.apply(1_000), 0);
+        let w = lock(&s.writer);
+        assert!(
+            w.log.is_empty(),
+            "a store without a file keeps no journal log"
+        );
     }
 
     #[test]
