@@ -27,7 +27,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -340,6 +339,16 @@ struct Writer {
     journal_ready: bool,
 }
 
+impl Writer {
+    /// Whether the file (with its journal) is behind the snapshot: changes logged and not yet
+    /// written, or a whole write due (after a whole-origin replacement, a failed write, a
+    /// journal replayed or found stale at start). A store without a file logs nothing and is
+    /// never due a whole write.
+    fn unsaved(&self) -> bool {
+        self.rewrite || !self.log.is_empty()
+    }
+}
+
 /// The next snapshot being made, with its index kept in step and what it does to the kept
 /// (non-config) bans logged for the journal.
 struct Draft<'a> {
@@ -414,8 +423,6 @@ pub struct BanStore {
     pending: Mutex<Vec<Change>>,
     wake: Notify,
     file: Option<PathBuf>,
-    /// A batch changed what the file should hold.
-    dirty: AtomicBool,
     /// Bans held besides config ones; past this, those expiring soonest are evicted.
     max_entries: usize,
 }
@@ -454,7 +461,6 @@ impl BanStore {
             pending: Mutex::new(Vec::new()),
             wake: Notify::new(),
             file,
-            dirty: AtomicBool::new(false),
             max_entries,
         }
     }
@@ -519,7 +525,6 @@ impl BanStore {
         // What the journal held goes into the file at the first write, which starts a new
         // journal; a stale journal is replaced by it too, so that nothing is appended to it.
         w.rewrite = replayed != Some(0);
-        store.dirty.store(w.rewrite, Ordering::Release);
         store.install(set, &mut w);
         drop(w);
         Ok(store)
@@ -607,7 +612,6 @@ impl BanStore {
             logging: self.file.is_some() && !w.rewrite,
         };
         let mut whole = false;
-        let mut file_changed = expired;
         for c in changes {
             match c {
                 Change::Add(b) => {
@@ -617,17 +621,15 @@ impl BanStore {
                     });
                     if !keep_existing {
                         next.put(b);
-                        file_changed = true;
                     }
                 }
                 Change::Remove(n) => {
-                    file_changed |= next.take(n).is_some();
+                    next.take(n);
                 }
                 Change::RemoveFrom(n, origin) => {
                     let ours = next.set.get(n).is_some_and(|b| b.origin == origin);
                     if ours {
                         next.take(n);
-                        file_changed = true;
                     }
                 }
                 Change::Replace(origin, bans) => {
@@ -648,7 +650,6 @@ impl BanStore {
                             next.put(b);
                         }
                     }
-                    file_changed = true;
                 }
                 Change::Config(nets) => {
                     next.take_all(|b| b.origin == BanOrigin::Config && !nets.contains(&b.network));
@@ -675,10 +676,6 @@ impl BanStore {
         set.fold_if_large(BanSet::FOLD_MIN);
         drop(cur);
         let len = set.len();
-        // A config ban over a kept one changes the file too (its line in the log).
-        if file_changed || !w.log.is_empty() {
-            self.dirty.store(true, Ordering::Release);
-        }
         self.install(set, w);
         len
     }
@@ -706,10 +703,10 @@ impl BanStore {
         let Some(path) = &self.file else {
             return Ok(());
         };
-        if !self.dirty.swap(false, Ordering::AcqRel) {
+        let mut w = lock(&self.writer);
+        if !w.unsaved() {
             return Ok(());
         }
-        let mut w = lock(&self.writer);
         let snap = self.snapshot.load_full();
         let kept = snap.len() - w.index.by_origin[BanOrigin::Config.index()];
         let journal = journal_path(path);
@@ -729,7 +726,6 @@ impl BanStore {
                 Err(e) => {
                     // The journal may hold part of it: the whole file next time, which holds all.
                     w.rewrite = true;
-                    self.dirty.store(true, Ordering::Release);
                     Err(io(&journal, e))
                 }
             };
@@ -750,7 +746,6 @@ impl BanStore {
             message: e.to_string(),
         })?;
         if let Err(e) = write_atomic(path, &body) {
-            self.dirty.store(true, Ordering::Release);
             return Err(io(path, e));
         }
         w.generation = generation;
@@ -764,7 +759,6 @@ impl BanStore {
                 // Lines appended to the old journal would not be replayed: whole files until a
                 // new journal can be started.
                 w.journal_ready = false;
-                self.dirty.store(true, Ordering::Release);
                 return Err(io(&journal, e));
             }
         }
@@ -780,19 +774,19 @@ impl BanStore {
         let mut next_save = Instant::now();
         let mut next_apply = Instant::now();
         loop {
-            let dirty = self.dirty.load(Ordering::Acquire);
+            let unsaved = lock(&self.writer).unsaved();
             tokio::select! {
                 _ = stop.cancelled() => break,
                 // A lone ban applies at once; a storm is applied in batches.
                 _ = self.wake.notified() => tokio::time::sleep_until(next_apply).await,
-                _ = tokio::time::sleep_until(next_save), if dirty => {}
+                _ = tokio::time::sleep_until(next_save), if unsaved => {}
                 _ = tokio::time::sleep(Self::PURGE_INTERVAL) => {}
             }
             let start = Instant::now();
             self.apply(clock.now_ms());
             let done = Instant::now();
             next_apply = done + Self::MIN_APPLY_INTERVAL.max((done - start) * Self::PACE);
-            if done >= next_save && self.dirty.load(Ordering::Acquire) {
+            if done >= next_save && lock(&self.writer).unsaved() {
                 if let Err(e) = self.save_if_dirty() {
                     warn!(error = %e, "cannot write the ban file; will retry");
                 }
