@@ -278,6 +278,22 @@ pub enum BanFileError {
     Format { path: String, message: String },
 }
 
+impl BanFileError {
+    fn io(path: &Path, source: std::io::Error) -> BanFileError {
+        BanFileError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
+    fn format(path: &Path, message: impl ToString) -> BanFileError {
+        BanFileError::Format {
+            path: path.display().to_string(),
+            message: message.to_string(),
+        }
+    }
+}
+
 /// What the writer keeps beside the snapshot and changes with it, so that a batch costs what it
 /// changes rather than walks of every ban: the bans that can expire or be evicted (all but the
 /// config ones) in expiry order, and the count by origin. With 100,000 bans, the walks it replaced
@@ -468,18 +484,14 @@ impl BanStore {
     /// A store loaded from `file` (a missing file is an empty store); expired bans are skipped.
     pub fn open(file: PathBuf, max_entries: usize, now_ms: u64) -> Result<BanStore, BanFileError> {
         let store = BanStore::new(Some(file.clone()), max_entries);
-        let format = |path: &Path, message: String| BanFileError::Format {
-            path: path.display().to_string(),
-            message,
-        };
         let mut base = NetSet::new();
         let mut generation = 0;
         match std::fs::read_to_string(&file) {
             Ok(text) => {
                 let parsed: BanFile =
-                    serde_json::from_str(&text).map_err(|e| format(&file, e.to_string()))?;
+                    serde_json::from_str(&text).map_err(|e| BanFileError::format(&file, e))?;
                 if parsed.version != FILE_VERSION {
-                    return Err(format(
+                    return Err(BanFileError::format(
                         &file,
                         format!(
                             "version {} (this edge reads version {FILE_VERSION})",
@@ -495,23 +507,14 @@ impl BanStore {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(BanFileError::Io {
-                    path: file.display().to_string(),
-                    source,
-                })
-            }
+            Err(e) => return Err(BanFileError::io(&file, e)),
         }
         let journal = journal_path(&file);
         let replayed = match std::fs::read_to_string(&journal) {
-            Ok(text) => replay(&text, generation, &mut base).map_err(|m| format(&journal, m))?,
+            Ok(text) => replay(&text, generation, &mut base)
+                .map_err(|m| BanFileError::format(&journal, m))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(0),
-            Err(source) => {
-                return Err(BanFileError::Io {
-                    path: journal.display().to_string(),
-                    source,
-                })
-            }
+            Err(e) => return Err(BanFileError::io(&journal, e)),
         };
         base.retain(|b| b.live(now_ms));
         info!(path = %file.display(), bans = base.len(), replayed = replayed.unwrap_or(0), "ban file loaded");
@@ -710,10 +713,6 @@ impl BanStore {
         let snap = self.snapshot.load_full();
         let kept = snap.len() - w.index.by_origin[BanOrigin::Config.index()];
         let journal = journal_path(path);
-        let io = |path: &Path, source| BanFileError::Io {
-            path: path.display().to_string(),
-            source,
-        };
         if !w.rewrite && w.journaled + w.log.len() <= Self::JOURNAL_MIN.max(kept) {
             let log = std::mem::take(&mut w.log);
             let head = (!w.journal_ready).then_some(w.generation);
@@ -726,7 +725,7 @@ impl BanStore {
                 Err(e) => {
                     // The journal may hold part of it: the whole file next time, which holds all.
                     w.rewrite = true;
-                    Err(io(&journal, e))
+                    Err(BanFileError::io(&journal, e))
                 }
             };
         }
@@ -741,12 +740,9 @@ impl BanStore {
         // A new generation: a crash between the file's rename and the journal's leaves a journal
         // of the old one, which the next start does not replay over the newer file.
         let generation = w.generation + 1;
-        let body = file_body(generation, &bans).map_err(|e| BanFileError::Format {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+        let body = file_body(generation, &bans).map_err(|e| BanFileError::format(path, e))?;
         if let Err(e) = write_atomic(path, &body) {
-            return Err(io(path, e));
+            return Err(BanFileError::io(path, e));
         }
         w.generation = generation;
         w.journaled = 0;
@@ -759,7 +755,7 @@ impl BanStore {
                 // Lines appended to the old journal would not be replayed: whole files until a
                 // new journal can be started.
                 w.journal_ready = false;
-                return Err(io(&journal, e));
+                return Err(BanFileError::io(&journal, e));
             }
         }
         Ok(())
