@@ -87,6 +87,32 @@ fn key(ip: IpAddr) -> (bool, u8, u128) {
     }
 }
 
+/// A network as a key: its family (IPv4?), its prefix length and its masked bits. An
+/// IPv4-mapped IPv6 network of a /96 or longer is the IPv4 network it maps (`::ffff:a.b.c.d/128`
+/// is `a.b.c.d/32`), as a mapped address is looked up as IPv4; keyed as IPv4 with its IPv6
+/// length, it overflowed the mask.
+fn net_key(net: IpNet) -> (bool, u8, u128) {
+    let (v4, width, bits) = key(net.addr());
+    match net {
+        IpNet::V6(n) if !v4 || n.prefix_len() < 96 => {
+            let len = n.prefix_len();
+            (
+                false,
+                len,
+                Family::<()>::mask(len, 128, u128::from(n.addr())),
+            )
+        }
+        IpNet::V6(n) => {
+            let len = n.prefix_len() - 96;
+            (true, len, Family::<()>::mask(len, width, bits))
+        }
+        IpNet::V4(n) => {
+            let len = n.prefix_len();
+            (true, len, Family::<()>::mask(len, width, bits))
+        }
+    }
+}
+
 impl<V> NetSet<V> {
     pub fn new() -> Self {
         Self::default()
@@ -102,20 +128,17 @@ impl<V> NetSet<V> {
 
     /// Inserts `net` (host bits ignored), replacing and returning any value it had.
     pub fn insert(&mut self, net: IpNet, value: V) -> Option<V> {
-        let (v4, width, bits) = key(net.addr());
-        let len = net.prefix_len();
+        let (v4, len, masked) = net_key(net);
         let fam = if v4 { &mut self.v4 } else { &mut self.v6 };
-        fam.table(len)
-            .insert(Family::<V>::mask(len, width, bits), value)
+        fam.table(len).insert(masked, value)
     }
 
     /// Removes exactly `net` (not networks inside or around it).
     pub fn remove(&mut self, net: IpNet) -> Option<V> {
-        let (v4, width, bits) = key(net.addr());
-        let len = net.prefix_len();
+        let (v4, len, masked) = net_key(net);
         let fam = if v4 { &mut self.v4 } else { &mut self.v6 };
         let i = fam.tables.iter().position(|(l, _)| *l == len)?;
-        let v = fam.tables[i].1.remove(&Family::<V>::mask(len, width, bits));
+        let v = fam.tables[i].1.remove(&masked);
         if fam.tables[i].1.is_empty() {
             fam.tables.remove(i);
         }
@@ -124,10 +147,9 @@ impl<V> NetSet<V> {
 
     /// The value of exactly `net` (host bits ignored), not of networks inside or around it.
     pub fn get(&self, net: IpNet) -> Option<&V> {
-        let (v4, width, bits) = key(net.addr());
-        let len = net.prefix_len();
+        let (v4, len, masked) = net_key(net);
         let (_, t) = self.family(v4).tables.iter().find(|(l, _)| *l == len)?;
-        t.get(&Family::<V>::mask(len, width, bits))
+        t.get(&masked)
     }
 
     /// The value of the longest network containing `ip`, with that network's prefix length.
@@ -232,8 +254,8 @@ mod tests {
         assert_eq!(s.get(net("10.1.2.0/24")), None, "removed");
         assert_eq!(
             s.get(net("::ffff:10.1.2.3/128")),
-            None,
-            "a v4 key is not a /128"
+            Some(&"host"),
+            "a mapped /128 is the IPv4 /32"
         );
     }
 
@@ -245,6 +267,16 @@ mod tests {
         s.insert(net("::/0"), 3);
         assert_eq!(s.lookup(ip("2001:db8:1::5")), Some((32, &1)));
         assert_eq!(s.lookup(ip("::ffff:192.0.2.9")), Some((24, &2)));
+        // A mapped network is the IPv4 network it maps, whichever way it is written.
+        assert_eq!(s.insert(net("::ffff:198.51.100.7/128"), 4), None);
+        s.insert(net("::ffff:203.0.113.0/120"), 5);
+        assert_eq!(s.lookup(ip("198.51.100.7")), Some((32, &4)));
+        assert_eq!(s.lookup(ip("::ffff:198.51.100.7")), Some((32, &4)));
+        assert_eq!(s.get(net("198.51.100.7/32")), Some(&4));
+        assert_eq!(s.lookup(ip("203.0.113.9")), Some((24, &5)));
+        assert_eq!(s.remove(net("203.0.113.0/24")), Some(5));
+        assert_eq!(s.remove(net("::ffff:198.51.100.7/128")), Some(4));
+        assert_eq!(s.lookup(ip("198.51.100.7")), None);
         assert_eq!(s.lookup(ip("2001:db9::1")), Some((0, &3)));
         assert_eq!(
             s.lookup(ip("198.51.100.1")),
