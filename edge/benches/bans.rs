@@ -4,12 +4,17 @@
 //! file written whole (a cluster snapshot), and the lookup every message
 //! makes at the pre-parse gate, for a banned and a clean address, with changes held beside the
 //! list's base and without.
+//! Beside it, what one account ban pushed by the cluster costs the edge (`cluster::apply` of the
+//! watch event) with `SW_BENCH_BANS` / 10 account bans already held.
 //! `cargo bench -p sipwarden-edge --bench bans`; `SW_BENCH_BANS` sets the list's size (default
 //! 100,000).
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use ipnet::IpNet;
 use sipwarden_edge::bans::{Ban, BanOrigin, BanStore};
+use sipwarden_edge::cluster;
+use sipwarden_edge::pipeline::State;
+use sipwarden_proto::v1 as pb;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
@@ -100,5 +105,60 @@ fn bans(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bans);
+/// A cluster ban event on account `n`.
+fn account_event(revision: u64, n: u64, removed: bool) -> pb::WatchEvent {
+    let ban = pb::Ban {
+        id: format!("a{n}"),
+        target: Some(pb::BanTarget {
+            target: Some(pb::ban_target::Target::Aor(format!("sip:{n}@pbx.example"))),
+        }),
+        reason: "compromised".into(),
+        ..Default::default()
+    };
+    let kind = if removed {
+        pb::watch_event::Kind::BanRemoved(ban)
+    } else {
+        pb::watch_event::Kind::BanPut(ban)
+    };
+    pb::WatchEvent {
+        revision,
+        kind: Some(kind),
+    }
+}
+
+fn account_bans(c: &mut Criterion) {
+    let size: u64 = std::env::var("SW_BENCH_BANS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(100_000)
+        / 10;
+    let state = State::new(std::sync::Arc::new(BanStore::new(None, 1_000)));
+    let snapshot = pb::WatchEvent {
+        revision: 1,
+        kind: Some(pb::watch_event::Kind::Snapshot(pb::StateSnapshot {
+            bans: (0..size)
+                .filter_map(|n| match account_event(1, n, false).kind {
+                    Some(pb::watch_event::Kind::BanPut(b)) => Some(b),
+                    _ => None,
+                })
+                .collect(),
+            ..Default::default()
+        })),
+    };
+    cluster::apply(&state, "s", NOW, &snapshot);
+    let mut g = c.benchmark_group(format!("cluster_accounts_{size}"));
+    g.sample_size(20);
+    // Each iteration bans a new account and lifts the oldest, so the set keeps its size.
+    let mut next = size;
+    g.bench_function("put_one_and_remove_one", |b| {
+        b.iter(|| {
+            cluster::apply(&state, "s", NOW, &account_event(next, next, false));
+            cluster::apply(&state, "s", NOW, &account_event(next, next - size, true));
+            next += 1;
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bans, account_bans);
 criterion_main!(benches);

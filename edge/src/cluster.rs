@@ -18,7 +18,7 @@ use sipwarden_proto::v1::edge_control_client::EdgeControlClient;
 use sipwarden_proto::v1::watch_event::Kind;
 use sipwarden_shared::ban::{BanTarget, Binding};
 use sipwarden_shared::telemetry;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -68,17 +68,119 @@ fn in_scope(b: &pb::Ban, site: &str) -> bool {
     b.scope_site.is_empty() || b.scope_site == site
 }
 
-/// Files an AOR or User-Agent ban in `set` (address bans are the ban store's).
-fn put_identity(set: &mut IdentitySet, b: &pb::Ban) {
-    match b.target.as_ref().and_then(|t| BanTarget::try_from(t).ok()) {
-        Some(BanTarget::Aor(a)) => {
-            set.aors.insert(aor_key(&a), b.id.clone());
+/// What a cluster ban holds at the edge: an address or network (in the ban store), an account
+/// (`aor_key`) or a User-Agent substring (lower-case).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum On {
+    Net(ipnet::IpNet),
+    Aor(String),
+    UserAgent(String),
+}
+
+impl On {
+    fn of(b: &pb::Ban) -> Option<On> {
+        Some(match BanTarget::try_from(b.target.as_ref()?).ok()? {
+            BanTarget::Aor(a) => On::Aor(aor_key(&a)),
+            BanTarget::UserAgent(u) => On::UserAgent(u.to_ascii_lowercase()),
+            t => On::Net(t.network()?),
+        })
+    }
+}
+
+/// One cluster ban on a target.
+#[derive(Debug, Clone)]
+struct Holding {
+    id: String,
+    /// `NEVER` for a ban without an end.
+    expires_unix_ms: u64,
+    /// The ban store's ban, for an address or network.
+    ban: Option<Ban>,
+}
+
+/// The cluster bans in force at this edge by id, and the ids on each target. Two bans may name
+/// one target — the controllers keep a global ban and one scoped to a site apart — and the target
+/// stays banned while either is in force, until the later end of the two: a removal lifts a
+/// target only with its last ban, and the removal of a ban never held here (scoped to another
+/// site) lifts nothing. Written by the watch stream alone.
+#[derive(Debug, Default)]
+pub struct Held {
+    by_id: HashMap<String, On>,
+    on: HashMap<On, Vec<Holding>>,
+}
+
+impl Held {
+    /// Files `b` (in scope here), replacing the ban of its id; returns the targets whose holding
+    /// changed — the one `b` names, and the one it named before if that was another — with the
+    /// ban each is now held by.
+    fn put(&mut self, b: &pb::Ban) -> Vec<(On, Option<Holding>)> {
+        let Some(on) = On::of(b) else {
+            return self.remove(&b.id).into_iter().collect();
+        };
+        let mut changed = Vec::new();
+        if self.by_id.get(&b.id).is_some_and(|was| *was != on) {
+            changed.extend(self.remove(&b.id));
         }
-        Some(BanTarget::UserAgent(u)) => {
-            set.user_agents.retain(|(_, id)| *id != b.id);
-            set.user_agents.push((u.to_ascii_lowercase(), b.id.clone()));
+        let expires = u64::try_from(b.expires_unix_ms).unwrap_or(0);
+        let holding = Holding {
+            id: b.id.clone(),
+            expires_unix_ms: if expires == 0 { NEVER } else { expires },
+            ban: matches!(on, On::Net(_)).then(|| edge_ban(b)).flatten(),
+        };
+        let list = self.on.entry(on.clone()).or_default();
+        list.retain(|h| h.id != b.id);
+        list.push(holding);
+        self.by_id.insert(b.id.clone(), on.clone());
+        let best = self.best(&on);
+        changed.push((on, best));
+        changed
+    }
+
+    /// Takes ban `id` out; the target it held and the ban that holds it now, if any; `None` when
+    /// `id` was not held here.
+    fn remove(&mut self, id: &str) -> Option<(On, Option<Holding>)> {
+        let on = self.by_id.remove(id)?;
+        if let Some(list) = self.on.get_mut(&on) {
+            list.retain(|h| h.id != id);
+            if list.is_empty() {
+                self.on.remove(&on);
+            }
         }
-        _ => {}
+        let best = self.best(&on);
+        Some((on, best))
+    }
+
+    /// The ban of `on` that ends last.
+    fn best(&self, on: &On) -> Option<Holding> {
+        self.on
+            .get(on)?
+            .iter()
+            .max_by_key(|h| h.expires_unix_ms)
+            .cloned()
+    }
+
+    /// Every target held, with the ban that ends last on each.
+    fn targets(&self) -> impl Iterator<Item = (&On, &Holding)> + '_ {
+        self.on.iter().filter_map(|(on, list)| {
+            list.iter()
+                .max_by_key(|h| h.expires_unix_ms)
+                .map(|h| (on, h))
+        })
+    }
+}
+
+/// Puts what holds `on` now in force: its last-ending ban, or nothing.
+fn enforce(state: &State, on: On, by: Option<Holding>) {
+    match (on, by) {
+        (On::Net(_), Some(h)) => {
+            if let Some(ban) = h.ban {
+                state.bans.ban(ban);
+            }
+        }
+        (On::Net(n), None) => state.bans.unban_from(n, BanOrigin::Cluster),
+        (On::Aor(a), Some(h)) => state.identity.update(|s| s.put_aor(a, h.id)),
+        (On::Aor(a), None) => state.identity.update(|s| s.remove_aor(&a)),
+        (On::UserAgent(u), Some(h)) => state.identity.update(|s| s.put_user_agent(&u, h.id)),
+        (On::UserAgent(u), None) => state.identity.update(|s| s.remove_user_agent(&u)),
     }
 }
 
@@ -86,22 +188,31 @@ fn put_identity(set: &mut IdentitySet, b: &pb::Ban) {
 /// Bindings of other sites are not this edge's to enforce (the registered-source rule is per
 /// site), nor are bans scoped to another site.
 pub fn apply(state: &State, site: &str, now_ms: u64, e: &pb::WatchEvent) -> u64 {
-    let bans = &state.bans;
     match &e.kind {
         Some(Kind::Snapshot(s)) => {
-            let scoped = || s.bans.iter().filter(|b| in_scope(b, site));
-            let list: Vec<Ban> = scoped().filter_map(edge_ban).collect();
+            let mut held = Held::default();
+            for b in s.bans.iter().filter(|b| in_scope(b, site)) {
+                held.put(b);
+            }
+            let mut list = Vec::new();
             let mut identity = IdentitySet::default();
-            scoped().for_each(|b| put_identity(&mut identity, b));
+            for (on, h) in held.targets() {
+                match on {
+                    On::Net(_) => list.extend(h.ban.clone()),
+                    On::Aor(a) => identity.put_aor(a.clone(), h.id.clone()),
+                    On::UserAgent(u) => identity.put_user_agent(u, h.id.clone()),
+                }
+            }
             info!(
                 bans = list.len(),
-                identity = identity.aors.len() + identity.user_agents.len(),
+                identity = identity.aor_count() + identity.user_agent_count(),
                 bindings = s.bindings.len(),
                 revision = e.revision,
                 "cluster snapshot"
             );
-            bans.replace(BanOrigin::Cluster, list);
+            state.bans.replace(BanOrigin::Cluster, list);
             state.identity.replace(identity);
+            *state.cluster.lock().unwrap_or_else(|p| p.into_inner()) = held;
             state.bindings.clear_cluster();
             for b in &s.bindings {
                 if let Some((aor, ip, expires)) = site_binding(b, site) {
@@ -111,17 +222,24 @@ pub fn apply(state: &State, site: &str, now_ms: u64, e: &pb::WatchEvent) -> u64 
                 }
             }
         }
-        Some(Kind::BanPut(b)) if in_scope(b, site) => match edge_ban(b) {
-            Some(ban) => bans.ban(ban),
-            None => state.identity.update(|set| put_identity(set, b)),
-        },
-        Some(Kind::BanRemoved(b)) => match edge_ban(b) {
-            Some(ban) => bans.unban_from(ban.network, BanOrigin::Cluster),
-            None => state.identity.update(|set| {
-                set.aors.retain(|_, id| *id != b.id);
-                set.user_agents.retain(|(_, id)| *id != b.id);
-            }),
-        },
+        Some(Kind::BanPut(b)) => {
+            let mut held = state.cluster.lock().unwrap_or_else(|p| p.into_inner());
+            // A ban now scoped to another site is no longer this edge's.
+            let changed = if in_scope(b, site) {
+                held.put(b)
+            } else {
+                held.remove(&b.id).into_iter().collect()
+            };
+            for (on, by) in changed {
+                enforce(state, on, by);
+            }
+        }
+        Some(Kind::BanRemoved(b)) => {
+            let mut held = state.cluster.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((on, by)) = held.remove(&b.id) {
+                enforce(state, on, by);
+            }
+        }
         Some(Kind::BindingPut(b)) => {
             if let Some((aor, ip, expires)) = site_binding(b, site) {
                 state
@@ -130,9 +248,9 @@ pub fn apply(state: &State, site: &str, now_ms: u64, e: &pb::WatchEvent) -> u64 
             }
         }
         Some(Kind::BindingRemoved(k)) => state.bindings.remove_cluster(&k.aor, &k.contact),
-        // Policies are used by a later part of the cluster link; bans of other sites are not ours;
-        // edges go to the proxy's peer list (`apply_peers`).
-        Some(Kind::Policy(_)) | Some(Kind::BanPut(_)) | Some(Kind::EdgePut(_)) | None => {}
+        // Policies are used by a later part of the cluster link; edges go to the proxy's peer
+        // list (`apply_peers`).
+        Some(Kind::Policy(_)) | Some(Kind::EdgePut(_)) | None => {}
     }
     e.revision
 }
@@ -639,12 +757,7 @@ mod tests {
         bans.apply(0);
         assert_eq!(bans.snapshot().len(), 2, "AOR bans are not address bans");
         assert_eq!(
-            state
-                .identity
-                .load()
-                .aors
-                .get("1001@pbx")
-                .map(String::as_str),
+            state.identity.load().aor("1001@pbx"),
             Some("b3"),
             "they are identity bans"
         );
@@ -700,7 +813,184 @@ mod tests {
         apply(&state, "s", 0, &aor_gone);
         bans.apply(0);
         assert!(bans.lookup("203.0.113.50".parse().unwrap(), 0).is_none());
-        assert!(state.identity.load().aors.is_empty());
+        assert!(state.identity.load().is_empty());
+    }
+
+    /// Two bans on one target — a global one and one scoped to this site, as the controllers keep
+    /// them — hold it until the later end of the two, and the removal of either, or of a ban
+    /// scoped to another site, leaves it banned.
+    #[test]
+    fn a_target_stays_banned_until_its_last_ban_goes() {
+        use pb::ban_target::Target;
+        let state = State::new(Arc::new(crate::bans::BanStore::new(None, 100)));
+        let ev = |revision, kind| pb::WatchEvent {
+            revision,
+            kind: Some(kind),
+        };
+        let addr: std::net::IpAddr = "192.0.2.9".parse().unwrap();
+        let scoped = |id: &str, target: Target, site: &str, expires| pb::Ban {
+            scope_site: site.into(),
+            ..pb_ban(id, target, expires)
+        };
+        let global = scoped("g", Target::Ip("192.0.2.9".into()), "", 5_000);
+        let here = scoped("h", Target::Ip("192.0.2.9".into()), "s", 9_000);
+        let there = scoped("t", Target::Ip("192.0.2.9".into()), "elsewhere", 0);
+        apply(&state, "s", 0, &ev(1, Kind::BanPut(global.clone())));
+        apply(&state, "s", 0, &ev(2, Kind::BanPut(here.clone())));
+        apply(&state, "s", 0, &ev(3, Kind::BanPut(there.clone())));
+        apply(&state, "s", 0, &ev(4, Kind::BanRemoved(there)));
+        state.bans.apply(0);
+        assert!(
+            state.bans.lookup(addr, 8_999).is_some(),
+            "the later end holds"
+        );
+        assert!(state.bans.lookup(addr, 9_000).is_none());
+        apply(&state, "s", 0, &ev(5, Kind::BanRemoved(here.clone())));
+        state.bans.apply(0);
+        assert!(
+            state.bans.lookup(addr, 4_999).is_some(),
+            "the global ban holds"
+        );
+        assert!(state.bans.lookup(addr, 5_000).is_none());
+        apply(&state, "s", 0, &ev(6, Kind::BanPut(here)));
+        apply(&state, "s", 0, &ev(7, Kind::BanRemoved(global)));
+        state.bans.apply(0);
+        assert!(
+            state.bans.lookup(addr, 8_999).is_some(),
+            "the site's ban holds"
+        );
+        // The same for an account and a User-Agent, from a snapshot.
+        let snap = pb::StateSnapshot {
+            bans: vec![
+                scoped("a1", Target::Aor("sip:1001@PBX".into()), "", 0),
+                scoped("a2", Target::Aor("sip:1001@pbx".into()), "s", 0),
+                scoped("u1", Target::UserAgent("Evil".into()), "", 0),
+                scoped("u2", Target::UserAgent("evil".into()), "s", 0),
+            ],
+            ..Default::default()
+        };
+        apply(&state, "s", 0, &ev(8, Kind::Snapshot(snap)));
+        state.bans.apply(0);
+        assert!(state.bans.lookup(addr, 0).is_none(), "not in the snapshot");
+        let gone = |id: &str, target| Kind::BanRemoved(pb_ban(id, target, 0));
+        apply(
+            &state,
+            "s",
+            0,
+            &ev(9, gone("a2", Target::Aor("sip:1001@pbx".into()))),
+        );
+        apply(
+            &state,
+            "s",
+            0,
+            &ev(10, gone("u1", Target::UserAgent("Evil".into()))),
+        );
+        let set = Arc::clone(&*state.identity.load());
+        assert_eq!(set.aor("1001@pbx"), Some("a1"));
+        assert_eq!(set.user_agent("an EVIL scanner/1.0"), Some("u2"));
+        apply(
+            &state,
+            "s",
+            0,
+            &ev(11, gone("a1", Target::Aor("sip:1001@pbx".into()))),
+        );
+        apply(
+            &state,
+            "s",
+            0,
+            &ev(12, gone("u2", Target::UserAgent("evil".into()))),
+        );
+        assert!(state.identity.load().is_empty());
+        assert_eq!(
+            set.aor("1001@pbx"),
+            Some("a1"),
+            "a reader's set stays as it was"
+        );
+    }
+
+    /// Random puts (targets, scopes and ends changing under one id), removals and snapshots of a
+    /// controller's ban list against what the edge must enforce from it: each target in scope
+    /// banned while any ban on it is, until the latest end among them.
+    #[test]
+    fn enforced_bans_follow_the_cluster_list() {
+        use pb::ban_target::Target;
+        use rand::{Rng, SeedableRng};
+        let targets = [
+            Target::Ip("192.0.2.1".into()),
+            Target::Cidr("198.51.100.0/24".into()),
+            Target::Aor("sip:1001@pbx".into()),
+            Target::Aor("sip:1002@pbx".into()),
+            Target::UserAgent("Scan".into()),
+            Target::UserAgent("evil".into()),
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let state = State::new(Arc::new(crate::bans::BanStore::new(None, 100)));
+        let mut list: HashMap<String, pb::Ban> = HashMap::new();
+        for revision in 1..3_000u64 {
+            let id = format!("b{}", rng.random_range(0..12));
+            let kind = match rng.random_range(0..20) {
+                0 => Kind::Snapshot(pb::StateSnapshot {
+                    bans: list.values().cloned().collect(),
+                    ..Default::default()
+                }),
+                1..=7 => match list.remove(&id) {
+                    Some(b) => Kind::BanRemoved(b),
+                    None => continue,
+                },
+                _ => {
+                    let site = ["", "s", "elsewhere"][rng.random_range(0..3)];
+                    let expires = [0, 5_000, 9_000][rng.random_range(0..3)];
+                    let target = targets[rng.random_range(0..targets.len())].clone();
+                    let b = pb::Ban {
+                        scope_site: site.into(),
+                        ..pb_ban(&id, target, expires)
+                    };
+                    list.insert(id, b.clone());
+                    Kind::BanPut(b)
+                }
+            };
+            apply(
+                &state,
+                "s",
+                0,
+                &pb::WatchEvent {
+                    revision,
+                    kind: Some(kind),
+                },
+            );
+            state.bans.apply(0);
+            let identity = state.identity.load();
+            for t in &targets {
+                let end = list
+                    .values()
+                    .filter(|b| in_scope(b, "s"))
+                    .filter(|b| b.target.as_ref().and_then(|x| x.target.as_ref()) == Some(t))
+                    .map(|b| {
+                        if b.expires_unix_ms == 0 {
+                            NEVER
+                        } else {
+                            b.expires_unix_ms as u64
+                        }
+                    })
+                    .max();
+                let at = |now| match t {
+                    Target::Ip(_) => state.bans.lookup([192, 0, 2, 1].into(), now).is_some(),
+                    Target::Cidr(_) => state.bans.lookup([198, 51, 100, 77].into(), now).is_some(),
+                    Target::Aor(a) => identity.aor(&aor_key(a)).is_some(),
+                    Target::UserAgent(u) => identity.user_agent(&format!("x {u} y")).is_some(),
+                };
+                let held = at(0);
+                assert_eq!(held, end.is_some(), "revision {revision}: {t:?}");
+                if let (Some(end), Target::Ip(_) | Target::Cidr(_)) = (end, t) {
+                    if end != NEVER {
+                        assert!(
+                            at(end - 1) && !at(end),
+                            "revision {revision}: {t:?} ends at {end}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     fn pb_binding(aor: &str, contact: &str, source: &str, site: &str) -> pb::Binding {

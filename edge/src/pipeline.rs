@@ -203,6 +203,8 @@ pub struct State {
     pub dialing: filters::tollfraud::Dialing,
     /// Cluster bans of accounts and User-Agents.
     pub identity: filters::ban::IdentityBans,
+    /// The cluster bans in force here by id (the watch stream's).
+    pub cluster: std::sync::Mutex<crate::cluster::Held>,
     /// Cluster-wide rate limits and this edge's share of their counts.
     pub counters: filters::limits::ClusterCounters,
     /// Where auto-bans and registrations go for the cluster, when the edge is connected.
@@ -221,6 +223,7 @@ impl State {
             dialing: Default::default(),
             counters: Default::default(),
             identity: Default::default(),
+            cluster: Default::default(),
             uplink: std::sync::OnceLock::new(),
         }
     }

@@ -5,17 +5,107 @@ use crate::bans::BanStore;
 use crate::pipeline::{Action, Filter, Finding, Meta, RequestCx, State};
 use crate::policy::Bans;
 use crate::proxy::Side;
+use aho_corasick::AhoCorasick;
 use arc_swap::ArcSwap;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Cluster bans that match a request's identity rather than its address: AORs (`user@host`,
-/// host lower-case) and User-Agent substrings (lower-case), each with its ban id. Rare and small,
-/// so changes copy the set.
+/// host lower-case) and User-Agent substrings (lower-case), each with the id of a ban in force on
+/// it. The maps are persistent (`imbl`): a change copies the path to what it changes, not the set,
+/// so a cluster pushing thousands of account bans one by one costs what each one changes, while
+/// every reader keeps the set it loaded.
 #[derive(Debug, Default, Clone)]
 pub struct IdentitySet {
-    pub aors: HashMap<String, String>,
-    pub user_agents: Vec<(String, String)>,
+    aors: imbl::HashMap<String, String>,
+    user_agents: imbl::OrdMap<String, String>,
+    /// One case-insensitive automaton over `user_agents`, built by `seal` once a change is done
+    /// (`None` while there are none, or should the build fail: then each is scanned in turn).
+    ua_matcher: Option<Arc<AhoCorasick>>,
+    /// The needles the matcher's pattern indexes name, in its order.
+    ua_needles: Arc<[String]>,
+    unsealed: bool,
+}
+
+impl IdentitySet {
+    /// Bans `aor` (as `aor_key` gives it) under ban `id`.
+    pub fn put_aor(&mut self, aor: String, id: String) {
+        self.aors.insert(aor, id);
+    }
+
+    pub fn remove_aor(&mut self, aor: &str) {
+        self.aors.remove(aor);
+    }
+
+    /// Bans User-Agents containing `needle` (any case) under ban `id`.
+    pub fn put_user_agent(&mut self, needle: &str, id: String) {
+        let needle = needle.to_ascii_lowercase();
+        if self.user_agents.insert(needle, id).is_none() {
+            self.unsealed = true;
+        }
+    }
+
+    pub fn remove_user_agent(&mut self, needle: &str) {
+        if self
+            .user_agents
+            .remove(&needle.to_ascii_lowercase())
+            .is_some()
+        {
+            self.unsealed = true;
+        }
+    }
+
+    /// Rebuilds the User-Agent matcher after changes to the needles.
+    fn seal(&mut self) {
+        if !std::mem::take(&mut self.unsealed) {
+            return;
+        }
+        self.ua_needles = self.user_agents.keys().cloned().collect();
+        self.ua_matcher = if self.ua_needles.is_empty() {
+            None
+        } else {
+            match super::automaton(self.ua_needles.iter(), "cluster User-Agent bans") {
+                Ok(a) => Some(Arc::new(a)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "User-Agent bans are matched one by one");
+                    None
+                }
+            }
+        };
+    }
+
+    /// The ban on account `aor` (as `aor_key` gives it).
+    pub fn aor(&self, aor: &str) -> Option<&str> {
+        self.aors.get(aor).map(String::as_str)
+    }
+
+    /// The ban on a User-Agent that `ua` contains.
+    pub fn user_agent(&self, ua: &str) -> Option<&str> {
+        let needle = match &self.ua_matcher {
+            Some(m) => m
+                .find(ua)
+                .map(|hit| self.ua_needles[hit.pattern().as_usize()].as_str()),
+            None => self
+                .user_agents
+                .keys()
+                .find(|n| super::contains_ci(ua, n))
+                .map(String::as_str),
+        };
+        needle
+            .and_then(|n| self.user_agents.get(n))
+            .map(String::as_str)
+    }
+
+    pub fn aor_count(&self) -> usize {
+        self.aors.len()
+    }
+
+    pub fn user_agent_count(&self) -> usize {
+        self.user_agents.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.aors.is_empty() && self.user_agents.is_empty()
+    }
 }
 
 /// The identity bans in force, swapped whole.
@@ -29,14 +119,17 @@ impl IdentityBans {
         self.set.load()
     }
 
-    pub fn replace(&self, set: IdentitySet) {
+    pub fn replace(&self, mut set: IdentitySet) {
+        set.seal();
         self.set.store(Arc::new(set));
     }
 
+    /// Applies `f` to a copy of the set in force (cheap: the maps share what `f` leaves alone)
+    /// and puts the copy in force.
     pub fn update(&self, f: impl FnOnce(&mut IdentitySet)) {
         let mut next = (**self.set.load()).clone();
         f(&mut next);
-        self.set.store(Arc::new(next));
+        self.replace(next);
     }
 }
 
@@ -71,17 +164,14 @@ impl Filter for IdentityGate {
 
     fn request(&self, cx: &RequestCx<'_>) -> Option<Finding> {
         let set = self.state.identity.load();
-        if cx.meta.trusted
-            || cx.meta.side != Side::Internet
-            || (set.aors.is_empty() && set.user_agents.is_empty())
-        {
+        if cx.meta.trusted || cx.meta.side != Side::Internet || set.is_empty() {
             return None;
         }
-        if !set.aors.is_empty() {
+        if set.aor_count() > 0 {
             let from = aor_key(cx.sip.from_uri());
             let to = (cx.sip.method() == "REGISTER").then(|| aor_key(cx.sip.to_uri()));
             for aor in std::iter::once(from).chain(to) {
-                if let Some(id) = set.aors.get(&aor) {
+                if let Some(id) = set.aor(&aor) {
                     return Some(Finding::new(
                         "ban.aor",
                         Action::Reject {
@@ -96,14 +186,12 @@ impl Filter for IdentityGate {
         }
         let ua = cx.sip.user_agent();
         if !ua.is_empty() {
-            for (needle, id) in &set.user_agents {
-                if super::contains_ci(ua, needle) {
-                    return Some(Finding::new(
-                        "ban.user_agent",
-                        Action::Drop,
-                        format!("User-Agent banned ({id})"),
-                    ));
-                }
+            if let Some(id) = set.user_agent(ua) {
+                return Some(Finding::new(
+                    "ban.user_agent",
+                    Action::Drop,
+                    format!("User-Agent banned ({id})"),
+                ));
             }
         }
         None
@@ -198,8 +286,8 @@ mod tests {
         };
         assert_eq!(check("1001", ""), None);
         state.identity.update(|s| {
-            s.aors.insert(aor_key("sip:1001@PBX.example"), "b1".into());
-            s.user_agents.push(("sipvicious".into(), "b2".into()));
+            s.put_aor(aor_key("sip:1001@PBX.example"), "b1".into());
+            s.put_user_agent("sipvicious", "b2".into());
         });
         assert_eq!(check("1001", ""), Some(("ban.aor", "reject")));
         assert_eq!(check("1002", ""), None);
@@ -207,5 +295,48 @@ mod tests {
             check("1002", "User-Agent: SIPVicious 0.3\r\n"),
             Some(("ban.user_agent", "drop"))
         );
+        assert_eq!(
+            check("1002", "User-Agent: SIPVicious\r\n"),
+            Some(("ban.user_agent", "drop"))
+        );
+        assert_eq!(check("1002", "User-Agent: SIPVicio\r\n"), None);
+        state.identity.update(|s| s.remove_user_agent("SIPVICIOUS"));
+        assert_eq!(check("1002", "User-Agent: SIPVicious 0.3\r\n"), None);
+    }
+
+    /// The automaton over the User-Agent needles finds what a scan of each finds, and names the
+    /// ban of the needle it found, through puts and removals.
+    #[test]
+    fn user_agent_matcher_agrees_with_a_scan() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let words = ["ab", "abc", "bc", "cab", "B", "CaBa", "xyz"];
+        let bans = IdentityBans::default();
+        let mut model: std::collections::BTreeMap<String, String> = Default::default();
+        for i in 0..2_000 {
+            let w = words[rng.random_range(0..words.len())];
+            if rng.random_bool(0.5) {
+                bans.update(|s| s.put_user_agent(w, format!("u{i}")));
+                model.insert(w.to_ascii_lowercase(), format!("u{i}"));
+            } else {
+                bans.update(|s| s.remove_user_agent(w));
+                model.remove(&w.to_ascii_lowercase());
+            }
+            let set = bans.load();
+            let ua: String = (0..rng.random_range(0..8))
+                .map(|_| ['a', 'B', 'c', 'x', 'y', 'Z', ' '][rng.random_range(0..7)])
+                .collect();
+            let hit = set.user_agent(&ua);
+            let hits: Vec<&String> = model
+                .iter()
+                .filter(|(n, _)| crate::filters::contains_ci(&ua, n))
+                .map(|(_, id)| id)
+                .collect();
+            match hit {
+                Some(id) => assert!(hits.iter().any(|h| *h == id), "{ua:?}: {id} of {model:?}"),
+                None => assert!(hits.is_empty(), "{ua:?} missed {hits:?}"),
+            }
+            assert_eq!(set.user_agent_count(), model.len());
+        }
     }
 }
