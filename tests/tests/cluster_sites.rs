@@ -233,6 +233,61 @@ fn registrations_and_bans_survive_the_leader_and_reach_every_edge_of_the_site() 
         );
     }
     assert!(binding_of(&ctls[0], aor).is_some());
+
+    // One address banned twice, everywhere and at site A alone (the controllers keep the two
+    // apart): lifting the ban everywhere leaves site A's in force at site A's edges.
+    let twice_ip = "127.0.0.66";
+    let twice = UdpSocket::bind(format!("{twice_ip}:0")).unwrap();
+    let add = |extra: &[&str]| -> String {
+        let args = [&["--json", "ban", "add", "ip", twice_ip][..], extra].concat();
+        let out = ctls[0].ctl(OPERATOR, &args);
+        assert!(out.status.success(), "{out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["id"].as_str().expect("the ban's id").to_string()
+    };
+    let everywhere = add(&[]);
+    let site_a = add(&["--site", "site-a"]);
+    assert_ne!(everywhere, site_a);
+    for e in [&a1, &a2, &b] {
+        assert!(banned_at(e, &twice, &mut n, Duration::from_secs(10)));
+    }
+    let revision = |e: &EdgeProc| metric(&e.metrics(), "sipwarden_edge_watch_revision");
+    let rm = |id: &str| {
+        assert!(ctls[0].ctl(OPERATOR, &["ban", "rm", id]).status.success());
+    };
+    rm(&everywhere);
+    assert!(
+        wait_until(Duration::from_secs(10), || !banned_at(
+            &b,
+            &twice,
+            &mut n,
+            Duration::from_millis(300)
+        )),
+        "site B's edge lifts the ban"
+    );
+    let lifted_at = revision(&b).expect("b's watch revision");
+    for e in [&a1, &a2] {
+        assert!(
+            wait_until(Duration::from_secs(10), || revision(e) >= Some(lifted_at)),
+            "edge {} saw the removal",
+            e.ip
+        );
+        assert!(
+            banned_at(e, &twice, &mut n, Duration::from_secs(2)),
+            "edge {} still enforces site A's ban",
+            e.ip
+        );
+    }
+    rm(&site_a);
+    assert!(
+        wait_until(Duration::from_secs(10), || !banned_at(
+            &a1,
+            &twice,
+            &mut n,
+            Duration::from_millis(300)
+        )),
+        "lifted with its last ban"
+    );
 }
 
 /// Reads SIP messages on `sock` until one satisfies `want` (3 s).
