@@ -193,12 +193,17 @@ impl Edge {
             let (tx, rx) = tokio::sync::mpsc::channel(4096);
             firewall.state.set_uplink(tx);
             tracker.spawn(cluster::uplink(link.clone(), rx, stop.clone()));
-            tracker.spawn(cluster::run(
+            cluster::spawn_watch(
                 link.clone(),
                 firewall.state.clone(),
                 clock.clone(),
                 stop.clone(),
-            ));
+                tracker.token(),
+            )
+            .map_err(|source| StartError::Thread {
+                what: "cluster watch",
+                source,
+            })?;
             tracker.spawn(cluster::push_counters(
                 link.clone(),
                 firewall.state.clone(),

@@ -793,6 +793,65 @@ fn stalled_thread_strands_nothing_after(
     edge
 }
 
+/// The edge's thread `name`, held in a ptrace stop until dropped (detached).
+struct Stopped {
+    pid: u32,
+    tid: nix::unistd::Pid,
+}
+
+impl Stopped {
+    fn thread(edge: &EdgeProc, name: &str) -> Stopped {
+        use nix::sys::ptrace;
+        use nix::sys::wait::{waitpid, WaitPidFlag};
+        let pid = edge.proc.pid();
+        let tid = thread_named(pid, name).unwrap_or_else(|| panic!("the edge's thread {name}"));
+        let tid = nix::unistd::Pid::from_raw(tid);
+        ptrace::seize(tid, ptrace::Options::empty()).expect("ptrace the thread");
+        ptrace::interrupt(tid).expect("stop the thread");
+        waitpid(tid, Some(WaitPidFlag::__WALL)).expect("the thread stopped");
+        Stopped { pid, tid }
+    }
+
+    /// Whether it is still in the stop (`t` in its stat).
+    fn still(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/task/{}/stat", self.pid, self.tid))
+            .is_ok_and(|s| s.split_whitespace().nth(2) == Some("t"))
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = nix::sys::ptrace::detach(self.tid, None);
+    }
+}
+
+/// Sends a phone's OPTIONS over TCP to `edge` and returns what came back within 5 s (up to the
+/// end of the first message's head).
+fn tcp_options(edge: &EdgeProc, call_id: &str) -> Vec<u8> {
+    let mut phone = TcpStream::connect(edge.addr()).unwrap();
+    phone
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let me = phone.local_addr().unwrap();
+    phone
+        .write_all(
+            format!(
+                "OPTIONS sip:pbx@example.com SIP/2.0\r\nVia: SIP/2.0/TCP {me};branch=z9hG4bK{call_id}\r\nFrom: <sip:p@example.com>;tag=w2\r\nTo: <sip:pbx@example.com>\r\nCall-ID: {call_id}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") && Instant::now() < deadline {
+        if let Ok(n) = phone.read(&mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    got
+}
+
 /// The ban writer runs on a thread of its own, so a writer that cannot go on (held here in a
 /// ptrace stop, as if in the `fsync` of a slow disk or a batch of a million bans) holds up no SIP:
 /// with one runtime worker (`TOKIO_WORKER_THREADS=1`, as on an edge given one core) a phone's
@@ -801,10 +860,6 @@ fn stalled_thread_strands_nothing_after(
 /// once the writer runs again.
 #[test]
 fn a_stalled_ban_writer_holds_up_no_tcp_connection() {
-    use nix::sys::ptrace;
-    use nix::sys::wait::{waitpid, WaitPidFlag};
-    use nix::unistd::Pid;
-
     let (extra, stop, pbx_side) = answering_pbx();
     let edge = EdgeProc::start_with_env(EDGE_IP, &extra, &[("TOKIO_WORKER_THREADS", "1")]);
     let auto_bans = |edge: &EdgeProc| {
@@ -815,12 +870,7 @@ fn a_stalled_ban_writer_holds_up_no_tcp_connection() {
         .unwrap_or(0.0)
     };
 
-    let tid = thread_named(edge.proc.pid(), "bans").expect("the ban writer's thread");
-    let tid = Pid::from_raw(tid);
-    ptrace::seize(tid, ptrace::Options::empty()).expect("ptrace the ban writer");
-    ptrace::interrupt(tid).expect("stop the ban writer");
-    waitpid(tid, Some(WaitPidFlag::__WALL)).expect("the ban writer stopped");
-
+    let writer = Stopped::thread(&edge, "bans");
     // A scanner is banned by the rule while the writer is stopped.
     let scanner = UdpSocket::bind("127.0.0.44:0").unwrap();
     let scan = format!(
@@ -838,32 +888,10 @@ CSeq: 1 OPTIONS\r\nUser-Agent: friendly-scanner\r\nContent-Length: 0\r\n\r\n",
     );
 
     // A phone's OPTIONS over TCP, through the edge's one runtime worker.
-    let mut phone = TcpStream::connect(edge.addr()).unwrap();
-    phone
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let me = phone.local_addr().unwrap();
-    phone
-        .write_all(
-            format!(
-                "OPTIONS sip:pbx@example.com SIP/2.0\r\nVia: SIP/2.0/TCP {me};branch=z9hG4bKwriter1\r\nFrom: <sip:p@example.com>;tag=w2\r\nTo: <sip:pbx@example.com>\r\nCall-ID: writer-tcp\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .unwrap();
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut buf = [0u8; 4096];
-    while !got.windows(4).any(|w| w == b"\r\n\r\n") && Instant::now() < deadline {
-        if let Ok(n) = phone.read(&mut buf) {
-            got.extend_from_slice(&buf[..n]);
-        }
-    }
+    let got = tcp_options(&edge, "writer-tcp");
     let queued = auto_bans(&edge);
-    let still_stopped =
-        std::fs::read_to_string(format!("/proc/{}/task/{}/stat", edge.proc.pid(), tid))
-            .is_ok_and(|s| s.split_whitespace().nth(2) == Some("t"));
-    let _ = ptrace::detach(tid, None);
+    let still_stopped = writer.still();
+    drop(writer);
     assert!(
         still_stopped,
         "the ban writer stayed stopped through the call"
@@ -877,6 +905,57 @@ CSeq: 1 OPTIONS\r\nUser-Agent: friendly-scanner\r\nContent-Length: 0\r\n\r\n",
     assert!(
         wait_until(Duration::from_secs(5), || auto_bans(&edge) >= 1.0),
         "the scanner's ban took effect once the writer ran again"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    pbx_side.join().unwrap();
+}
+
+/// The cluster's watch stream runs on a thread of its own (`cluster`), so a stream held up — in a
+/// ptrace stop here, as if decoding and filing a snapshot of a million bans (about a second) —
+/// holds up no SIP: with one runtime worker a phone's OPTIONS over TCP is answered meanwhile. A
+/// ban made in the cluster meanwhile waits in the stream and is enforced once the thread runs.
+#[test]
+fn a_stalled_cluster_watch_holds_up_no_tcp_connection() {
+    use sipwarden_tests::controller::{ControllerProc, EDGE_SECRET, OPERATOR};
+    let root = tempfile::tempdir().unwrap();
+    let ctl = ControllerProc::single(root.path());
+    let (extra, stop, pbx_side) = answering_pbx();
+    let extra = format!(
+        "{extra}\n[controller]\nendpoints = [\"{}\"]\nsecret = \"{EDGE_SECRET}\"\n",
+        ctl.grpc
+    );
+    let edge = EdgeProc::start_with_env(EDGE_IP, &extra, &[("TOKIO_WORKER_THREADS", "1")]);
+    assert!(
+        wait_until(Duration::from_secs(10), || edge.connected()),
+        "the edge connected to the controller"
+    );
+    let cluster_bans = |edge: &EdgeProc| {
+        metric(
+            &edge.metrics(),
+            "sipwarden_edge_bans_active{origin=\"cluster\"}",
+        )
+        .unwrap_or(0.0)
+    };
+
+    let watch = Stopped::thread(&edge, "cluster");
+    assert!(ctl
+        .ctl(OPERATOR, &["ban", "add", "ip", "127.0.0.45"])
+        .status
+        .success());
+    let got = tcp_options(&edge, "watch-tcp");
+    let held = cluster_bans(&edge);
+    let still_stopped = watch.still();
+    drop(watch);
+    assert!(still_stopped, "the watch stayed stopped through the call");
+    assert!(
+        got.starts_with(b"SIP/2.0 200 "),
+        "the phone's OPTIONS over TCP was answered while the watch was stopped: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert_eq!(held, 0.0, "the cluster's ban waited in the stream");
+    assert!(
+        wait_until(Duration::from_secs(5), || cluster_bans(&edge) >= 1.0),
+        "the cluster's ban took effect once the watch ran again"
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     pbx_side.join().unwrap();
