@@ -3,7 +3,8 @@
 //! what a message from a key already held costs, what one from a new key costs (a spray from many
 //! sources, which spoofed UDP makes free, keeps the map full and every key new), and the
 //! once-a-second sweep when nothing is due; and the REGISTERs in flight (`registered::Bindings`)
-//! full at their cap of 50,000: a new one, and an answer matched to one.
+//! full at their cap of 50,000: a new one, and an answer matched to one; and the cluster-wide
+//! limits' counts at 200,000 keys.
 //! `cargo bench -p sipwarden-edge --bench windows`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -171,5 +172,56 @@ fn calls(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, windows, pending, registrations, calls);
+/// The cluster-wide limits' counts (`limits::ClusterCounters`) with 100,000 keys known (the
+/// totals the last answer gave) and 100,000 counted since, all in the current window: an answer
+/// to a push with nothing ended (every push, a few times a second), and a request counted.
+fn cluster_counts(c: &mut Criterion) {
+    use sipwarden_edge::filters::limits::ClusterCounters;
+    use sipwarden_proto::v1 as pb;
+    let mut g = c.benchmark_group("cluster_counts_200k");
+    let def = pb::LimitDef {
+        name: "per-source".into(),
+        key: "source".into(),
+        methods: vec!["INVITE".into()],
+        max: u64::MAX,
+        window_s: 60,
+        action: "reject".into(),
+        ban_ttl_s: 0,
+    };
+    let counters = ClusterCounters::default();
+    counters.set_limits(1, vec![def.clone()]);
+    for i in 0..100_000u64 {
+        counters.hit(&def, &format!("k{i}"), NOW);
+    }
+    let sums: Vec<pb::CounterSum> = counters
+        .take()
+        .into_iter()
+        .map(|d| pb::CounterSum {
+            limit: d.limit,
+            key: d.key,
+            window: d.window,
+            total: d.count,
+        })
+        .collect();
+    counters.learned(&sums, &[], NOW);
+    for i in 100_000..200_000u64 {
+        counters.hit(&def, &format!("k{i}"), NOW);
+    }
+    g.bench_function("an_answer_with_nothing_ended", |bench| {
+        bench.iter(|| counters.learned(&[], &[], black_box(NOW)))
+    });
+    g.bench_function("a_request_counted", |bench| {
+        bench.iter(|| counters.hit(&def, black_box("k150000"), NOW))
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    windows,
+    pending,
+    registrations,
+    calls,
+    cluster_counts
+);
 criterion_main!(benches);

@@ -8,7 +8,7 @@ use crate::pipeline::{Action, Filter, Finding, RequestCx, State};
 use crate::proxy::Side;
 use arc_swap::ArcSwap;
 use sipwarden_proto::v1 as pb;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// The limits in force, as the controllers last sent them.
@@ -18,8 +18,88 @@ pub struct Limits {
     pub defs: Vec<pb::LimitDef>,
 }
 
-/// `(limit, key, window)`.
-type Key = (String, String, u64);
+/// Counts of one limit in one window, by key.
+type Counts = HashMap<String, u64>;
+
+/// Counts by limit, window and key. Windows are kept apart so that those that ended go whole, a
+/// map at a time, rather than by a walk over every key.
+#[derive(Debug, Default)]
+struct Table {
+    by_limit: HashMap<String, BTreeMap<u64, Counts>>,
+    /// Keys held, over every limit and window.
+    keys: usize,
+}
+
+impl Table {
+    fn get(&self, limit: &str, window: u64, key: &str) -> u64 {
+        self.by_limit
+            .get(limit)
+            .and_then(|w| w.get(&window))
+            .and_then(|c| c.get(key))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The count of `key` made `f` of it, unless the key is new and the table is full.
+    fn update(&mut self, limit: &str, window: u64, key: &str, f: impl FnOnce(u64) -> u64) {
+        if let Some(n) = self
+            .by_limit
+            .get_mut(limit)
+            .and_then(|w| w.get_mut(&window))
+            .and_then(|c| c.get_mut(key))
+        {
+            *n = f(*n);
+            return;
+        }
+        if self.keys >= ClusterCounters::MAX_KEYS {
+            return;
+        }
+        let counts = match self.by_limit.get_mut(limit) {
+            Some(w) => w,
+            None => self.by_limit.entry(limit.to_string()).or_default(),
+        }
+        .entry(window)
+        .or_default();
+        counts.insert(key.to_string(), f(0));
+        self.keys += 1;
+    }
+
+    /// Adds every count of `other`.
+    fn merge(&mut self, other: &Table) {
+        for (limit, key, window, n) in other.iter() {
+            self.update(limit, window, key, |c| c + n);
+        }
+    }
+
+    /// `(limit, key, window, count)` of every count held.
+    fn iter(&self) -> impl Iterator<Item = (&str, &str, u64, u64)> + '_ {
+        self.by_limit.iter().flat_map(|(limit, windows)| {
+            windows.iter().flat_map(move |(&w, counts)| {
+                counts
+                    .iter()
+                    .map(move |(k, &n)| (limit.as_str(), k.as_str(), w, n))
+            })
+        })
+    }
+
+    /// Takes out the windows before `first(limit)`, and every window of a limit `first` does not
+    /// know (no longer defined): what the caller drops, after letting go of the lock.
+    fn split_ended(&mut self, first: impl Fn(&str) -> Option<u64>) -> Vec<Counts> {
+        let mut ended = Vec::new();
+        self.by_limit.retain(|limit, windows| {
+            match first(limit) {
+                Some(w) => {
+                    let live = windows.split_off(&w);
+                    ended.extend(std::mem::replace(windows, live).into_values());
+                }
+                None => ended.extend(std::mem::take(windows).into_values()),
+            }
+            !windows.is_empty()
+        });
+        self.keys -= ended.iter().map(HashMap::len).sum::<usize>();
+        ended
+    }
+}
 
 /// What the edge knows of the cluster's counts.
 #[derive(Default)]
@@ -33,11 +113,12 @@ pub struct ClusterCounters {
 #[derive(Default)]
 struct Inner {
     /// Counted here, not yet pushed.
-    pending: HashMap<Key, u64>,
-    /// Pushed, answer not yet back.
-    in_flight: HashMap<Key, u64>,
+    pending: Table,
+    /// Pushed, answer not yet back: what each push took (one, unless a push is retried while
+    /// another is out), shared with the push that builds its deltas outside the lock.
+    in_flight: Vec<Arc<Table>>,
     /// Cluster totals from the last answers (this edge's pushed counts included).
-    known: HashMap<Key, u64>,
+    known: Table,
 }
 
 /// What counting one request decided.
@@ -51,7 +132,8 @@ pub enum Hit {
 }
 
 impl ClusterCounters {
-    /// Most keys held (each map); past it new keys are not counted (existing ones still are).
+    /// Most keys held (pending, in flight and known each); past it new keys are not counted
+    /// (existing ones still are).
     pub const MAX_KEYS: usize = 200_000;
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -81,48 +163,53 @@ impl ClusterCounters {
     /// Counts one request of `key` against `def`, unless the key is already at its limit.
     pub fn hit(&self, def: &pb::LimitDef, key: &str, now_ms: u64) -> Hit {
         let w = Self::window(def, now_ms);
-        let k: Key = (def.name.clone(), key.to_string(), w);
+        let name = def.name.as_str();
         let mut inner = self.lock();
-        let total = inner.known.get(&k).copied().unwrap_or(0)
-            + inner.in_flight.get(&k).copied().unwrap_or(0)
-            + inner.pending.get(&k).copied().unwrap_or(0);
+        let total = inner.known.get(name, w, key)
+            + inner
+                .in_flight
+                .iter()
+                .map(|t| t.get(name, w, key))
+                .sum::<u64>()
+            + inner.pending.get(name, w, key);
         if total >= def.max {
             let end_s = (w + 1) * def.window_s.max(1);
             return Hit::Over {
                 retry_after_s: end_s.saturating_sub(now_ms / 1000).max(1),
             };
         }
-        if inner.pending.len() < Self::MAX_KEYS || inner.pending.contains_key(&k) {
-            *inner.pending.entry(k).or_insert(0) += 1;
-        }
+        inner.pending.update(name, w, key, |n| n + 1);
         Hit::Counted
     }
 
     /// Takes what was counted since the last push (it stays counted locally until the answer).
+    /// The lock is held to move the counts, not to copy them into the deltas.
     pub fn take(&self) -> Vec<pb::CounterDelta> {
-        let mut inner = self.lock();
-        let pending = std::mem::take(&mut inner.pending);
-        let mut out = Vec::with_capacity(pending.len());
-        for (k, n) in pending {
-            out.push(pb::CounterDelta {
-                limit: k.0.clone(),
-                key: k.1.clone(),
-                window: k.2,
-                count: n,
-            });
-            *inner.in_flight.entry(k).or_insert(0) += n;
-        }
-        out
+        let taken = {
+            let mut inner = self.lock();
+            if inner.pending.keys == 0 {
+                return Vec::new();
+            }
+            let taken = Arc::new(std::mem::take(&mut inner.pending));
+            inner.in_flight.push(taken.clone());
+            taken
+        };
+        taken
+            .iter()
+            .map(|(limit, key, window, count)| pb::CounterDelta {
+                limit: limit.to_string(),
+                key: key.to_string(),
+                window,
+                count,
+            })
+            .collect()
     }
 
     /// The push failed: what was in flight is pending again, for the next try.
     pub fn failed(&self) {
         let mut inner = self.lock();
-        let in_flight = std::mem::take(&mut inner.in_flight);
-        for (k, n) in in_flight {
-            if inner.pending.len() < Self::MAX_KEYS || inner.pending.contains_key(&k) {
-                *inner.pending.entry(k).or_insert(0) += n;
-            }
+        for t in std::mem::take(&mut inner.in_flight) {
+            inner.pending.merge(&t);
         }
     }
 
@@ -130,30 +217,30 @@ impl ClusterCounters {
     /// its limit) replace what was in flight; windows that ended are forgotten.
     pub fn learned(&self, sums: &[pb::CounterSum], over: &[pb::CounterSum], now_ms: u64) {
         let limits = self.limits();
-        let current: HashMap<&str, u64> = limits
-            .defs
-            .iter()
-            .map(|d| (d.name.as_str(), Self::window(d, now_ms)))
-            .collect();
-        let live = |k: &Key| {
-            current
-                .get(k.0.as_str())
-                .is_some_and(|w| k.2 >= w.saturating_sub(1))
+        // The first window still counted of each limit: the current one and the one before.
+        let first = |limit: &str| {
+            limits
+                .defs
+                .iter()
+                .find(|d| d.name == limit)
+                .map(|d| Self::window(d, now_ms).saturating_sub(1))
         };
-        let mut inner = self.lock();
-        inner.in_flight.clear();
-        for s in sums.iter().chain(over) {
-            let k: Key = (s.limit.clone(), s.key.clone(), s.window);
-            if !live(&k) {
-                continue;
+        let (in_flight, ended) = {
+            let mut inner = self.lock();
+            let in_flight = std::mem::take(&mut inner.in_flight);
+            for s in sums.iter().chain(over) {
+                if first(&s.limit).is_some_and(|w| s.window >= w) {
+                    inner
+                        .known
+                        .update(&s.limit, s.window, &s.key, |t| t.max(s.total));
+                }
             }
-            if inner.known.len() < Self::MAX_KEYS || inner.known.contains_key(&k) {
-                let t = inner.known.entry(k).or_insert(0);
-                *t = (*t).max(s.total);
-            }
-        }
-        inner.known.retain(|k, _| live(k));
-        inner.pending.retain(|k, _| live(k));
+            let mut ended = inner.known.split_ended(first);
+            ended.extend(inner.pending.split_ended(first));
+            (in_flight, ended)
+        };
+        // Freed here, not under the lock every request that counts takes.
+        drop((in_flight, ended));
     }
 }
 
@@ -323,5 +410,137 @@ mod tests {
             Action::Ban { ttl_s: 600 }
         );
         assert!(invite(&f, T0, "192.0.2.10:5060", "c").is_none());
+    }
+
+    /// The counts as one map of `(limit, key, window)`, walked to forget ended windows: what the
+    /// tables by window must agree with.
+    #[derive(Default)]
+    struct Model {
+        pending: HashMap<(String, String, u64), u64>,
+        in_flight: HashMap<(String, String, u64), u64>,
+        known: HashMap<(String, String, u64), u64>,
+    }
+
+    impl Model {
+        fn hit(&mut self, def: &pb::LimitDef, key: &str, now: u64) -> Hit {
+            let w = ClusterCounters::window(def, now);
+            let k = (def.name.clone(), key.to_string(), w);
+            let total: u64 = [&self.known, &self.in_flight, &self.pending]
+                .iter()
+                .map(|m| m.get(&k).copied().unwrap_or(0))
+                .sum();
+            if total >= def.max {
+                let end_s = (w + 1) * def.window_s.max(1);
+                return Hit::Over {
+                    retry_after_s: end_s.saturating_sub(now / 1000).max(1),
+                };
+            }
+            *self.pending.entry(k).or_insert(0) += 1;
+            Hit::Counted
+        }
+
+        fn take(&mut self) -> Vec<(String, String, u64, u64)> {
+            let mut out = Vec::new();
+            for (k, n) in std::mem::take(&mut self.pending) {
+                out.push((k.0.clone(), k.1.clone(), k.2, n));
+                *self.in_flight.entry(k).or_insert(0) += n;
+            }
+            out.sort();
+            out
+        }
+
+        fn failed(&mut self) {
+            for (k, n) in std::mem::take(&mut self.in_flight) {
+                *self.pending.entry(k).or_insert(0) += n;
+            }
+        }
+
+        fn learned(&mut self, defs: &[pb::LimitDef], sums: &[pb::CounterSum], now: u64) {
+            let live = |k: &(String, String, u64)| {
+                defs.iter()
+                    .find(|d| d.name == k.0)
+                    .is_some_and(|d| k.2 >= ClusterCounters::window(d, now).saturating_sub(1))
+            };
+            self.in_flight.clear();
+            for s in sums {
+                let k = (s.limit.clone(), s.key.clone(), s.window);
+                if live(&k) {
+                    let t = self.known.entry(k).or_insert(0);
+                    *t = (*t).max(s.total);
+                }
+            }
+            self.known.retain(|k, _| live(k));
+            self.pending.retain(|k, _| live(k));
+        }
+    }
+
+    /// Random hits, pushes, failed pushes and answers (totals of other edges, limits redefined,
+    /// time running over several windows of two sizes) against the model.
+    #[test]
+    fn tables_by_window_count_as_one_map_walked() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        let counters = ClusterCounters::default();
+        let mut model = Model::default();
+        let mut defs = vec![
+            def("a", "source", 6, "reject"),
+            def("b", "source", 3, "drop"),
+        ];
+        defs[1].window_s = 7;
+        counters.set_limits(1, defs.clone());
+        let mut now = T0;
+        for step in 0..20_000 {
+            now += rng.random_range(0..400);
+            match rng.random_range(0..100) {
+                0..=69 => {
+                    let d = &defs[rng.random_range(0..defs.len())];
+                    let key = format!("k{}", rng.random_range(0..6));
+                    assert_eq!(
+                        counters.hit(d, &key, now),
+                        model.hit(d, &key, now),
+                        "step {step}"
+                    );
+                }
+                70..=79 => {
+                    let mut got: Vec<_> = counters
+                        .take()
+                        .into_iter()
+                        .map(|d| (d.limit, d.key, d.window, d.count))
+                        .collect();
+                    got.sort();
+                    assert_eq!(got, model.take(), "step {step}");
+                }
+                80..=84 => {
+                    counters.failed();
+                    model.failed();
+                }
+                85..=98 => {
+                    let sums: Vec<pb::CounterSum> = (0..rng.random_range(0..4))
+                        .map(|_| {
+                            let d = &defs[rng.random_range(0..defs.len())];
+                            let back = rng.random_range(0..3);
+                            pb::CounterSum {
+                                limit: d.name.clone(),
+                                key: format!("k{}", rng.random_range(0..6)),
+                                window: ClusterCounters::window(d, now).saturating_sub(back),
+                                total: rng.random_range(0..8),
+                            }
+                        })
+                        .collect();
+                    counters.learned(&sums, &[], now);
+                    model.learned(&defs, &sums, now);
+                }
+                _ => {
+                    // A limit dropped or brought back by the controllers.
+                    if defs.len() == 2 {
+                        defs.pop();
+                    } else {
+                        defs.push(def("b", "source", 3, "drop"));
+                        defs[1].window_s = 7;
+                    }
+                    counters.set_limits(step, defs.clone());
+                }
+            }
+        }
     }
 }
