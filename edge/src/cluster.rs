@@ -9,7 +9,7 @@
 use crate::bans::{Ban, BanOrigin, NEVER};
 use crate::clock::Clock;
 use crate::config::Controller;
-use crate::filters::ban::{aor_key, IdentitySet};
+use crate::filters::ban::{aor_key, IdentityBan, IdentitySet};
 use crate::metrics::Metrics;
 use crate::pipeline::State;
 use crate::proxy::Peers;
@@ -97,6 +97,15 @@ struct Holding {
     ban: Option<Ban>,
 }
 
+impl Holding {
+    fn identity(&self) -> IdentityBan {
+        IdentityBan {
+            id: self.id.clone(),
+            expires_unix_ms: self.expires_unix_ms,
+        }
+    }
+}
+
 /// The cluster bans in force at this edge by id, and the ids on each target. Two bans may name
 /// one target — the controllers keep a global ban and one scoped to a site apart — and the target
 /// stays banned while either is in force, until the later end of the two: a removal lifts a
@@ -177,9 +186,11 @@ fn enforce(state: &State, on: On, by: Option<Holding>) {
             }
         }
         (On::Net(n), None) => state.bans.unban_from(n, BanOrigin::Cluster),
-        (On::Aor(a), Some(h)) => state.identity.update(|s| s.put_aor(a, h.id)),
+        (On::Aor(a), Some(h)) => state.identity.update(|s| s.put_aor(a, h.identity())),
         (On::Aor(a), None) => state.identity.update(|s| s.remove_aor(&a)),
-        (On::UserAgent(u), Some(h)) => state.identity.update(|s| s.put_user_agent(&u, h.id)),
+        (On::UserAgent(u), Some(h)) => state
+            .identity
+            .update(|s| s.put_user_agent(&u, h.identity())),
         (On::UserAgent(u), None) => state.identity.update(|s| s.remove_user_agent(&u)),
     }
 }
@@ -199,8 +210,8 @@ pub fn apply(state: &State, site: &str, now_ms: u64, e: &pb::WatchEvent) -> u64 
             for (on, h) in held.targets() {
                 match on {
                     On::Net(_) => list.extend(h.ban.clone()),
-                    On::Aor(a) => identity.put_aor(a.clone(), h.id.clone()),
-                    On::UserAgent(u) => identity.put_user_agent(u, h.id.clone()),
+                    On::Aor(a) => identity.put_aor(a.clone(), h.identity()),
+                    On::UserAgent(u) => identity.put_user_agent(u, h.identity()),
                 }
             }
             info!(
@@ -776,7 +787,7 @@ mod tests {
         bans.apply(0);
         assert_eq!(bans.snapshot().len(), 2, "AOR bans are not address bans");
         assert_eq!(
-            state.identity.load().aor("1001@pbx"),
+            state.identity.load().aor("1001@pbx", 0),
             Some("b3"),
             "they are identity bans"
         );
@@ -905,8 +916,8 @@ mod tests {
             &ev(10, gone("u1", Target::UserAgent("Evil".into()))),
         );
         let set = Arc::clone(&*state.identity.load());
-        assert_eq!(set.aor("1001@pbx"), Some("a1"));
-        assert_eq!(set.user_agent("an EVIL scanner/1.0"), Some("u2"));
+        assert_eq!(set.aor("1001@pbx", 0), Some("a1"));
+        assert_eq!(set.user_agent("an EVIL scanner/1.0", 0), Some("u2"));
         apply(
             &state,
             "s",
@@ -921,7 +932,7 @@ mod tests {
         );
         assert!(state.identity.load().is_empty());
         assert_eq!(
-            set.aor("1001@pbx"),
+            set.aor("1001@pbx", 0),
             Some("a1"),
             "a reader's set stays as it was"
         );
@@ -995,18 +1006,16 @@ mod tests {
                 let at = |now| match t {
                     Target::Ip(_) => state.bans.lookup([192, 0, 2, 1].into(), now).is_some(),
                     Target::Cidr(_) => state.bans.lookup([198, 51, 100, 77].into(), now).is_some(),
-                    Target::Aor(a) => identity.aor(&aor_key(a)).is_some(),
-                    Target::UserAgent(u) => identity.user_agent(&format!("x {u} y")).is_some(),
+                    Target::Aor(a) => identity.aor(&aor_key(a), now).is_some(),
+                    Target::UserAgent(u) => identity.user_agent(&format!("x {u} y"), now).is_some(),
                 };
                 let held = at(0);
                 assert_eq!(held, end.is_some(), "revision {revision}: {t:?}");
-                if let (Some(end), Target::Ip(_) | Target::Cidr(_)) = (end, t) {
-                    if end != NEVER {
-                        assert!(
-                            at(end - 1) && !at(end),
-                            "revision {revision}: {t:?} ends at {end}"
-                        );
-                    }
+                if let Some(end) = end.filter(|&e| e != NEVER) {
+                    assert!(
+                        at(end - 1) && !at(end),
+                        "revision {revision}: {t:?} ends at {end}"
+                    );
                 }
             }
         }

@@ -11,13 +11,14 @@ use std::sync::Arc;
 
 /// Cluster bans that match a request's identity rather than its address: AORs (`user@host`,
 /// host lower-case) and User-Agent substrings (lower-case), each with the id of a ban in force on
-/// it. The maps are persistent (`imbl`): a change copies the path to what it changes, not the set,
-/// so a cluster pushing thousands of account bans one by one costs what each one changes, while
-/// every reader keeps the set it loaded.
+/// it and its end. The maps are persistent (`imbl`): a change copies the path to what it changes,
+/// not the set, so a cluster pushing thousands of account bans one by one costs what each one
+/// changes, while every reader keeps the set it loaded. A ban past its end is not enforced, as an
+/// address ban is not, though no controller is there to take it out.
 #[derive(Debug, Default, Clone)]
 pub struct IdentitySet {
-    aors: imbl::HashMap<String, String>,
-    user_agents: imbl::OrdMap<String, String>,
+    aors: imbl::HashMap<String, IdentityBan>,
+    user_agents: imbl::OrdMap<String, IdentityBan>,
     /// One case-insensitive automaton over `user_agents`, built by `seal` once a change is done
     /// (`None` while there are none, or should the build fail: then each is scanned in turn).
     ua_matcher: Option<Arc<AhoCorasick>>,
@@ -26,20 +27,33 @@ pub struct IdentitySet {
     unsealed: bool,
 }
 
+/// The ban on an identity: its id and when it ends (`bans::NEVER`: never).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityBan {
+    pub id: String,
+    pub expires_unix_ms: u64,
+}
+
+impl IdentityBan {
+    fn live(&self, now_ms: u64) -> bool {
+        now_ms < self.expires_unix_ms
+    }
+}
+
 impl IdentitySet {
-    /// Bans `aor` (as `aor_key` gives it) under ban `id`.
-    pub fn put_aor(&mut self, aor: String, id: String) {
-        self.aors.insert(aor, id);
+    /// Bans `aor` (as `aor_key` gives it).
+    pub fn put_aor(&mut self, aor: String, ban: IdentityBan) {
+        self.aors.insert(aor, ban);
     }
 
     pub fn remove_aor(&mut self, aor: &str) {
         self.aors.remove(aor);
     }
 
-    /// Bans User-Agents containing `needle` (any case) under ban `id`.
-    pub fn put_user_agent(&mut self, needle: &str, id: String) {
+    /// Bans User-Agents containing `needle` (any case).
+    pub fn put_user_agent(&mut self, needle: &str, ban: IdentityBan) {
         let needle = needle.to_ascii_lowercase();
-        if self.user_agents.insert(needle, id).is_none() {
+        if self.user_agents.insert(needle, ban).is_none() {
             self.unsealed = true;
         }
     }
@@ -73,26 +87,33 @@ impl IdentitySet {
         };
     }
 
-    /// The ban on account `aor` (as `aor_key` gives it).
-    pub fn aor(&self, aor: &str) -> Option<&str> {
-        self.aors.get(aor).map(String::as_str)
+    /// The id of the ban in force at `now_ms` on account `aor` (as `aor_key` gives it).
+    pub fn aor(&self, aor: &str, now_ms: u64) -> Option<&str> {
+        self.aors
+            .get(aor)
+            .filter(|b| b.live(now_ms))
+            .map(|b| b.id.as_str())
     }
 
-    /// The ban on a User-Agent that `ua` contains.
-    pub fn user_agent(&self, ua: &str) -> Option<&str> {
-        let needle = match &self.ua_matcher {
+    /// The id of a ban in force at `now_ms` on a User-Agent that `ua` contains.
+    pub fn user_agent(&self, ua: &str, now_ms: u64) -> Option<&str> {
+        let live = |needle: &str| {
+            self.user_agents
+                .get(needle)
+                .filter(|b| b.live(now_ms))
+                .map(|b| b.id.as_str())
+        };
+        match &self.ua_matcher {
+            // Every match, overlapping ones too: the first needle found may have ended.
             Some(m) => m
-                .find(ua)
-                .map(|hit| self.ua_needles[hit.pattern().as_usize()].as_str()),
+                .find_overlapping_iter(ua)
+                .find_map(|hit| live(&self.ua_needles[hit.pattern().as_usize()])),
             None => self
                 .user_agents
                 .keys()
-                .find(|n| super::contains_ci(ua, n))
-                .map(String::as_str),
-        };
-        needle
-            .and_then(|n| self.user_agents.get(n))
-            .map(String::as_str)
+                .filter(|n| super::contains_ci(ua, n))
+                .find_map(|n| live(n)),
+        }
     }
 
     pub fn aor_count(&self) -> usize {
@@ -171,7 +192,7 @@ impl Filter for IdentityGate {
             let from = aor_key(cx.sip.from_uri());
             let to = (cx.sip.method() == "REGISTER").then(|| aor_key(cx.sip.to_uri()));
             for aor in std::iter::once(from).chain(to) {
-                if let Some(id) = set.aor(&aor) {
+                if let Some(id) = set.aor(&aor, cx.meta.now_ms) {
                     return Some(Finding::new(
                         "ban.aor",
                         Action::Reject {
@@ -186,7 +207,7 @@ impl Filter for IdentityGate {
         }
         let ua = cx.sip.user_agent();
         if !ua.is_empty() {
-            if let Some(id) = set.user_agent(ua) {
+            if let Some(id) = set.user_agent(ua, cx.meta.now_ms) {
                 return Some(Finding::new(
                     "ban.user_agent",
                     Action::Drop,
@@ -286,8 +307,8 @@ mod tests {
         };
         assert_eq!(check("1001", ""), None);
         state.identity.update(|s| {
-            s.put_aor(aor_key("sip:1001@PBX.example"), "b1".into());
-            s.put_user_agent("sipvicious", "b2".into());
+            s.put_aor(aor_key("sip:1001@PBX.example"), forever("b1"));
+            s.put_user_agent("sipvicious", forever("b2"));
         });
         assert_eq!(check("1001", ""), Some(("ban.aor", "reject")));
         assert_eq!(check("1002", ""), None);
@@ -302,22 +323,44 @@ mod tests {
         assert_eq!(check("1002", "User-Agent: SIPVicio\r\n"), None);
         state.identity.update(|s| s.remove_user_agent("SIPVICIOUS"));
         assert_eq!(check("1002", "User-Agent: SIPVicious 0.3\r\n"), None);
+        // Bans past their end are not enforced, though still held (no controller took them out).
+        state.identity.update(|s| {
+            let ended = |id: &str| IdentityBan {
+                id: id.into(),
+                expires_unix_ms: T0,
+            };
+            s.put_aor(aor_key("sip:1001@PBX.example"), ended("b1"));
+            s.put_user_agent("sipvicious", ended("b2"));
+        });
+        assert_eq!(check("1001", "User-Agent: SIPVicious 0.3\r\n"), None);
+    }
+
+    fn forever(id: &str) -> IdentityBan {
+        IdentityBan {
+            id: id.into(),
+            expires_unix_ms: crate::bans::NEVER,
+        }
     }
 
     /// The automaton over the User-Agent needles finds what a scan of each finds, and names the
-    /// ban of the needle it found, through puts and removals.
+    /// ban in force of a needle it found (overlapping matches included: some have ended), through
+    /// puts and removals.
     #[test]
     fn user_agent_matcher_agrees_with_a_scan() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let words = ["ab", "abc", "bc", "cab", "B", "CaBa", "xyz"];
         let bans = IdentityBans::default();
-        let mut model: std::collections::BTreeMap<String, String> = Default::default();
+        let mut model: std::collections::BTreeMap<String, IdentityBan> = Default::default();
         for i in 0..2_000 {
             let w = words[rng.random_range(0..words.len())];
             if rng.random_bool(0.5) {
-                bans.update(|s| s.put_user_agent(w, format!("u{i}")));
-                model.insert(w.to_ascii_lowercase(), format!("u{i}"));
+                let ban = IdentityBan {
+                    id: format!("u{i}"),
+                    expires_unix_ms: rng.random_range(1..4),
+                };
+                bans.update(|s| s.put_user_agent(w, ban.clone()));
+                model.insert(w.to_ascii_lowercase(), ban);
             } else {
                 bans.update(|s| s.remove_user_agent(w));
                 model.remove(&w.to_ascii_lowercase());
@@ -326,11 +369,12 @@ mod tests {
             let ua: String = (0..rng.random_range(0..8))
                 .map(|_| ['a', 'B', 'c', 'x', 'y', 'Z', ' '][rng.random_range(0..7)])
                 .collect();
-            let hit = set.user_agent(&ua);
+            let now = rng.random_range(0..4);
+            let hit = set.user_agent(&ua, now);
             let hits: Vec<&String> = model
                 .iter()
-                .filter(|(n, _)| crate::filters::contains_ci(&ua, n))
-                .map(|(_, id)| id)
+                .filter(|(n, b)| crate::filters::contains_ci(&ua, n) && now < b.expires_unix_ms)
+                .map(|(_, b)| &b.id)
                 .collect();
             match hit {
                 Some(id) => assert!(hits.iter().any(|h| *h == id), "{ua:?}: {id} of {model:?}"),
