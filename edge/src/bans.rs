@@ -806,16 +806,7 @@ impl BanStore {
         stop: CancellationToken,
         done: T,
     ) -> std::io::Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()?;
-        std::thread::Builder::new()
-            .name("bans".into())
-            .spawn(move || {
-                rt.block_on(self.run(clock, stop));
-                drop(done);
-            })?;
-        Ok(())
+        crate::spawn_on_own_thread("bans", move || self.run(clock, stop), done)
     }
 }
 

@@ -643,16 +643,7 @@ pub fn spawn_watch<T: Send + 'static>(
     stop: CancellationToken,
     done: T,
 ) -> std::io::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    std::thread::Builder::new()
-        .name("cluster".into())
-        .spawn(move || {
-            rt.block_on(run(link, state, clock, stop));
-            drop(done);
-        })?;
-    Ok(())
+    crate::spawn_on_own_thread("cluster", move || run(link, state, clock, stop), done)
 }
 
 /// The watch stream: resumes at the revision held on the next controller after a break.

@@ -419,6 +419,30 @@ async fn housekeeping(firewall: Arc<Firewall>, metrics: Arc<Metrics>, stop: Canc
     }
 }
 
+/// Runs the task `make` returns on a thread `name` of its own, with a runtime of its own (I/O and
+/// time), so that what it does at length holds up none of the runtime's workers; `done` is dropped
+/// when the task ends.
+pub(crate) fn spawn_on_own_thread<F, T>(
+    name: &str,
+    make: impl FnOnce() -> F + Send + 'static,
+    done: T,
+) -> std::io::Result<()>
+where
+    F: std::future::Future<Output = ()>,
+    T: Send + 'static,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            rt.block_on(make());
+            drop(done);
+        })?;
+    Ok(())
+}
+
 fn tcp_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     let s = socket2::Socket::new(
         socket2::Domain::for_address(addr),

@@ -819,6 +819,21 @@ impl Stopped {
     }
 }
 
+impl Stopped {
+    /// Lets the thread go and asserts that it stayed stopped until then and that `got` (what the
+    /// phone got back meanwhile) is a 200: the edge answered without the thread.
+    fn answered_without(self, got: &[u8], what: &str) {
+        let still = self.still();
+        drop(self);
+        assert!(still, "{what} stayed stopped through the call");
+        assert!(
+            got.starts_with(b"SIP/2.0 200 "),
+            "the phone's OPTIONS over TCP was answered while {what} was stopped: {:?}",
+            String::from_utf8_lossy(got)
+        );
+    }
+}
+
 impl Drop for Stopped {
     fn drop(&mut self) {
         let _ = nix::sys::ptrace::detach(self.tid, None);
@@ -890,17 +905,7 @@ CSeq: 1 OPTIONS\r\nUser-Agent: friendly-scanner\r\nContent-Length: 0\r\n\r\n",
     // A phone's OPTIONS over TCP, through the edge's one runtime worker.
     let got = tcp_options(&edge, "writer-tcp");
     let queued = auto_bans(&edge);
-    let still_stopped = writer.still();
-    drop(writer);
-    assert!(
-        still_stopped,
-        "the ban writer stayed stopped through the call"
-    );
-    assert!(
-        got.starts_with(b"SIP/2.0 200 "),
-        "the phone's OPTIONS over TCP was answered while the ban writer was stopped: {:?}",
-        String::from_utf8_lossy(&got)
-    );
+    writer.answered_without(&got, "the ban writer");
     assert_eq!(queued, 0.0, "the scanner's ban waited for the writer");
     assert!(
         wait_until(Duration::from_secs(5), || auto_bans(&edge) >= 1.0),
@@ -944,14 +949,7 @@ fn a_stalled_cluster_watch_holds_up_no_tcp_connection() {
         .success());
     let got = tcp_options(&edge, "watch-tcp");
     let held = cluster_bans(&edge);
-    let still_stopped = watch.still();
-    drop(watch);
-    assert!(still_stopped, "the watch stayed stopped through the call");
-    assert!(
-        got.starts_with(b"SIP/2.0 200 "),
-        "the phone's OPTIONS over TCP was answered while the watch was stopped: {:?}",
-        String::from_utf8_lossy(&got)
-    );
+    watch.answered_without(&got, "the watch");
     assert_eq!(held, 0.0, "the cluster's ban waited in the stream");
     assert!(
         wait_until(Duration::from_secs(5), || cluster_bans(&edge) >= 1.0),
