@@ -409,6 +409,7 @@ pub async fn uplink(
     let mut client: Option<EdgeControlClient<tonic::transport::Channel>> = None;
     let mut backoff = Duration::from_millis(50);
     let max = link.backoff_max();
+    let mut open = true;
     loop {
         if queue.is_empty() {
             tokio::select! {
@@ -422,18 +423,37 @@ pub async fn uplink(
         while let Ok(r) = rx.try_recv() {
             queue.push_back(r);
         }
-        while queue.len() > QUEUE_CAP {
-            queue.pop_front();
-            metrics.reports_dropped.inc();
-        }
-        metrics.reports_queued.set(queue.len() as i64);
-        if client.is_none() {
-            client = connect(&link, &endpoint).await;
-        }
+        shed(&mut queue, 0, metrics);
         let (n, batch) = batch_of(&queue);
-        let sent = match &mut client {
-            Some(c) => send(&link, c, batch, &endpoint).await,
-            None => false,
+        // The call (and the connection it may need), with the channel drained into the queue
+        // meanwhile: a controller slow to answer, or one that never does, must not leave the
+        // channel to fill, which would refuse the phones' registrations as they come. A call
+        // that takes longer than `CALL_TIMEOUT` is tried again on the next controller.
+        let sent = {
+            let attempt = tokio::time::timeout(CALL_TIMEOUT, async {
+                if client.is_none() {
+                    client = connect(&link, &endpoint).await;
+                }
+                match &mut client {
+                    Some(c) => send(&link, c, batch, &endpoint).await,
+                    None => false,
+                }
+            });
+            tokio::pin!(attempt);
+            loop {
+                tokio::select! {
+                    r = &mut attempt => break r.unwrap_or(false),
+                    _ = stop.cancelled() => return,
+                    r = rx.recv(), if open => match r {
+                        // The first `n` are in the call: what is shed comes after them.
+                        Some(r) => {
+                            queue.push_back(r);
+                            shed(&mut queue, n, metrics);
+                        }
+                        None => open = false,
+                    },
+                }
+            }
         };
         if sent {
             queue.drain(..n);
@@ -449,6 +469,20 @@ pub async fn uplink(
         }
         backoff = (backoff * 2).min(max);
     }
+}
+
+/// Longest a call of the uplink (with the connection it may open) takes before it is tried again
+/// on the next controller.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Drops the oldest reports after the first `keep` (those in a call) while the queue is over
+/// `QUEUE_CAP`, counted; sets the queue's gauge.
+fn shed(queue: &mut VecDeque<Report>, keep: usize, metrics: &Metrics) {
+    while queue.len() > QUEUE_CAP.max(keep) {
+        queue.remove(keep);
+        metrics.reports_dropped.inc();
+    }
+    metrics.reports_queued.set(queue.len() as i64);
 }
 
 /// Sends one batch; `false` when it must be retried elsewhere.
@@ -631,7 +665,6 @@ fn channel_to(link: &Link, addr: &str) -> Result<tonic::transport::Endpoint, Str
     )
 }
 
-/// Keeps a watch stream open to one of `cfg.endpoints` until `stop`.
 /// Runs the watch stream (`run`) on a thread of its own, with a runtime of its own, until `stop`;
 /// `done` is dropped when it ends. A snapshot is decoded where the stream is polled (1,000,000
 /// bans: 0.22–0.44 s of prost) and then filed (0.46 s with 100,000 bindings): on the runtime's
@@ -646,7 +679,8 @@ pub fn spawn_watch<T: Send + 'static>(
     crate::spawn_on_own_thread("cluster", move || run(link, state, clock, stop), done)
 }
 
-/// The watch stream: resumes at the revision held on the next controller after a break.
+/// Keeps a watch stream open to one of `cfg.endpoints` until `stop`, resuming at the revision
+/// held on the next controller after a break.
 pub async fn run(link: Arc<Link>, state: Arc<State>, clock: Clock, stop: CancellationToken) {
     let metrics = &link.metrics;
     let mut revision = 0u64;
@@ -1010,6 +1044,58 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A controller that takes the connection and never answers: the reports that come meanwhile
+    /// wait in the uplink's queue, none refused by the channel in front of it (eight here), none
+    /// shed. (Before, the uplink read the channel only between calls: one report was queued and
+    /// the rest refused.)
+    #[tokio::test]
+    async fn a_controller_that_never_answers_loses_no_report() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                held.push(s);
+            }
+        });
+        let metrics = Arc::new(Metrics::default());
+        let cfg = Controller {
+            endpoints: vec![addr.to_string()],
+            secret: "s".into(),
+            ..Default::default()
+        };
+        let link = Link::new(
+            cfg,
+            "e1".into(),
+            "s".into(),
+            String::new(),
+            Default::default(),
+            metrics.clone(),
+        )
+        .map(Arc::new)
+        .unwrap();
+        let state = State::new(Arc::new(crate::bans::BanStore::new(None, 10)));
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        state.set_uplink(tx, metrics.reports_dropped.clone());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(uplink(link, rx, stop.clone()));
+        for i in 0..1_000 {
+            state.report(Report::Unbind {
+                aor: format!("sip:{i}@pbx"),
+                contact: "c".into(),
+            });
+            tokio::task::yield_now().await;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while metrics.reports_queued.get() < 1_000 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(metrics.reports_queued.get(), 1_000, "every report queued");
+        assert_eq!(metrics.reports_dropped.get(), 0, "none refused or shed");
+        stop.cancel();
+        task.await.unwrap();
     }
 
     fn pb_binding(aor: &str, contact: &str, source: &str, site: &str) -> pb::Binding {

@@ -191,7 +191,9 @@ impl Edge {
                 }
             });
             let (tx, rx) = tokio::sync::mpsc::channel(4096);
-            firewall.state.set_uplink(tx);
+            firewall
+                .state
+                .set_uplink(tx, metrics.reports_dropped.clone());
             tracker.spawn(cluster::uplink(link.clone(), rx, stop.clone()));
             cluster::spawn_watch(
                 link.clone(),

@@ -180,7 +180,7 @@ impl Default for Metrics {
         let reports_dropped = Counter::default();
         registry.register(
             "reports_dropped",
-            "Auto-bans dropped from a full report queue (oldest first)",
+            "Reports (auto-bans, registrations) dropped from a full queue for the controllers",
             reports_dropped.clone(),
         );
         let udp_delay = Delay::default();

@@ -208,7 +208,10 @@ pub struct State {
     /// Cluster-wide rate limits and this edge's share of their counts.
     pub counters: filters::limits::ClusterCounters,
     /// Where auto-bans and registrations go for the cluster, when the edge is connected.
-    uplink: std::sync::OnceLock<tokio::sync::mpsc::Sender<crate::cluster::Report>>,
+    uplink: std::sync::OnceLock<(
+        tokio::sync::mpsc::Sender<crate::cluster::Report>,
+        prometheus_client::metrics::counter::Counter,
+    )>,
 }
 
 impl State {
@@ -228,9 +231,14 @@ impl State {
         }
     }
 
-    /// Sends what the cluster must learn to `tx` from now on (the cluster link publishes it).
-    pub fn set_uplink(&self, tx: tokio::sync::mpsc::Sender<crate::cluster::Report>) {
-        let _ = self.uplink.set(tx);
+    /// Sends what the cluster must learn to `tx` from now on (the cluster link publishes it);
+    /// what a full channel refuses is counted in `dropped`.
+    pub fn set_uplink(
+        &self,
+        tx: tokio::sync::mpsc::Sender<crate::cluster::Report>,
+        dropped: prometheus_client::metrics::counter::Counter,
+    ) {
+        let _ = self.uplink.set((tx, dropped));
     }
 
     /// Whether reports go anywhere: a standalone edge builds none.
@@ -238,11 +246,14 @@ impl State {
         self.uplink.get().is_some()
     }
 
-    /// Queues `r` for the cluster when the edge has one. A full channel drops the newest; the
-    /// cluster link's own queue counts what it sheds.
+    /// Queues `r` for the cluster when the edge has one. The cluster link drains the channel into
+    /// its own queue even while a call to a controller is out, so the channel fills only when that
+    /// task cannot run; then the newest is dropped, and counted.
     pub fn report(&self, r: crate::cluster::Report) {
-        if let Some(tx) = self.uplink.get() {
-            let _ = tx.try_send(r);
+        if let Some((tx, dropped)) = self.uplink.get() {
+            if tx.try_send(r).is_err() {
+                dropped.inc();
+            }
         }
     }
 

@@ -601,7 +601,7 @@ mod tests {
     fn the_phones_own_contact_is_published_and_its_end_too() {
         let (f, state) = setup(policy::Registered::default());
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-        state.set_uplink(tx);
+        state.set_uplink(tx, Default::default());
         let reg = request(
             "REGISTER",
             "1001",
