@@ -588,7 +588,15 @@ pub async fn push_counters(
             deltas,
             limits_version: counters.limits().version,
         });
-        match c.push_counters(req).await {
+        // A controller that does not answer is left like one that failed: the counts go back to
+        // pending and the next push tries the next controller.
+        let answer = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = tokio::time::timeout(CALL_TIMEOUT, c.push_counters(req)) => {
+                r.unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer")))
+            }
+        };
+        match answer {
             Ok(r) => {
                 let r = r.into_inner();
                 pushed(&link.metrics, "ok");
@@ -1094,6 +1102,52 @@ mod tests {
         }
         assert_eq!(metrics.reports_queued.get(), 1_000, "every report queued");
         assert_eq!(metrics.reports_dropped.get(), 0, "none refused or shed");
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    /// The same controller, for the counter pushes: a push that gets no answer is given up after
+    /// `CALL_TIMEOUT` and counted as failed (its counts pending again), not waited on for ever.
+    #[tokio::test]
+    async fn a_counter_push_without_an_answer_is_given_up() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                held.push(s);
+            }
+        });
+        let metrics = Arc::new(Metrics::default());
+        let cfg = Controller {
+            endpoints: vec![addr.to_string()],
+            secret: "s".into(),
+            ..Default::default()
+        };
+        let link = Link::new(
+            cfg,
+            "e1".into(),
+            "s".into(),
+            String::new(),
+            Default::default(),
+            metrics.clone(),
+        )
+        .map(Arc::new)
+        .unwrap();
+        let state = Arc::new(State::new(Arc::new(crate::bans::BanStore::new(None, 10))));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(push_counters(link, state, Clock::system(), stop.clone()));
+        let failed = || {
+            metrics
+                .limit_pushes
+                .get_or_create(&crate::metrics::ReasonLabels { reason: "error" })
+                .get()
+        };
+        let deadline = tokio::time::Instant::now() + CALL_TIMEOUT + Duration::from_secs(3);
+        while failed() == 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(failed() >= 1, "the unanswered push was given up");
         stop.cancel();
         task.await.unwrap();
     }
