@@ -1114,12 +1114,8 @@ mod tests {
         }
     }
 
-    /// A controller that takes the connection and never answers: the reports that come meanwhile
-    /// wait in the uplink's queue, none refused by the channel in front of it (eight here), none
-    /// shed. (Before, the uplink read the channel only between calls: one report was queued and
-    /// the rest refused.)
-    #[tokio::test]
-    async fn a_controller_that_never_answers_loses_no_report() {
+    /// A link to a "controller" that takes connections and never answers.
+    async fn silent_controller() -> (Arc<Link>, Arc<Metrics>) {
         let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = silent.local_addr().unwrap();
         tokio::spawn(async move {
@@ -1144,6 +1140,16 @@ mod tests {
         )
         .map(Arc::new)
         .unwrap();
+        (link, metrics)
+    }
+
+    /// A controller that takes the connection and never answers: the reports that come meanwhile
+    /// wait in the uplink's queue, none refused by the channel in front of it (eight here), none
+    /// shed. (Before, the uplink read the channel only between calls: one report was queued and
+    /// the rest refused.)
+    #[tokio::test]
+    async fn a_controller_that_never_answers_loses_no_report() {
+        let (link, metrics) = silent_controller().await;
         let state = State::new(Arc::new(crate::bans::BanStore::new(None, 10)));
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         state.set_uplink(tx, metrics.reports_dropped.clone());
@@ -1170,30 +1176,7 @@ mod tests {
     /// `CALL_TIMEOUT` and counted as failed (its counts pending again), not waited on for ever.
     #[tokio::test]
     async fn a_counter_push_without_an_answer_is_given_up() {
-        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = silent.local_addr().unwrap();
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((s, _)) = silent.accept().await {
-                held.push(s);
-            }
-        });
-        let metrics = Arc::new(Metrics::default());
-        let cfg = Controller {
-            endpoints: vec![addr.to_string()],
-            secret: "s".into(),
-            ..Default::default()
-        };
-        let link = Link::new(
-            cfg,
-            "e1".into(),
-            "s".into(),
-            String::new(),
-            Default::default(),
-            metrics.clone(),
-        )
-        .map(Arc::new)
-        .unwrap();
+        let (link, metrics) = silent_controller().await;
         let state = Arc::new(State::new(Arc::new(crate::bans::BanStore::new(None, 10))));
         let stop = CancellationToken::new();
         let task = tokio::spawn(push_counters(link, state, Clock::system(), stop.clone()));
