@@ -521,9 +521,21 @@ pub async fn uplink(
         }
         client = None;
         endpoint = endpoints.next().cloned().unwrap_or_default();
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+        // The pause before the next try drains the channel too.
+        let pause = tokio::time::sleep(backoff);
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = &mut pause => break,
+                r = rx.recv(), if open => match r {
+                    Some(r) => {
+                        queue.push_back(r);
+                        shed(&mut queue, 0, metrics);
+                    }
+                    None => open = false,
+                },
+            }
         }
         backoff = (backoff * 2).min(max);
     }
@@ -1124,6 +1136,11 @@ mod tests {
                 held.push(s);
             }
         });
+        link_to(addr)
+    }
+
+    /// A link to a controller at `addr`, and its metrics.
+    fn link_to(addr: std::net::SocketAddr) -> (Arc<Link>, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::default());
         let cfg = Controller {
             endpoints: vec![addr.to_string()],
@@ -1150,6 +1167,23 @@ mod tests {
     #[tokio::test]
     async fn a_controller_that_never_answers_loses_no_report() {
         let (link, metrics) = silent_controller().await;
+        reports_all_queued(link, metrics).await;
+    }
+
+    /// No controller at all (the port refuses): the reports that come while the uplink waits to
+    /// try again are queued too.
+    #[tokio::test]
+    async fn with_no_controller_up_no_report_is_lost() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let (link, metrics) = link_to(addr);
+        reports_all_queued(link, metrics).await;
+    }
+
+    /// Reports 1,000 registrations' ends through a channel of eight and checks that the uplink
+    /// (which cannot deliver them) queued them all, none refused or shed.
+    async fn reports_all_queued(link: Arc<Link>, metrics: Arc<Metrics>) {
         let state = State::new(Arc::new(crate::bans::BanStore::new(None, 10)));
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         state.set_uplink(tx, metrics.reports_dropped.clone());
