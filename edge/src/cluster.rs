@@ -40,21 +40,6 @@ pub enum Report {
     Unbind { aor: String, contact: String },
 }
 
-/// The edge's ban for a cluster ban, when it is one the gate enforces (an address or network).
-pub fn edge_ban(b: &pb::Ban) -> Option<Ban> {
-    let target = BanTarget::try_from(b.target.as_ref()?).ok()?;
-    let network = target.network()?;
-    let expires = u64::try_from(b.expires_unix_ms).unwrap_or(0);
-    Some(Ban {
-        network,
-        origin: BanOrigin::Cluster,
-        rule: format!("cluster:{}", b.id),
-        reason: b.reason.clone(),
-        created_unix_ms: u64::try_from(b.created_unix_ms).unwrap_or(0),
-        expires_unix_ms: if expires == 0 { NEVER } else { expires },
-    })
-}
-
 /// The address a cluster binding is filed under, when it is one of `site`'s.
 fn site_binding<'a>(b: &'a pb::Binding, site: &str) -> Option<(&'a str, std::net::IpAddr, u64)> {
     if b.site != site {
@@ -208,7 +193,7 @@ impl Held {
 
     /// The ban of a target that ends last.
     fn best(list: &[Holding]) -> Option<&Holding> {
-        list.iter().max_by_key(|h| h.expires_unix_ms)
+        Self::best_at(list).map(|i| &list[i])
     }
 }
 
@@ -487,32 +472,22 @@ pub async fn uplink(
         // meanwhile: a controller slow to answer, or one that never does, must not leave the
         // channel to fill, which would refuse the phones' registrations as they come. A call
         // that takes longer than `CALL_TIMEOUT` is tried again on the next controller.
-        let sent = {
-            let attempt = tokio::time::timeout(CALL_TIMEOUT, async {
-                if client.is_none() {
-                    client = connect(&link, &endpoint).await;
-                }
-                match &mut client {
-                    Some(c) => send(&link, c, batch, &endpoint).await,
-                    None => false,
-                }
-            });
-            tokio::pin!(attempt);
-            loop {
-                tokio::select! {
-                    r = &mut attempt => break r.unwrap_or(false),
-                    _ = stop.cancelled() => return,
-                    r = rx.recv(), if open => match r {
-                        // The first `n` are in the call: what is shed comes after them.
-                        Some(r) => {
-                            queue.push_back(r);
-                            shed(&mut queue, n, metrics);
-                        }
-                        None => open = false,
-                    },
-                }
+        let attempt = tokio::time::timeout(CALL_TIMEOUT, async {
+            if client.is_none() {
+                client = connect(&link, &endpoint).await;
             }
+            match &mut client {
+                Some(c) => send(&link, c, batch, &endpoint).await,
+                None => false,
+            }
+        });
+        // The first `n` are in the call: what is shed comes after them.
+        let Some(sent) =
+            drain_while(attempt, &mut rx, &mut open, &mut queue, n, metrics, &stop).await
+        else {
+            return;
         };
+        let sent = sent.unwrap_or(false);
         if sent {
             queue.drain(..n);
             metrics.reports_queued.set(queue.len() as i64);
@@ -523,19 +498,11 @@ pub async fn uplink(
         endpoint = endpoints.next().cloned().unwrap_or_default();
         // The pause before the next try drains the channel too.
         let pause = tokio::time::sleep(backoff);
-        tokio::pin!(pause);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = &mut pause => break,
-                r = rx.recv(), if open => match r {
-                    Some(r) => {
-                        queue.push_back(r);
-                        shed(&mut queue, 0, metrics);
-                    }
-                    None => open = false,
-                },
-            }
+        if drain_while(pause, &mut rx, &mut open, &mut queue, 0, metrics, &stop)
+            .await
+            .is_none()
+        {
+            return;
         }
         backoff = (backoff * 2).min(max);
     }
@@ -544,6 +511,33 @@ pub async fn uplink(
 /// Longest a call of the uplink (with the connection it may open) takes before it is tried again
 /// on the next controller.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Awaits `work` while taking what `rx` delivers into `queue` (shedding after its first `keep`),
+/// until `rx` closes (`open` then false); `None` when `stop` comes first.
+async fn drain_while<T>(
+    work: impl std::future::Future<Output = T>,
+    rx: &mut tokio::sync::mpsc::Receiver<Report>,
+    open: &mut bool,
+    queue: &mut VecDeque<Report>,
+    keep: usize,
+    metrics: &Metrics,
+    stop: &CancellationToken,
+) -> Option<T> {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            r = &mut work => return Some(r),
+            _ = stop.cancelled() => return None,
+            r = rx.recv(), if *open => match r {
+                Some(r) => {
+                    queue.push_back(r);
+                    shed(queue, keep, metrics);
+                }
+                None => *open = false,
+            },
+        }
+    }
+}
 
 /// Drops the oldest reports after the first `keep` (those in a call) while the queue is over
 /// `QUEUE_CAP`, counted; sets the queue's gauge.
