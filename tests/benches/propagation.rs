@@ -151,11 +151,8 @@ CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
     let acked = t0.elapsed();
     for e in &edges {
         assert!(
-            wait_until(Duration::from_secs(120), || metric(
-                &e.metrics(),
-                "sipwarden_edge_bans_active{origin=\"cluster\"}"
-            )
-            .is_some_and(|v| v >= (BANS + BULK) as f64)),
+            wait_until(Duration::from_secs(120), || e.bans_active("cluster")
+                >= (BANS + BULK) as f64),
             "edge {} applied the bulk bans",
             e.ip
         );

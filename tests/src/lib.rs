@@ -396,6 +396,15 @@ grace_ms = 2000
             .collect()
     }
 
+    /// The bans the edge holds of `origin` (`auto`, `cluster`, `config`), 0 when not reported.
+    pub fn bans_active(&self, origin: &str) -> f64 {
+        metric(
+            &self.metrics(),
+            &format!("sipwarden_edge_bans_active{{origin=\"{origin}\"}}"),
+        )
+        .unwrap_or(0.0)
+    }
+
     /// Whether the edge has a watch stream open to a controller.
     pub fn connected(&self) -> bool {
         metric(&self.metrics(), "sipwarden_edge_controller_connected") == Some(1.0)

@@ -166,11 +166,9 @@ fn an_attack_on_site_a_is_banned_at_site_b_before_it_arrives() {
     assert_eq!(ban["created_by"], "edge:edge-test");
     assert_eq!(ban["source"]["kind"], "auto_rule");
     // Site B got it through the watch stream.
-    assert!(wait_until(Duration::from_secs(5), || metric(
-        &b.metrics(),
-        "sipwarden_edge_bans_active{origin=\"cluster\"}"
-    )
-    .is_some_and(|n| n >= 1.0)));
+    assert!(wait_until(Duration::from_secs(5), || b
+        .bans_active("cluster")
+        >= 1.0));
 
     let before = pbx.received_messages().len();
     let at_b = scan(b);

@@ -877,13 +877,7 @@ fn tcp_options(edge: &EdgeProc, call_id: &str) -> Vec<u8> {
 fn a_stalled_ban_writer_holds_up_no_tcp_connection() {
     let (extra, stop, pbx_side) = answering_pbx();
     let edge = EdgeProc::start_with_env(EDGE_IP, &extra, &[("TOKIO_WORKER_THREADS", "1")]);
-    let auto_bans = |edge: &EdgeProc| {
-        metric(
-            &edge.metrics(),
-            "sipwarden_edge_bans_active{origin=\"auto\"}",
-        )
-        .unwrap_or(0.0)
-    };
+    let auto_bans = |edge: &EdgeProc| edge.bans_active("auto");
 
     let writer = Stopped::thread(&edge, "bans");
     // A scanner is banned by the rule while the writer is stopped.
@@ -934,13 +928,7 @@ fn a_stalled_cluster_watch_holds_up_no_tcp_connection() {
         wait_until(Duration::from_secs(10), || edge.connected()),
         "the edge connected to the controller"
     );
-    let cluster_bans = |edge: &EdgeProc| {
-        metric(
-            &edge.metrics(),
-            "sipwarden_edge_bans_active{origin=\"cluster\"}",
-        )
-        .unwrap_or(0.0)
-    };
+    let cluster_bans = |edge: &EdgeProc| edge.bans_active("cluster");
 
     let watch = Stopped::thread(&edge, "cluster");
     assert!(ctl
