@@ -105,7 +105,7 @@ fn main() {
             "udp",
             rate,
             seconds,
-            false,
+            Watch::default(),
         )
     };
     for run in 1..=runs {

@@ -73,6 +73,16 @@ struct Figures {
     uas_behind_pct: Vec<f64>,
     /// The edge's UDP receive threads that did a tenth or more of their CPU, per run.
     receive_threads: Vec<usize>,
+    /// The SIPp UAS per transaction or call, per run: µs on its CPU, µs runnable but waiting for
+    /// it, and times it was put on it.
+    uas_run_us: Vec<f64>,
+    uas_wait_us: Vec<f64>,
+    uas_slices: Vec<f64>,
+    /// The same of the SIPp UAC.
+    uac_run_us: Vec<f64>,
+    uac_wait_us: Vec<f64>,
+    /// Each CPU's idle share, %, per run.
+    idle: Vec<Vec<f64>>,
     ok: u64,
     failed: u64,
 }
@@ -84,6 +94,17 @@ fn record(f: &mut Figures, run: Run) {
     if let Some((user, sys)) = run.cpu.filter(|_| run.ok > 0) {
         f.per_unit_us.push((user + sys) * 1e6 / run.ok as f64);
         f.user_share.push(100.0 * user / (user + sys).max(1e-9));
+    }
+    f.idle.push(run.idle.clone());
+    let per = |v: u64| v as f64 / run.ok.max(1) as f64;
+    if let Some(s) = run.uas.filter(|_| run.ok > 0) {
+        f.uas_run_us.push(per(s.run_ns) / 1e3);
+        f.uas_wait_us.push(per(s.wait_ns) / 1e3);
+        f.uas_slices.push(per(s.slices));
+    }
+    if let Some(s) = run.uac_sched.filter(|_| run.ok > 0) {
+        f.uac_run_us.push(per(s.run_ns) / 1e3);
+        f.uac_wait_us.push(per(s.wait_ns) / 1e3);
     }
     if let Some(p99) = bucket_quantile(&run.edge_delay, 0.99) {
         f.own_p99_ms.push(p99 * 1e3);
@@ -249,8 +270,18 @@ fn main() {
                 let mut figs: Vec<Figures> = targets.iter().map(|_| Figures::default()).collect();
                 for _ in 0..runs {
                     for (k, t) in targets.iter().enumerate() {
-                        let run =
-                            measure(root.path(), t, w, transport, rate, seconds, capture_fixed);
+                        let run = measure(
+                            root.path(),
+                            t,
+                            w,
+                            transport,
+                            rate,
+                            seconds,
+                            Watch {
+                                capture: capture_fixed,
+                                uas: Some(uas_proc.pid()),
+                            },
+                        );
                         record(&mut figs[k], run);
                     }
                 }
@@ -307,7 +338,10 @@ fn main() {
                                     transport,
                                     half,
                                     seconds,
-                                    capture_half,
+                                    Watch {
+                                        capture: capture_half,
+                                        uas: Some(uas_proc.pid()),
+                                    },
                                 );
                                 record(&mut figs[k], run);
                             }
@@ -375,6 +409,33 @@ fn target_line(t: &Target, f: &Figures, w: Workload) -> String {
     let response = ms_figure("response p99 at the UAC (capture)", &f.response_p99_ms)
         + &ms_figure("the UAS's own answer p99", &f.answer_p99_ms)
         + &behind;
+    let mut load = String::new();
+    if !f.uas_run_us.is_empty() {
+        load += &format!(
+            ", the UAS per {}: {} µs on its CPU, {} µs waiting for it, put on it {} times",
+            w.unit(),
+            spread(&f.uas_run_us),
+            spread(&f.uas_wait_us),
+            spread_with(&f.uas_slices, 2)
+        );
+    }
+    if !f.uac_run_us.is_empty() {
+        load += &format!(
+            ", the UAC {} µs on its CPU, {} µs waiting",
+            spread(&f.uac_run_us),
+            spread(&f.uac_wait_us),
+        );
+    }
+    let cpus = f.idle.iter().map(Vec::len).min().unwrap_or(0);
+    if cpus > 0 {
+        let idle: Vec<String> = (0..cpus)
+            .map(|c| {
+                let per_run: Vec<f64> = f.idle.iter().map(|r| r[c]).collect();
+                format!("CPU {c} {}%", spread_with(&per_run, 0))
+            })
+            .collect();
+        load += &format!(", idle {}", idle.join(", "));
+    }
     let receivers = if f.receive_threads.is_empty() {
         String::new()
     } else {
@@ -382,7 +443,7 @@ fn target_line(t: &Target, f: &Figures, w: Workload) -> String {
         format!(", receive threads carrying the load {}", list.join("/"))
     };
     format!(
-        "{:<8} {cpu}p50 {} ms, p99 {} ms{own}{transit}{response}{receivers}, {} ok, {} failed",
+        "{:<8} {cpu}p50 {} ms, p99 {} ms{own}{transit}{response}{load}{receivers}, {} ok, {} failed",
         t.name,
         spread_with(&f.p50_ms, 3),
         spread_with(&f.p99_ms, 3),

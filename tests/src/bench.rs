@@ -44,6 +44,13 @@ fn stat_num<T: std::str::FromStr + Default>(fields: &[&str], i: usize) -> T {
 
 /// (user, system) ticks of `pid` and every descendant.
 pub fn cpu_ticks(root: u32) -> (u64, u64) {
+    family_stats(root)
+        .iter()
+        .fold((0, 0), |(u, s), x| (u + x.2, s + x.3))
+}
+
+/// `root` and its descendants: (pid, parent, user ticks, system ticks) of each.
+fn family_stats(root: u32) -> Vec<(u32, u32, u64, u64)> {
     let mut stats: Vec<(u32, u32, u64, u64)> = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
@@ -64,10 +71,8 @@ pub fn cpu_ticks(root: u32) -> (u64, u64) {
         family.extend(stats.iter().filter(|s| s.1 == p).map(|s| s.0));
         i += 1;
     }
+    stats.retain(|s| family.contains(&s.0));
     stats
-        .iter()
-        .filter(|s| family.contains(&s.0))
-        .fold((0, 0), |(u, s), x| (u + x.2, s + x.3))
 }
 
 /// Restricts every thread of this process to the CPUs in `cpus` (a `taskset` list such as `1` or
@@ -197,6 +202,82 @@ pub fn thread_ticks(pid: u32, prefix: &str) -> Vec<(u32, u64)> {
         }
     }
     out
+}
+
+/// The scheduler's account of `pid` summed over its threads (`/proc/PID/task/*/schedstat`): ns on
+/// a CPU, ns runnable but waiting for one, and times it was put on one. Exact, where `stat`'s
+/// ticks are sampled; the wait is what the rest of its CPU's load cost it.
+pub fn sched_totals(pid: u32) -> Sched {
+    let mut total = Sched::default();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Ok(line) = std::fs::read_to_string(entry.path().join("schedstat")) else {
+            continue;
+        };
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        if let [run, wait, slices] = f[..] {
+            total.run_ns += run;
+            total.wait_ns += wait;
+            total.slices += slices;
+        }
+    }
+    total
+}
+
+/// Each CPU's (busy, idle) ticks from `/proc/stat` (idle and I/O wait count as idle; steal, time
+/// the hypervisor ran something else, counts as neither).
+pub fn cpu_times() -> Vec<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    stat.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .map(|l| {
+            let v: Vec<u64> = l
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            let at = |i: usize| v.get(i).copied().unwrap_or(0);
+            // user nice system idle iowait irq softirq steal
+            (at(0) + at(1) + at(2) + at(5) + at(6), at(3) + at(4))
+        })
+        .collect()
+}
+
+/// Each CPU's idle share (%) between two [`cpu_times`] readings.
+pub fn idle_shares(before: &[(u64, u64)], after: &[(u64, u64)]) -> Vec<f64> {
+    before
+        .iter()
+        .zip(after)
+        .map(|(&(b0, i0), &(b1, i1))| {
+            let (busy, idle) = (b1.saturating_sub(b0), i1.saturating_sub(i0));
+            100.0 * idle as f64 / (busy + idle).max(1) as f64
+        })
+        .collect()
+}
+
+/// See [`sched_totals`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Sched {
+    pub run_ns: u64,
+    pub wait_ns: u64,
+    pub slices: u64,
+}
+
+impl Sched {
+    /// What happened between `earlier` and `self` (a restarted process counts from zero).
+    pub fn since(self, earlier: Sched) -> Sched {
+        Sched {
+            run_ns: self.run_ns.saturating_sub(earlier.run_ns),
+            wait_ns: self.wait_ns.saturating_sub(earlier.wait_ns),
+            slices: self.slices.saturating_sub(earlier.slices),
+        }
+    }
 }
 
 /// How many threads did a tenth or more of the CPU between two [`thread_ticks`] readings.
@@ -409,6 +490,13 @@ pub struct Run {
     pub uac: SocketAddr,
     /// For the edge: how many of its UDP receive threads did a tenth or more of their CPU.
     pub receive_threads: Option<usize>,
+    /// The SIPp UAS's scheduling over the run, when its pid was given: what the traffic each
+    /// proxy hands it costs the PBX behind.
+    pub uas: Option<Sched>,
+    /// The SIPp UAC's scheduling over its life (the run and its start).
+    pub uac_sched: Option<Sched>,
+    /// Each CPU's idle share over the run, %.
+    pub idle: Vec<f64>,
 }
 
 /// Offers `rate` scenarios/s of `w` for `seconds` through `target` over `transport`.
@@ -432,7 +520,7 @@ pub fn load(
     let stats = work.path().join("screen.txt");
     let uac = SocketAddr::new(UAC_IP.parse().unwrap(), free_port(UAC_IP));
     let started = Instant::now();
-    let _ = Command::new(sipp)
+    let child = Command::new(sipp)
         .current_dir(work.path())
         .arg(target)
         .arg("-sf")
@@ -450,8 +538,18 @@ pub fn load(
         .arg(&stats)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .status()
-        .expect("sipp");
+        .spawn();
+    let mut uac_sched = None;
+    if let Ok(mut child) = child {
+        // Its scheduling is read once it has exited but before it is reaped (its /proc entry
+        // stays until then).
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        use nix::sys::wait::{waitid, Id, WaitPidFlag};
+        if waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT).is_ok() {
+            uac_sched = Some(sched_totals(child.id()));
+        }
+        let _ = child.wait();
+    }
     let wall = started.elapsed();
     let screen = std::fs::read_to_string(&stats).unwrap_or_default();
     let count = |label: &str| -> u64 {
@@ -471,6 +569,9 @@ pub fn load(
         cpu: None,
         edge_delay: Vec::new(),
         receive_threads: None,
+        uas: None,
+        uac_sched,
+        idle: Vec::new(),
         transit: None,
         response: Vec::new(),
         answer: Vec::new(),
@@ -646,8 +747,18 @@ User-Agent: sipwarden-bench-probe\r\nContent-Length: 0\r\n\r\n",
 /// How often the latency probe sends (200/s).
 pub const PROBE_EVERY: Duration = Duration::from_millis(5);
 
+/// What [`measure`] watches besides the proxy's CPU and the probe.
+#[derive(Clone, Copy, Default)]
+pub struct Watch {
+    /// A loopback capture of a few seconds of the run.
+    pub capture: bool,
+    /// The UAS's process, whose scheduling over the run is taken (the UAC's always is).
+    pub uas: Option<u32>,
+}
+
 /// One run of `w` at `rate` for `secs` through `t`, with the latency probe alongside, the proxy's
-/// CPU and, for the edge, its own delay histogram. With `capture`, a loopback capture from the
+/// CPU, the scheduling of the SIPp UAC and of the UAS process in `watch`, each CPU's idle share
+/// and, for the edge, its own delay histogram. With `watch.capture`, a loopback capture from the
 /// run's second second for up to 3 s gives the UAC's response times and, through a proxy, each
 /// message's transit (over TCP, messages are framed from the reassembled streams).
 pub fn measure(
@@ -657,9 +768,12 @@ pub fn measure(
     transport: &str,
     rate: u32,
     secs: u32,
-    capture: bool,
+    watch: Watch,
 ) -> Run {
+    let Watch { capture, uas } = watch;
     let before = t.pid.map(cpu_ticks);
+    let uas_before = uas.map(sched_totals);
+    let cpus_before = cpu_times();
     let delays_before = t.metrics.map(udp_delay_buckets);
     // The edge's receive threads (the only target with metrics), to tell how many took the load.
     let receivers_before = t
@@ -724,6 +838,10 @@ pub fn measure(
         let (u1, s1) = cpu_ticks(pid);
         run.cpu = Some(((u1 - u0) as f64 / HZ, (s1 - s0) as f64 / HZ));
     }
+    if let (Some(pid), Some(s0)) = (uas, uas_before) {
+        run.uas = Some(sched_totals(pid).since(s0));
+    }
+    run.idle = idle_shares(&cpus_before, &cpu_times());
     run
 }
 
@@ -799,7 +917,11 @@ pub fn env_num(name: &str, default: u32) -> u32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{bucket_quantile, cpu_list, median, stat_fields, stat_num, threads_carrying};
+    use super::{
+        bucket_quantile, cpu_list, cpu_times, idle_shares, median, sched_totals, stat_fields,
+        stat_num, threads_carrying, Sched,
+    };
+    use std::time::Duration;
 
     #[test]
     fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
@@ -828,6 +950,31 @@ mod tests {
             None
         );
         assert_eq!(bucket_quantile(&[], 0.99), None);
+    }
+
+    #[test]
+    fn sched_totals_count_this_process_and_what_it_did_since() {
+        let me = std::process::id();
+        let before = sched_totals(me);
+        // Work enough to be seen (the account is in ns, updated as the thread runs).
+        let mut x = 0u64;
+        for i in 0..5_000_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        let after = sched_totals(me);
+        let d = after.since(before);
+        assert!(d.run_ns > 0 && d.slices > 0, "{before:?} then {after:?}");
+        // A restarted process (smaller totals) counts from zero, not from a wrapped number.
+        assert_eq!(before.since(after), Sched::default());
+    }
+
+    #[test]
+    fn idle_shares_are_per_cpu_and_survive_a_reading_that_did_not_move() {
+        let before = [(100, 100), (50, 0)];
+        assert_eq!(idle_shares(&before, &[(130, 170), (50, 0)]), [70.0, 0.0]);
+        let now = cpu_times();
+        assert!(!now.is_empty() && now.len() == idle_shares(&now, &now).len());
     }
 
     #[test]
