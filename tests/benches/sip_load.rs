@@ -183,9 +183,21 @@ fn main() {
         _ => None,
     };
     let root = tempfile::tempdir().unwrap();
+    // `SW_BENCH_UAS=floor`: the light UAS behind the proxies instead of SIPp's (see `floor_uas`).
+    let floor_uas = std::env::var("SW_BENCH_UAS").is_ok_and(|v| v == "floor");
+    let start_uas = |dir: &Path, port: u16, transport: &str| {
+        if floor_uas {
+            start_floor_uas(Path::new(env!("CARGO_BIN_EXE_floor_uas")), port, transport)
+        } else {
+            start_uas(dir, port, transport)
+        }
+    };
 
     if let Some((load, proxy)) = &pinning {
         println!("load generators on CPUs {load}, each proxy on CPUs {proxy}");
+    }
+    if floor_uas {
+        println!("UAS: the light floor_uas, not SIPp");
     }
     if let Some(s) = &shield {
         println!(

@@ -462,6 +462,24 @@ pub fn start_uas(dir: &Path, port: u16, transport: &str) -> Proc {
     p
 }
 
+/// The light UAS (`floor_uas`, `tests/src/bin`) in SIPp's place behind the proxies: the same
+/// answers at a fraction of the CPU, so that the load generator keeps headroom.
+pub fn start_floor_uas(bin: &Path, port: u16, transport: &str) -> Proc {
+    let mut cmd = Command::new(bin);
+    if transport == "tcp" {
+        cmd.arg("--tcp");
+    }
+    let p = Proc::spawn(
+        "floor uas",
+        cmd.arg(format!("{UAS_IP}:{port}")).stdout(Stdio::null()),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || port_bound(transport, port)),
+        "floor uas did not start"
+    );
+    p
+}
+
 /// What one SIPp run did.
 pub struct Run {
     pub ok: u64,
