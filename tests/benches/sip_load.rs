@@ -29,6 +29,10 @@
 //!   the proxy, which is why the proxy's transit is the figure for what it adds;
 //! - for the edge, how many of its UDP receive threads did a tenth or more of their CPU in each run
 //!   (the kernel's flow hash, or the edge's steering, decides which sockets the two flows reach);
+//! - the load generator's own state: the SIPp UAC's and UAS's time on a CPU and runnable but
+//!   waiting for one, per transaction (scheduler statistics), and each CPU's idle share and the
+//!   share the hypervisor took (steal). When the load's CPU has no idle left, its processes queue
+//!   for it and every latency figure measures that queue, whichever relay is in front;
 //! - failed transactions.
 //!
 //! With `SW_BENCH_MAX=1` it then looks for each proxy's maximum rate with under 0.1% failures:
@@ -45,7 +49,9 @@
 //! on LOAD and each proxy on PROXY, as where a proxy does not share its cores with its load, and
 //! with it `SW_BENCH_SHIELD=1` to keep the rest of the machine (other processes, unbound kernel
 //! threads) off PROXY for the run, as `isolcpus` or tuned's cpu-partitioning profile would
-//! (needs root; every task moved is put back at the end).
+//! (needs root; every task moved is put back at the end); `SW_BENCH_UAS=floor` puts the light
+//! `floor_uas` (`tests/src/bin`) behind the proxies instead of SIPp's UAS: the same answers at a
+//! quarter of the CPU, so that on two vCPUs the load keeps headroom at half the maximum.
 
 use sipwarden_tests::bench::*;
 use sipwarden_tests::*;
@@ -81,8 +87,8 @@ struct Figures {
     /// The same of the SIPp UAC.
     uac_run_us: Vec<f64>,
     uac_wait_us: Vec<f64>,
-    /// Each CPU's idle share, %, per run.
-    idle: Vec<Vec<f64>>,
+    /// Each CPU's idle and stolen shares, %, per run.
+    cpus: Vec<Vec<(f64, f64)>>,
     ok: u64,
     failed: u64,
 }
@@ -95,7 +101,7 @@ fn record(f: &mut Figures, run: Run) {
         f.per_unit_us.push((user + sys) * 1e6 / run.ok as f64);
         f.user_share.push(100.0 * user / (user + sys).max(1e-9));
     }
-    f.idle.push(run.idle.clone());
+    f.cpus.push(run.cpus.clone());
     let per = |v: u64| v as f64 / run.ok.max(1) as f64;
     if let Some(s) = run.uas.filter(|_| run.ok > 0) {
         f.uas_run_us.push(per(s.run_ns) / 1e3);
@@ -185,6 +191,9 @@ fn main() {
     let root = tempfile::tempdir().unwrap();
     // `SW_BENCH_UAS=floor`: the light UAS behind the proxies instead of SIPp's (see `floor_uas`).
     let floor_uas = std::env::var("SW_BENCH_UAS").is_ok_and(|v| v == "floor");
+    // SIPp's UAS is one thread for the whole benchmark; the light UAS's connection threads end
+    // with their connections, and their scheduling with them.
+    let uas_sched = !floor_uas;
     let start_uas = |dir: &Path, port: u16, transport: &str| {
         if floor_uas {
             start_floor_uas(Path::new(env!("CARGO_BIN_EXE_floor_uas")), port, transport)
@@ -291,7 +300,7 @@ fn main() {
                             seconds,
                             Watch {
                                 capture: capture_fixed,
-                                uas: Some(uas_proc.pid()),
+                                uas: uas_sched.then(|| uas_proc.pid()),
                             },
                         );
                         record(&mut figs[k], run);
@@ -352,7 +361,7 @@ fn main() {
                                     seconds,
                                     Watch {
                                         capture: capture_half,
-                                        uas: Some(uas_proc.pid()),
+                                        uas: uas_sched.then(|| uas_proc.pid()),
                                     },
                                 );
                                 record(&mut figs[k], run);
@@ -438,15 +447,20 @@ fn target_line(t: &Target, f: &Figures, w: Workload) -> String {
             spread(&f.uac_wait_us),
         );
     }
-    let cpus = f.idle.iter().map(Vec::len).min().unwrap_or(0);
+    let cpus = f.cpus.iter().map(Vec::len).min().unwrap_or(0);
     if cpus > 0 {
-        let idle: Vec<String> = (0..cpus)
+        let shares: Vec<String> = (0..cpus)
             .map(|c| {
-                let per_run: Vec<f64> = f.idle.iter().map(|r| r[c]).collect();
-                format!("CPU {c} {}%", spread_with(&per_run, 0))
+                let idle: Vec<f64> = f.cpus.iter().map(|r| r[c].0).collect();
+                let stolen: Vec<f64> = f.cpus.iter().map(|r| r[c].1).collect();
+                format!(
+                    "CPU {c} idle {}% stolen {}%",
+                    spread_with(&idle, 0),
+                    spread_with(&stolen, 1)
+                )
             })
             .collect();
-        load += &format!(", idle {}", idle.join(", "));
+        load += &format!(", {}", shares.join(", "));
     }
     let receivers = if f.receive_threads.is_empty() {
         String::new()

@@ -230,9 +230,8 @@ pub fn sched_totals(pid: u32) -> Sched {
     total
 }
 
-/// Each CPU's (busy, idle) ticks from `/proc/stat` (idle and I/O wait count as idle; steal, time
-/// the hypervisor ran something else, counts as neither).
-pub fn cpu_times() -> Vec<(u64, u64)> {
+/// Each CPU's ticks from `/proc/stat`, in CPU order.
+pub fn cpu_times() -> Vec<CpuTimes> {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     stat.lines()
         .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
@@ -244,19 +243,35 @@ pub fn cpu_times() -> Vec<(u64, u64)> {
                 .collect();
             let at = |i: usize| v.get(i).copied().unwrap_or(0);
             // user nice system idle iowait irq softirq steal
-            (at(0) + at(1) + at(2) + at(5) + at(6), at(3) + at(4))
+            CpuTimes {
+                busy: at(0) + at(1) + at(2) + at(5) + at(6),
+                idle: at(3) + at(4),
+                steal: at(7),
+            }
         })
         .collect()
 }
 
-/// Each CPU's idle share (%) between two [`cpu_times`] readings.
-pub fn idle_shares(before: &[(u64, u64)], after: &[(u64, u64)]) -> Vec<f64> {
+/// One CPU's ticks: running something, idle (I/O wait included), and stolen (the hypervisor ran
+/// something else while this vCPU had work).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CpuTimes {
+    pub busy: u64,
+    pub idle: u64,
+    pub steal: u64,
+}
+
+/// Each CPU's idle and stolen shares (%) between two [`cpu_times`] readings.
+pub fn cpu_shares(before: &[CpuTimes], after: &[CpuTimes]) -> Vec<(f64, f64)> {
     before
         .iter()
         .zip(after)
-        .map(|(&(b0, i0), &(b1, i1))| {
-            let (busy, idle) = (b1.saturating_sub(b0), i1.saturating_sub(i0));
-            100.0 * idle as f64 / (busy + idle).max(1) as f64
+        .map(|(b, a)| {
+            let busy = a.busy.saturating_sub(b.busy);
+            let idle = a.idle.saturating_sub(b.idle);
+            let steal = a.steal.saturating_sub(b.steal);
+            let all = (busy + idle + steal).max(1) as f64;
+            (100.0 * idle as f64 / all, 100.0 * steal as f64 / all)
         })
         .collect()
 }
@@ -513,8 +528,8 @@ pub struct Run {
     pub uas: Option<Sched>,
     /// The SIPp UAC's scheduling over its life (the run and its start).
     pub uac_sched: Option<Sched>,
-    /// Each CPU's idle share over the run, %.
-    pub idle: Vec<f64>,
+    /// Each CPU's idle and stolen shares over the run, %.
+    pub cpus: Vec<(f64, f64)>,
 }
 
 /// Offers `rate` scenarios/s of `w` for `seconds` through `target` over `transport`.
@@ -589,7 +604,7 @@ pub fn load(
         receive_threads: None,
         uas: None,
         uac_sched,
-        idle: Vec::new(),
+        cpus: Vec::new(),
         transit: None,
         response: Vec::new(),
         answer: Vec::new(),
@@ -859,7 +874,7 @@ pub fn measure(
     if let (Some(pid), Some(s0)) = (uas, uas_before) {
         run.uas = Some(sched_totals(pid).since(s0));
     }
-    run.idle = idle_shares(&cpus_before, &cpu_times());
+    run.cpus = cpu_shares(&cpus_before, &cpu_times());
     run
 }
 
@@ -936,8 +951,8 @@ pub fn env_num(name: &str, default: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::{
-        bucket_quantile, cpu_list, cpu_times, idle_shares, median, sched_totals, stat_fields,
-        stat_num, threads_carrying, Sched,
+        bucket_quantile, cpu_list, cpu_shares, cpu_times, median, sched_totals, stat_fields,
+        stat_num, threads_carrying, CpuTimes, Sched,
     };
     use std::time::Duration;
 
@@ -988,11 +1003,15 @@ mod tests {
     }
 
     #[test]
-    fn idle_shares_are_per_cpu_and_survive_a_reading_that_did_not_move() {
-        let before = [(100, 100), (50, 0)];
-        assert_eq!(idle_shares(&before, &[(130, 170), (50, 0)]), [70.0, 0.0]);
+    fn cpu_shares_are_per_cpu_and_survive_a_reading_that_did_not_move() {
+        let t = |busy, idle, steal| CpuTimes { busy, idle, steal };
+        let before = [t(100, 100, 0), t(50, 0, 0)];
+        assert_eq!(
+            cpu_shares(&before, &[t(125, 170, 5), t(50, 0, 0)]),
+            [(70.0, 5.0), (0.0, 0.0)]
+        );
         let now = cpu_times();
-        assert!(!now.is_empty() && now.len() == idle_shares(&now, &now).len());
+        assert!(!now.is_empty() && now.len() == cpu_shares(&now, &now).len());
     }
 
     #[test]
