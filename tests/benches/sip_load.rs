@@ -73,6 +73,8 @@ struct Figures {
     response_p99_ms: Vec<f64>,
     /// And p99 of the UAS's own time to answer, ms, per run.
     answer_p99_ms: Vec<f64>,
+    /// And p99 of the probe's response times on the wire, ms, per run.
+    probe_wire_p99_ms: Vec<f64>,
     /// p99 transit per transaction while the UAS kept up, ms, and the percentage of the capture
     /// it was behind, per run.
     kept_up_txn_p99_ms: Vec<f64>,
@@ -128,6 +130,10 @@ fn record(f: &mut Figures, run: Run) {
     }
     if !run.response.is_empty() {
         f.response_p99_ms.push(percentile(&run.response, 0.99));
+    }
+    if !run.probe_response.is_empty() {
+        f.probe_wire_p99_ms
+            .push(percentile(&run.probe_response, 0.99));
     }
     if !run.answer.is_empty() {
         f.answer_p99_ms.push(percentile(&run.answer, 0.99));
@@ -445,6 +451,7 @@ fn target_line(t: &Target, f: &Figures, w: Workload) -> String {
     };
     let response = ms_figure("response p99 at the UAC (capture)", &f.response_p99_ms)
         + &ms_figure("the UAS's own answer p99", &f.answer_p99_ms)
+        + &ms_figure("the probe's p99 on the wire", &f.probe_wire_p99_ms)
         + &behind;
     let mut load = String::new();
     if !f.uas_run_us.is_empty() {

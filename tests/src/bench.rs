@@ -516,6 +516,9 @@ pub struct Run {
     /// From the same capture: how long the UAS took to answer each request it was sent, ms,
     /// sorted.
     pub answer: Vec<f64>,
+    /// From the same capture: the latency probe's response times on the wire, ms, sorted (its
+    /// round trips less its own thread's waits on the load's CPU).
+    pub probe_response: Vec<f64>,
     /// The share of the capture during which the UAS was behind ([`Behind`], answers later than
     /// [`UAS_LATE_MS`]).
     pub uas_behind: Option<f64>,
@@ -608,6 +611,7 @@ pub fn load(
         transit: None,
         response: Vec::new(),
         answer: Vec::new(),
+        probe_response: Vec::new(),
         uas_behind: None,
         uac,
     }
@@ -714,8 +718,14 @@ pub fn probe(target: SocketAddr, transport: &str, stop: Arc<AtomicBool>) -> Vec<
         s
     });
     let mut tcp_sock = tcp.then(|| {
-        let s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2))
+        // From the probe's own address, as over UDP, so that a capture tells it apart.
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("probe socket");
+        let from: SocketAddr = format!("{PROBE_IP}:0").parse().expect("probe address");
+        s.bind(&from.into()).expect("probe bind");
+        s.connect_timeout(&target.into(), Duration::from_secs(2))
             .expect("probe connection");
+        let s: std::net::TcpStream = s.into();
         s.set_nodelay(true).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
         s
@@ -834,6 +844,9 @@ pub fn measure(
     if let Some((packets, dropped)) = capturer.and_then(|c| c.join().ok().flatten()) {
         let datagrams = messages(&packets);
         run.response = response_times(&datagrams, run.uac.ip(), target);
+        if let Ok(probe) = PROBE_IP.parse() {
+            run.probe_response = response_times(&datagrams, probe, target);
+        }
         let answers = answer_timeline(&datagrams, t.forwards_to.unwrap_or(target));
         let behind = Behind::find(&answers, UAS_LATE_MS, UAS_CATCH_UP);
         if let (Some(first), Some(last)) = (datagrams.first(), datagrams.last()) {
