@@ -44,13 +44,6 @@ fn stat_num<T: std::str::FromStr + Default>(fields: &[&str], i: usize) -> T {
 
 /// (user, system) ticks of `pid` and every descendant.
 pub fn cpu_ticks(root: u32) -> (u64, u64) {
-    family_stats(root)
-        .iter()
-        .fold((0, 0), |(u, s), x| (u + x.2, s + x.3))
-}
-
-/// `root` and its descendants: (pid, parent, user ticks, system ticks) of each.
-fn family_stats(root: u32) -> Vec<(u32, u32, u64, u64)> {
     let mut stats: Vec<(u32, u32, u64, u64)> = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
@@ -71,8 +64,10 @@ fn family_stats(root: u32) -> Vec<(u32, u32, u64, u64)> {
         family.extend(stats.iter().filter(|s| s.1 == p).map(|s| s.0));
         i += 1;
     }
-    stats.retain(|s| family.contains(&s.0));
     stats
+        .iter()
+        .filter(|s| family.contains(&s.0))
+        .fold((0, 0), |(u, s), x| (u + x.2, s + x.3))
 }
 
 /// Restricts every thread of this process to the CPUs in `cpus` (a `taskset` list such as `1` or
@@ -428,19 +423,26 @@ pub fn start_kamailio(dir: &Path, port: u16, uas: &str, transport: &str) -> Proc
 /// The bare relay (`floor_relay`, the binary at `bin`) over `transport` on the proxy address's
 /// `port` in front of `uas`: the floor under any proxy on this host.
 pub fn start_relay(bin: &Path, port: u16, uas: &str, transport: &str) -> Proc {
+    start_floor_tool(
+        "floor relay",
+        bin,
+        transport,
+        port,
+        &[format!("{PROXY_IP}:{port}"), uas.to_string()],
+    )
+}
+
+/// Starts one of the benchmark's own tools (`tests/src/bin`: `floor_relay`, `floor_uas`), with
+/// `--tcp` over TCP before `args`, and waits for it to listen on `port`.
+fn start_floor_tool(what: &str, bin: &Path, transport: &str, port: u16, args: &[String]) -> Proc {
     let mut cmd = Command::new(bin);
     if transport == "tcp" {
         cmd.arg("--tcp");
     }
-    let p = Proc::spawn(
-        "floor relay",
-        cmd.arg(format!("{PROXY_IP}:{port}"))
-            .arg(uas)
-            .stdout(Stdio::null()),
-    );
+    let p = Proc::spawn(what, cmd.args(args).stdout(Stdio::null()));
     assert!(
         wait_until(Duration::from_secs(10), || port_bound(transport, port)),
-        "floor relay did not start"
+        "{what} did not start"
     );
     p
 }
@@ -480,19 +482,13 @@ pub fn start_uas(dir: &Path, port: u16, transport: &str) -> Proc {
 /// The light UAS (`floor_uas`, `tests/src/bin`) in SIPp's place behind the proxies: the same
 /// answers at a fraction of the CPU, so that the load generator keeps headroom.
 pub fn start_floor_uas(bin: &Path, port: u16, transport: &str) -> Proc {
-    let mut cmd = Command::new(bin);
-    if transport == "tcp" {
-        cmd.arg("--tcp");
-    }
-    let p = Proc::spawn(
+    start_floor_tool(
         "floor uas",
-        cmd.arg(format!("{UAS_IP}:{port}")).stdout(Stdio::null()),
-    );
-    assert!(
-        wait_until(Duration::from_secs(10), || port_bound(transport, port)),
-        "floor uas did not start"
-    );
-    p
+        bin,
+        transport,
+        port,
+        &[format!("{UAS_IP}:{port}")],
+    )
 }
 
 /// What one SIPp run did.
