@@ -103,7 +103,7 @@ fn record(f: &mut Figures, run: Run) {
         f.per_unit_us.push((user + sys) * 1e6 / run.ok as f64);
         f.user_share.push(100.0 * user / (user + sys).max(1e-9));
     }
-    f.cpus.push(run.cpus.clone());
+    f.cpus.push(run.cpus);
     let per = |v: u64| v as f64 / run.ok.max(1) as f64;
     if let Some(s) = run.uas.filter(|_| run.ok > 0) {
         f.uas_run_us.push(per(s.run_ns) / 1e3);

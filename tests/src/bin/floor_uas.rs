@@ -108,7 +108,7 @@ fn framed(buf: &[u8]) -> Option<usize> {
     }
     let head = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
     let body = headers(&buf[..head])
-        .find(|(name, _)| canonical(name) == "content-length")
+        .find(|(name, _)| header(name) == Header::ContentLength)
         .and_then(|(_, v)| std::str::from_utf8(v).ok()?.trim().parse::<usize>().ok())
         .unwrap_or(0);
     (buf.len() >= head + body).then_some(head + body)
@@ -142,18 +142,39 @@ fn trim(v: &[u8]) -> &[u8] {
     &v[start..end]
 }
 
-/// A header name in lower case, compact forms spelled out.
-fn canonical(name: &[u8]) -> String {
-    let lower = String::from_utf8_lossy(name).to_ascii_lowercase();
-    match lower.as_str() {
-        "v" => "via".into(),
-        "f" => "from".into(),
-        "t" => "to".into(),
-        "i" => "call-id".into(),
-        "m" => "contact".into(),
-        "l" => "content-length".into(),
-        _ => lower,
-    }
+/// The headers an answer is made of (compact forms included), without allocating: this is the
+/// light UAS's whole path per request.
+#[derive(Clone, Copy, PartialEq)]
+enum Header {
+    Via,
+    From,
+    To,
+    CallId,
+    CSeq,
+    RecordRoute,
+    Contact,
+    ContentLength,
+    Other,
+}
+
+fn header(name: &[u8]) -> Header {
+    const NAMES: [(&[u8], Option<u8>, Header); 8] = [
+        (b"via", Some(b'v'), Header::Via),
+        (b"from", Some(b'f'), Header::From),
+        (b"to", Some(b't'), Header::To),
+        (b"call-id", Some(b'i'), Header::CallId),
+        (b"cseq", None, Header::CSeq),
+        (b"record-route", None, Header::RecordRoute),
+        (b"contact", Some(b'm'), Header::Contact),
+        (b"content-length", Some(b'l'), Header::ContentLength),
+    ];
+    NAMES
+        .iter()
+        .find(|(full, compact, _)| {
+            name.eq_ignore_ascii_case(full)
+                || matches!((compact, name), (Some(c), [n]) if n.to_ascii_lowercase() == *c)
+        })
+        .map_or(Header::Other, |&(_, _, h)| h)
 }
 
 /// Appends the answer to `msg` to `out`: `false` (nothing appended) for a response, an ACK, a
@@ -174,24 +195,20 @@ fn answer(msg: &[u8], contact: &str, tags: &mut u64, out: &mut Vec<u8>) -> bool 
         let Some(colon) = line.iter().position(|&b| b == b':') else {
             continue;
         };
-        let name = canonical(trim(&line[..colon]));
-        let keep = match name.as_str() {
-            "via" | "from" | "call-id" | "cseq" => true,
-            "record-route" => invite,
-            "contact" => !invite,
-            "to" => {
+        let keep = match header(trim(&line[..colon])) {
+            Header::Via | Header::From | Header::CallId | Header::CSeq => true,
+            Header::RecordRoute => invite,
+            Header::Contact => !invite,
+            Header::To => {
                 out.extend_from_slice(line);
-                if !String::from_utf8_lossy(line)
-                    .to_ascii_lowercase()
-                    .contains(";tag=")
-                {
+                if !line.windows(5).any(|w| w.eq_ignore_ascii_case(b";tag=")) {
                     *tags += 1;
-                    out.extend_from_slice(format!(";tag=fu{tags}").as_bytes());
+                    let _ = write!(out, ";tag=fu{tags}");
                 }
                 out.extend_from_slice(b"\r\n");
                 false
             }
-            _ => false,
+            Header::ContentLength | Header::Other => false,
         };
         if keep {
             out.extend_from_slice(line);
