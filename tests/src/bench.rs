@@ -225,7 +225,7 @@ pub fn sched_totals(pid: u32) -> Sched {
     total
 }
 
-/// Each CPU's ticks from `/proc/stat`, in CPU order.
+/// Each CPU's idle and stolen ticks from `/proc/stat`, in CPU order.
 pub fn cpu_times() -> Vec<CpuTimes> {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     stat.lines()
@@ -239,7 +239,6 @@ pub fn cpu_times() -> Vec<CpuTimes> {
             let at = |i: usize| v.get(i).copied().unwrap_or(0);
             // user nice system idle iowait irq softirq steal
             CpuTimes {
-                busy: at(0) + at(1) + at(2) + at(5) + at(6),
                 idle: at(3) + at(4),
                 steal: at(7),
             }
@@ -247,26 +246,29 @@ pub fn cpu_times() -> Vec<CpuTimes> {
         .collect()
 }
 
-/// One CPU's ticks: running something, idle (I/O wait included), and stolen (the hypervisor ran
-/// something else while this vCPU had work).
+/// One CPU's ticks idle (I/O wait included) and stolen (the hypervisor ran something else while
+/// this vCPU had work). The busy fields are not kept: on a tickless kernel they are sampled by a
+/// tick that stops whenever the CPU idles, so on a CPU that wakes thousands of times a second
+/// they miss most of its running (on this host user+system+irq+softirq+idle+steal summed to 75–87%
+/// of the wall time under load), while idle is measured at each idle entry and exit.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct CpuTimes {
-    pub busy: u64,
     pub idle: u64,
     pub steal: u64,
 }
 
-/// Each CPU's idle and stolen shares (%) between two [`cpu_times`] readings.
-pub fn cpu_shares(before: &[CpuTimes], after: &[CpuTimes]) -> Vec<(f64, f64)> {
+/// Each CPU's idle and stolen shares (%) of the `wall` time between two [`cpu_times`] readings.
+pub fn cpu_shares(before: &[CpuTimes], after: &[CpuTimes], wall: Duration) -> Vec<(f64, f64)> {
+    let all = (wall.as_secs_f64() * HZ).max(1.0);
+    let share = |ticks: u64| (100.0 * ticks as f64 / all).min(100.0);
     before
         .iter()
         .zip(after)
         .map(|(b, a)| {
-            let busy = a.busy.saturating_sub(b.busy);
-            let idle = a.idle.saturating_sub(b.idle);
-            let steal = a.steal.saturating_sub(b.steal);
-            let all = (busy + idle + steal).max(1) as f64;
-            (100.0 * idle as f64 / all, 100.0 * steal as f64 / all)
+            (
+                share(a.idle.saturating_sub(b.idle)),
+                share(a.steal.saturating_sub(b.steal)),
+            )
         })
         .collect()
 }
@@ -813,6 +815,7 @@ pub fn measure(
     let before = t.pid.map(cpu_ticks);
     let uas_before = uas.map(sched_totals);
     let cpus_before = cpu_times();
+    let cpus_since = Instant::now();
     let delays_before = t.metrics.map(udp_delay_buckets);
     // The edge's receive threads (the only target with metrics), to tell how many took the load.
     let receivers_before = t
@@ -883,7 +886,7 @@ pub fn measure(
     if let (Some(pid), Some(s0)) = (uas, uas_before) {
         run.uas = Some(sched_totals(pid).since(s0));
     }
-    run.cpus = cpu_shares(&cpus_before, &cpu_times());
+    run.cpus = cpu_shares(&cpus_before, &cpu_times(), cpus_since.elapsed());
     run
 }
 
@@ -1012,15 +1015,19 @@ mod tests {
     }
 
     #[test]
-    fn cpu_shares_are_per_cpu_and_survive_a_reading_that_did_not_move() {
-        let t = |busy, idle, steal| CpuTimes { busy, idle, steal };
-        let before = [t(100, 100, 0), t(50, 0, 0)];
+    fn cpu_shares_are_of_the_wall_time_per_cpu() {
+        let t = |idle, steal| CpuTimes { idle, steal };
+        let before = [t(100, 0), t(0, 0)];
+        // One second is 100 ticks of wall time, whatever the busy ticks sampled.
+        let second = Duration::from_secs(1);
         assert_eq!(
-            cpu_shares(&before, &[t(125, 170, 5), t(50, 0, 0)]),
+            cpu_shares(&before, &[t(170, 5), t(0, 0)], second),
             [(70.0, 5.0), (0.0, 0.0)]
         );
+        // Ticks read a moment after the wall clock stopped are not more than all of it.
+        assert_eq!(cpu_shares(&before, &[t(205, 0)], second), [(100.0, 0.0)]);
         let now = cpu_times();
-        assert!(!now.is_empty() && now.len() == cpu_shares(&now, &now).len());
+        assert!(!now.is_empty() && now.len() == cpu_shares(&now, &now, second).len());
     }
 
     #[test]
