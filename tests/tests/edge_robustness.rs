@@ -328,7 +328,7 @@ fn options_to_pbx(transport: &str, me: std::net::SocketAddr, call: &str, cseq: u
 }
 
 /// Requests pipelined in one TCP write are relayed to a TCP PBX (the edge sends what one read
-/// relays per connection in sends of `tcp.flush_every` messages, 4 by default, so 40 take ten)
+/// relays per connection in sends of `tcp.flush_every` messages, 32 by default, so 40 take two)
 /// and the answers pipelined back: every message arrives, whole and in order, both ways.
 #[test]
 fn tcp_pipelined_requests_are_relayed_in_order_both_ways() {
