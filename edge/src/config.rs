@@ -171,6 +171,13 @@ pub struct Tcp {
     /// connection's task also sends what it holds whenever it yields (every 32 messages handled
     /// without waiting), so values above 32 act as 32.
     pub flush_every: usize,
+    /// The kernel's TCP congestion control for the edge's SIP connections (`TCP_CONGESTION` on
+    /// its listeners, inherited by what they accept, and on the connections it opens), such as
+    /// `cubic` or `reno`; empty keeps the system's (`net.ipv4.tcp_congestion_control`). BBR
+    /// paces every write, and without the `fq` qdisc the kernel paces it itself, which holds
+    /// back the tail of a burst of signalling (see ARCHITECTURE.md). An algorithm outside
+    /// `net.ipv4.tcp_allowed_congestion_control` needs `CAP_NET_ADMIN`.
+    pub congestion_control: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -313,6 +320,7 @@ impl Default for Tcp {
             // Every send on loopback or a LAN also runs the receiver's TCP input and wake-up: the
             // fewer sends a burst takes, the sooner its last message leaves (see ARCHITECTURE.md).
             flush_every: 32,
+            congestion_control: String::new(),
         }
     }
 }
@@ -433,6 +441,14 @@ impl EdgeConfig {
         if self.tcp.flush_every == 0 {
             return bad("tcp.flush_every must be at least 1".into());
         }
+        let cc = &self.tcp.congestion_control;
+        if cc.len() > 15 || !cc.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return bad(
+                "tcp.congestion_control must be a kernel congestion control name such as cubic \
+                 (up to 15 letters, digits or _), or empty for the system's"
+                    .into(),
+            );
+        }
         if self.tcp.header_timeout_ms == 0 || self.tcp.idle_timeout_ms == 0 {
             return bad("tcp.header_timeout_ms and tcp.idle_timeout_ms must be positive".into());
         }
@@ -539,6 +555,11 @@ priority = 2
             ("SIPWARDEN_LISTENERS", "[]", "listeners"),
             ("SIPWARDEN_TCP__NOPE", "1", "nope"),
             ("SIPWARDEN_TCP__FLUSH_EVERY", "0", "tcp.flush_every"),
+            (
+                "SIPWARDEN_TCP__CONGESTION_CONTROL",
+                "cubic;reno",
+                "tcp.congestion_control",
+            ),
             ("SIPWARDEN_UDP__FLUSH_EVERY", "0", "udp.flush_every"),
             (
                 "SIPWARDEN_UDP__THREADS_PER_SOCKET",

@@ -134,7 +134,8 @@ impl Edge {
                     tcp_listeners.push(None);
                 }
                 Transport::Tcp | Transport::Tls => {
-                    let sock = tcp_listener(l.address).map_err(|e| bind_err("TCP", e))?;
+                    let sock = tcp_listener(l.address, &cfg.tcp.congestion_control)
+                        .map_err(|e| bind_err("TCP", e))?;
                     bound.push(sock.local_addr().map_err(|e| bind_err("TCP", e))?);
                     udp_socks.push(Vec::new());
                     tcp_listeners.push(Some(sock));
@@ -445,12 +446,23 @@ where
     Ok(())
 }
 
-fn tcp_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+/// A TCP listener on `addr`; with `congestion` (`tcp.congestion_control`) not empty, what it
+/// accepts uses that congestion control (a name the kernel does not know, or one it does not
+/// allow this process, fails here, at start).
+fn tcp_listener(addr: SocketAddr, congestion: &str) -> std::io::Result<tokio::net::TcpListener> {
     let s = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         None,
     )?;
+    if !congestion.is_empty() {
+        s.set_tcp_congestion(congestion.as_bytes()).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("tcp.congestion_control = {congestion:?}: {e}"),
+            )
+        })?;
+    }
     s.set_reuse_address(true)?;
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
@@ -498,4 +510,28 @@ fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
     f.write_all(secret.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tcp_listener;
+
+    /// What a listener accepts uses `tcp.congestion_control` (`reno` is built into every kernel
+    /// and allowed to unprivileged processes); a name the kernel does not know fails at start,
+    /// naming the key.
+    #[tokio::test]
+    async fn tcp_listeners_give_their_connections_the_configured_congestion_control() {
+        let listener = tcp_listener("127.0.0.1:0".parse().unwrap(), "reno").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let name = socket2::SockRef::from(&accepted).tcp_congestion().unwrap();
+        let name: Vec<u8> = name.into_iter().take_while(|&b| b != 0).collect();
+        assert_eq!(name, b"reno");
+
+        let err = tcp_listener("127.0.0.1:0".parse().unwrap(), "nosuchcc").unwrap_err();
+        assert!(err.to_string().contains("tcp.congestion_control"), "{err}");
+        // Empty keeps the system's.
+        tcp_listener("127.0.0.1:0".parse().unwrap(), "").unwrap();
+    }
 }

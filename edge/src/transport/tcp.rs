@@ -240,6 +240,15 @@ impl Registry {
                     // Without it Nagle holds a small message back until the peer's delayed ACK
                     // (measured: 20–40 ms per request relayed over a connection the edge opened).
                     let _ = stream.set_nodelay(true);
+                    let cc = &d.tcp.cfg.congestion_control;
+                    if !cc.is_empty() {
+                        // Checked on the listeners at start; a failure here keeps the system's.
+                        if let Err(e) =
+                            socket2::SockRef::from(&stream).set_tcp_congestion(cc.as_bytes())
+                        {
+                            debug!(%addr, error = %e, "tcp.congestion_control not set");
+                        }
+                    }
                     let conn = Conn::new(stream);
                     {
                         // Under the registry lock: no send can find the connection before the
