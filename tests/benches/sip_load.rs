@@ -51,7 +51,9 @@
 //! threads) off PROXY for the run, as `isolcpus` or tuned's cpu-partitioning profile would
 //! (needs root; every task moved is put back at the end); `SW_BENCH_UAS=floor` puts the light
 //! `floor_uas` (`tests/src/bin`) behind the proxies instead of SIPp's UAS: the same answers at a
-//! quarter of the CPU, so that on two vCPUs the load keeps headroom at half the maximum.
+//! quarter of the CPU, so that on two vCPUs the load keeps headroom at half the maximum;
+//! `SW_BENCH_CC=cubic` (as root) sets the kernel's TCP congestion control for the run and puts it
+//! back at the end (this host's BBR paces every TCP sender, which lengthens each burst's tail).
 
 use sipwarden_tests::bench::*;
 use sipwarden_tests::*;
@@ -194,6 +196,14 @@ fn main() {
         }
         _ => None,
     };
+    // `SW_BENCH_CC=cubic` (as root): the kernel's TCP congestion control for every TCP socket the
+    // run opens (SIPp's, the proxies', the UAS's), put back at the end (see `Setting`).
+    let _cc = std::env::var("SW_BENCH_CC").ok().map(|cc| {
+        let set = Setting::set("/proc/sys/net/ipv4/tcp_congestion_control", &cc)
+            .unwrap_or_else(|e| panic!("SW_BENCH_CC={cc}: {e}"));
+        println!("TCP congestion control for the run: {cc}");
+        set
+    });
     let root = tempfile::tempdir().unwrap();
     // `SW_BENCH_UAS=floor`: the light UAS behind the proxies instead of SIPp's (see `floor_uas`).
     let floor_uas = std::env::var("SW_BENCH_UAS").is_ok_and(|v| v == "floor");

@@ -175,6 +175,31 @@ impl Drop for Shield {
     }
 }
 
+/// A kernel setting (a `/proc/sys` file) changed for the benchmark and put back when dropped (at
+/// the end of the run or on a panic; a killed benchmark leaves it changed). `SW_BENCH_CC` sets
+/// `net.ipv4.tcp_congestion_control` with it: this host's BBR paces every TCP sender, which
+/// held the tail of each burst back 0.4–0.7 ms through the bare relay (see ARCHITECTURE.md).
+pub struct Setting {
+    path: PathBuf,
+    old: String,
+}
+
+impl Setting {
+    /// Writes `value` to `path`, keeping what was there.
+    pub fn set(path: impl Into<PathBuf>, value: &str) -> std::io::Result<Setting> {
+        let path = path.into();
+        let old = std::fs::read_to_string(&path)?;
+        std::fs::write(&path, value)?;
+        Ok(Setting { path, old })
+    }
+}
+
+impl Drop for Setting {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.path, self.old.trim_end());
+    }
+}
+
 /// (thread id, user + system ticks) of each thread of `pid` whose name starts with `prefix`.
 pub fn thread_ticks(pid: u32, prefix: &str) -> Vec<(u32, u64)> {
     let mut out = Vec::new();
@@ -964,7 +989,7 @@ pub fn env_num(name: &str, default: u32) -> u32 {
 mod tests {
     use super::{
         bucket_quantile, cpu_list, cpu_shares, cpu_times, median, sched_totals, stat_fields,
-        stat_num, threads_carrying, CpuTimes, Sched,
+        stat_num, threads_carrying, CpuTimes, Sched, Setting,
     };
     use std::time::Duration;
 
@@ -1010,8 +1035,15 @@ mod tests {
         let after = sched_totals(me);
         let d = after.since(before);
         assert!(d.run_ns > 0 && d.slices > 0, "{before:?} then {after:?}");
-        // A restarted process (smaller totals) counts from zero, not from a wrapped number.
-        assert_eq!(before.since(after), Sched::default());
+        // A restarted process (smaller totals) counts from zero, not from a wrapped number. (Not
+        // `before.since(after)`: the other tests' threads end in between, and the totals are
+        // summed over this process's live threads.)
+        let restarted = Sched {
+            run_ns: after.run_ns / 2,
+            wait_ns: after.wait_ns / 2,
+            slices: after.slices / 2,
+        };
+        assert_eq!(restarted.since(after), Sched::default());
     }
 
     #[test]
@@ -1028,6 +1060,19 @@ mod tests {
         assert_eq!(cpu_shares(&before, &[t(205, 0)], second), [(100.0, 0.0)]);
         let now = cpu_times();
         assert!(!now.is_empty() && now.len() == cpu_shares(&now, &now, second).len());
+    }
+
+    #[test]
+    fn a_setting_is_put_back_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tcp_congestion_control");
+        std::fs::write(&path, "bbr\n").unwrap();
+        {
+            let _cc = Setting::set(&path, "cubic").unwrap();
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), "cubic");
+        }
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "bbr");
+        assert!(Setting::set(dir.path().join("absent"), "x").is_err());
     }
 
     #[test]
