@@ -455,14 +455,7 @@ fn tcp_listener(addr: SocketAddr, congestion: &str) -> std::io::Result<tokio::ne
         socket2::Type::STREAM,
         None,
     )?;
-    if !congestion.is_empty() {
-        s.set_tcp_congestion(congestion.as_bytes()).map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("tcp.congestion_control = {congestion:?}: {e}"),
-            )
-        })?;
-    }
+    tcp::set_congestion(socket2::SockRef::from(&s), congestion)?;
     s.set_reuse_address(true)?;
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;

@@ -240,14 +240,10 @@ impl Registry {
                     // Without it Nagle holds a small message back until the peer's delayed ACK
                     // (measured: 20–40 ms per request relayed over a connection the edge opened).
                     let _ = stream.set_nodelay(true);
+                    // Checked on the listeners at start; a failure here keeps the system's.
                     let cc = &d.tcp.cfg.congestion_control;
-                    if !cc.is_empty() {
-                        // Checked on the listeners at start; a failure here keeps the system's.
-                        if let Err(e) =
-                            socket2::SockRef::from(&stream).set_tcp_congestion(cc.as_bytes())
-                        {
-                            debug!(%addr, error = %e, "tcp.congestion_control not set");
-                        }
+                    if let Err(e) = set_congestion(socket2::SockRef::from(&stream), cc) {
+                        debug!(%addr, error = %e, "congestion control not set");
                     }
                     let conn = Conn::new(stream);
                     {
@@ -282,6 +278,17 @@ impl Registry {
         });
         true
     }
+}
+
+/// Sets `tcp.congestion_control` (`name`; empty keeps the system's) on `sock`: on a listener,
+/// what it accepts inherits it. The error names the key and the algorithm.
+pub fn set_congestion(sock: socket2::SockRef<'_>, name: &str) -> std::io::Result<()> {
+    if name.is_empty() {
+        return Ok(());
+    }
+    sock.set_tcp_congestion(name.as_bytes()).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("tcp.congestion_control = {name:?}: {e}"))
+    })
 }
 
 /// Accepts connections on `listener` until `stop`.
