@@ -8,6 +8,11 @@
 //!   and lost in the kernel before the edge read them (sent − dropped);
 //! - the edge's CPU per dropped datagram: (CPU with flood − CPU without) / dropped, so the
 //!   legitimate load's own cost is taken out;
+//! - everything a banned datagram costs the host, the sender's own work included, as two upper
+//!   bounds on the cost of its drop: the flooder threads' CPU per datagram (their `send_to`, and the
+//!   loopback delivery and kernel drop each runs inline as its own softirq work), and the whole
+//!   host's extra busy time per datagram (every CPU's wall time less its idle, with the flood less
+//!   without);
 //! - the legitimate load's failures and the round-trip percentiles of the latency probe, with and
 //!   without the flood.
 //!
@@ -39,9 +44,33 @@ fn dropped(edge: &EdgeProc) -> f64 {
         .sum()
 }
 
+/// The calling thread's time on a CPU so far, ns (the scheduler's exact account). With no IRQ time
+/// accounting in the kernel, the softirq work a thread runs inline counts as its own: on loopback,
+/// a sender's `send_to` also delivers the datagram to the receiving socket, where the shield's
+/// filter drops it.
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The CPU seconds the whole host was busy over a run (every CPU's wall time less its idle).
+fn host_busy(r: &Run) -> f64 {
+    r.cpus
+        .iter()
+        .map(|&(idle, _)| (100.0 - idle) / 100.0 * r.wall.as_secs_f64())
+        .sum()
+}
+
 /// Sends one scanner OPTIONS to `target` in a loop until `stop` (bounded to ten minutes); counts
-/// what the kernel accepted into `sent`.
-fn flood(target: std::net::SocketAddr, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>) {
+/// what the kernel accepted into `sent` and the thread's CPU time into `cpu_ns`.
+fn flood(
+    target: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    cpu_ns: Arc<AtomicU64>,
+) {
     let sock = std::net::UdpSocket::bind((FLOODER_IP, 0)).expect("flooder socket");
     let local = sock.local_addr().unwrap();
     let msg = format!(
@@ -53,6 +82,7 @@ User-Agent: friendly-scanner\r\nCall-ID: flood\r\nCSeq: 1 OPTIONS\r\n\
 Accept: application/sdp\r\nContent-Length: 0\r\n\r\n"
     );
     let started = Instant::now();
+    let cpu0 = thread_cpu_ns();
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(600) {
         for _ in 0..256 {
@@ -62,6 +92,7 @@ Accept: application/sdp\r\nContent-Length: 0\r\n\r\n"
         }
     }
     sent.fetch_add(n, Ordering::Relaxed);
+    cpu_ns.fetch_add(thread_cpu_ns().saturating_sub(cpu0), Ordering::Relaxed);
 }
 
 fn main() {
@@ -96,7 +127,7 @@ fn main() {
         if shield { "on" } else { "off" }
     );
     let (mut per_drop_ns, mut drop_rate, mut lost_share) = (Vec::new(), Vec::new(), Vec::new());
-    let mut per_sent_ns = Vec::new();
+    let (mut per_sent_ns, mut flooder_ns, mut host_ns) = (Vec::new(), Vec::new(), Vec::new());
     let legitimate = || {
         measure(
             root.path(),
@@ -112,11 +143,13 @@ fn main() {
         let calm = legitimate();
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
+        let flooder_cpu = Arc::new(AtomicU64::new(0));
         let before = dropped(&edge);
         let flooders: Vec<_> = (0..senders)
             .map(|_| {
-                let (t, stop, sent) = (edge.addr().parse().unwrap(), stop.clone(), sent.clone());
-                std::thread::spawn(move || flood(t, stop, sent))
+                let t = edge.addr().parse().unwrap();
+                let (stop, sent, cpu_ns) = (stop.clone(), sent.clone(), flooder_cpu.clone());
+                std::thread::spawn(move || flood(t, stop, sent, cpu_ns))
             })
             .collect();
         let stormy = legitimate();
@@ -133,6 +166,13 @@ fn main() {
             cpu(&stormy) - cpu(&calm) * stormy.wall.as_secs_f64() / calm.wall.as_secs_f64();
         let ns = extra_cpu * 1e9 / drops.max(1.0);
         let ns_sent = extra_cpu * 1e9 / sent.max(1.0);
+        // Everything a banned datagram costs this host, the flooder's own send included: an upper
+        // bound on the cost of dropping it.
+        let own_ns = flooder_cpu.load(Ordering::Relaxed) as f64 / sent.max(1.0);
+        let host_extra = host_busy(&stormy) - host_busy(&calm) * wall / calm.wall.as_secs_f64();
+        let all_ns = host_extra * 1e9 / sent.max(1.0);
+        flooder_ns.push(own_ns);
+        host_ns.push(all_ns);
         // With the shield on, the gate drops only the first second's datagrams: too few to divide by.
         if drops >= 10_000.0 {
             per_drop_ns.push(ns);
@@ -159,6 +199,9 @@ fn main() {
             },
         );
         println!(
+            "    the flooder's own CPU {own_ns:.0} ns per datagram (its send, and the loopback delivery and the kernel's drop it runs inline); the whole host's extra CPU {all_ns:.0} ns per datagram sent"
+        );
+        println!(
             "    legitimate load: without flood p50 {:.3} ms, p99 {:.3} ms, {} ok, {} failed; with flood p50 {:.3} ms, p99 {:.3} ms, {} ok, {} failed",
             percentile(&calm.rtts, 0.5),
             percentile(&calm.rtts, 0.99),
@@ -171,9 +214,11 @@ fn main() {
         );
     }
     println!(
-        "  over runs, median (min–max): {} ns per datagram the gate dropped, {} ns per datagram sent; {:.0} gate drops/s, {:.1}% dropped in the kernel",
+        "  over runs, median (min–max): {} ns per datagram the gate dropped, {} ns per datagram sent; the flooder's own CPU {} ns and the whole host's {} ns per datagram sent; {:.0} gate drops/s, {:.1}% dropped in the kernel",
         spread(&per_drop_ns),
         spread(&per_sent_ns),
+        spread(&flooder_ns),
+        spread(&host_ns),
         median(&drop_rate),
         median(&lost_share)
     );

@@ -7,7 +7,8 @@
 //! to an INVITE its Record-Route and a Contact of the UAS's own, to the others the request's
 //! Contact. No transaction state, no retransmission: a request is answered each time it comes.
 //!
-//! `floor_uas LISTEN` (UDP: one `recv` and one `send` per datagram, the answer to its source) or
+//! `floor_uas LISTEN` (UDP: one `recv` and one `send` per datagram, the answer to its source, with
+//! the socket buffers SIPp is given, `bench::SOCKET_BUFFER`) or
 //! `floor_uas --tcp LISTEN` (a thread per connection; the answers to what one `read` returns go
 //! out in one `write`). Runs until killed.
 
@@ -43,6 +44,16 @@ fn main() -> std::io::Result<()> {
 
 fn serve_udp(listen: SocketAddr) -> std::io::Result<()> {
     let sock = UdpSocket::bind(listen)?;
+    // The buffers SIPp's UAS is given in its place: with the system default (208 KB here) the
+    // receive queue overflowed whenever this process waited a few milliseconds for the load's
+    // vCPU at 36,250 OPTIONS/s, and each lost request came back as SIPp's retransmission 0.5–1 s
+    // later, which the benchmark then counted as the UAS being behind.
+    let size = sipwarden_tests::bench::SOCKET_BUFFER
+        .parse()
+        .expect("SOCKET_BUFFER is a byte count");
+    let s = socket2::SockRef::from(&sock);
+    s.set_recv_buffer_size(size)?;
+    s.set_send_buffer_size(size)?;
     let contact = contact(listen, "udp");
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut out = Vec::new();
