@@ -49,10 +49,7 @@ fn dropped(edge: &EdgeProc) -> f64 {
 /// a sender's `send_to` also delivers the datagram to the receiving socket, where the shield's
 /// filter drops it.
 fn thread_cpu_ns() -> u64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    schedstat(std::path::Path::new("/proc/thread-self/schedstat")).map_or(0, |s| s.run_ns)
 }
 
 /// The CPU seconds the whole host was busy over a run (every CPU's wall time less its idle).

@@ -234,20 +234,31 @@ pub fn sched_totals(pid: u32) -> Sched {
         .flatten()
         .flatten()
     {
-        let Ok(line) = std::fs::read_to_string(entry.path().join("schedstat")) else {
-            continue;
-        };
-        let f: Vec<u64> = line
-            .split_whitespace()
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        if let [run, wait, slices] = f[..] {
-            total.run_ns += run;
-            total.wait_ns += wait;
-            total.slices += slices;
+        if let Some(t) = schedstat(&entry.path().join("schedstat")) {
+            total.run_ns += t.run_ns;
+            total.wait_ns += t.wait_ns;
+            total.slices += t.slices;
         }
     }
     total
+}
+
+/// One task's scheduler account from its `schedstat` file (`/proc/PID/task/TID/schedstat`, or
+/// `/proc/thread-self/schedstat` for the calling thread); `None` when it cannot be read.
+pub fn schedstat(path: &Path) -> Option<Sched> {
+    let line = std::fs::read_to_string(path).ok()?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    match f[..] {
+        [run_ns, wait_ns, slices] => Some(Sched {
+            run_ns,
+            wait_ns,
+            slices,
+        }),
+        _ => None,
+    }
 }
 
 /// Each CPU's idle and stolen ticks from `/proc/stat`, in CPU order.
